@@ -1,0 +1,263 @@
+//! Wiring: the bus, the Socket.IO layer, the HTTP routes, and the shutdown sequence.
+
+use std::{
+    future::Future,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, extract::DefaultBodyLimit, http::HeaderValue, middleware};
+use socketioxide::SocketIo;
+use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
+use tokio::net::TcpListener;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::{
+    api,
+    auth::Policy,
+    bus::{Bus, BusError, LinkState},
+    cluster::{CALL_TIMEOUT, Cluster},
+    config::{Config, Secret},
+    metrics::Metrics,
+    ops,
+    realtime::{self, Adapter, SocketCtx},
+};
+
+/// Room for the Socket.IO framing around a message of `max_payload` bytes, so that a message
+/// slightly over the limit is still read and refused with `payload_too_large`.
+const FRAME_SLACK: u64 = 64 * 1024;
+/// Longest wait for open HTTP requests after the sockets are closed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What the HTTP handlers share.
+pub struct AppState {
+    pub io: SocketIo<Adapter>,
+    pub cluster: Arc<Cluster>,
+    pub bus: Bus,
+    pub metrics: Arc<Metrics>,
+    pub api_token: Option<Secret>,
+    pub draining: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on port {port}: {source}")]
+    Bind { port: u16, source: std::io::Error },
+    #[error("redis: {0}")]
+    Redis(#[from] BusError),
+    #[error("invalid --cors-origins value {0:?}")]
+    Cors(String),
+    #[error("{0}")]
+    Adapter(String),
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A server that is listening.
+pub struct Server {
+    pub addr: SocketAddr,
+    listener: TcpListener,
+    router: Router,
+    state: Arc<AppState>,
+    drain: Duration,
+}
+
+impl Server {
+    /// Builds everything and binds the port; nothing is served until [`Server::serve`].
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        let bus = match &config.redis_url {
+            Some(url) => Bus::redis(url)?,
+            None => Bus::memory(),
+        };
+        tokio::spawn(bus.clone().run_health());
+
+        let metrics = Arc::new(Metrics::new());
+        tokio::spawn(track_link(bus.state(), metrics.clone()));
+
+        let max_payload = usize::try_from(config.max_payload).unwrap_or(usize::MAX);
+        let socket_ctx = Arc::new(SocketCtx {
+            policy: Policy::new(config.jwt_secret.as_ref(), config.public_rooms.clone()),
+            metrics: metrics.clone(),
+            max_payload,
+        });
+        let adapter = RedisAdapterCtr::new_with_driver(
+            bus.clone(),
+            RedisAdapterConfig::new()
+                .with_prefix(config.channel_prefix.clone())
+                .with_request_timeout(CALL_TIMEOUT)
+                .with_stream_buffer(4096),
+        );
+        let (layer, io) = SocketIo::builder()
+            .max_payload(config.max_payload.saturating_add(FRAME_SLACK))
+            .max_buffer_size(1024)
+            .with_state(socket_ctx)
+            .with_adapter::<Adapter>(adapter)
+            .build_layer();
+        realtime::register(&io)
+            .await
+            .map_err(ServerError::Adapter)?;
+
+        let cluster = Cluster::new(bus.clone(), &config.channel_prefix, config.node_name());
+        cluster.start(io.clone()).await;
+
+        let state = Arc::new(AppState {
+            io,
+            cluster,
+            bus,
+            metrics,
+            api_token: config.api_token.clone(),
+            draining: AtomicBool::new(false),
+        });
+        let router = Router::new()
+            .merge(ops::router())
+            .merge(api::router(state.clone()))
+            .layer(DefaultBodyLimit::max(max_payload))
+            .layer(middleware::from_fn_with_state(state.clone(), ops::track))
+            .layer(cors(&config.cors_origins)?)
+            .layer(layer)
+            .with_state(state.clone());
+
+        let listener = listen(config.port).await?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            port: config.port,
+            source,
+        })?;
+        Ok(Self {
+            addr,
+            listener,
+            router,
+            state,
+            drain: Duration::from_secs(config.drain_seconds),
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        self.state.cluster.node()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: readiness fails at once, sockets are
+    /// closed after the drain delay (so clients reconnect elsewhere), and the call returns.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let Self {
+            listener,
+            router,
+            state,
+            drain,
+            ..
+        } = self;
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        let drain_state = state.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            drain_state.draining.store(true, Ordering::SeqCst);
+            tracing::info!(
+                seconds = drain.as_secs(),
+                "shutting down: not ready, draining"
+            );
+            tokio::time::sleep(drain).await;
+            tracing::info!("closing sockets");
+            drain_state.io.close().await;
+            let _ = closed_tx.send(());
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+        });
+        let mut server = std::pin::pin!(server.into_future());
+        tokio::select! {
+            result = &mut server => return result.map_err(ServerError::Serve),
+            _ = closed_rx => {}
+        }
+        let _ = stop_tx.send(());
+        // Long-polling requests and slow clients get a bounded grace period.
+        match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+            Ok(result) => result.map_err(ServerError::Serve),
+            Err(_) => {
+                tracing::warn!("connections still open after the grace period; exiting");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Binds every interface, IPv6 and IPv4 when the host has IPv6, IPv4 only otherwise.
+async fn listen(port: u16) -> Result<TcpListener, ServerError> {
+    match TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await {
+        Ok(l) => Ok(l),
+        Err(_) => TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+            .await
+            .map_err(|source| ServerError::Bind { port, source }),
+    }
+}
+
+fn cors(origins: &[String]) -> Result<CorsLayer, ServerError> {
+    let layer = CorsLayer::new()
+        .allow_methods(tower_http::cors::Any)
+        .allow_headers(tower_http::cors::Any);
+    if origins.is_empty() || origins.iter().any(|o| o == "*") {
+        return Ok(layer.allow_origin(AllowOrigin::any()));
+    }
+    let values = origins
+        .iter()
+        .map(|o| HeaderValue::from_str(o.trim()).map_err(|_| ServerError::Cors(o.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(layer.allow_origin(values))
+}
+
+async fn track_link(mut state: tokio::sync::watch::Receiver<LinkState>, metrics: Arc<Metrics>) {
+    loop {
+        let up = *state.borrow_and_update() == LinkState::Connected;
+        metrics.redis_connected.set(i64::from(up));
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the server until SIGTERM or Ctrl-C.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    if config.api_token.is_none() {
+        tracing::warn!("API_TOKEN is not set: /v1/* is open to anyone who can reach this port");
+    }
+    if config.jwt_secret.is_none() {
+        tracing::warn!("JWT_SECRET is not set: any socket may join and publish anywhere");
+    }
+    let server = Server::bind(&config).await?;
+    tracing::info!(
+        addr = %server.addr,
+        node = server.node(),
+        redis = config.redis_url.as_ref().map_or("none (single node)", |u| u.display.as_str()),
+        "chorus-server listening"
+    );
+    server.serve(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = ctrl_c => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

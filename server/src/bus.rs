@@ -1,0 +1,360 @@
+//! The pub/sub bus under the Socket.IO adapter and the cluster calls.
+//!
+//! `Bus` implements socketioxide-redis's `Driver` trait. Two backends:
+//! - memory: a single node; a publish reaches this process's own subscribers.
+//! - Redis: one RESP3 connection (redis-rs `ConnectionManager`) carrying both commands and
+//!   subscriptions. The stock driver of socketioxide-redis never reconnects; this one keeps
+//!   the set of wanted channels itself, pings Redis every second so an idle replica notices a
+//!   dead link, and resubscribes everything when the link comes back.
+//!
+//! Every Redis operation is bounded by [`OP_TIMEOUT`] and fails at once while the link is
+//! known to be down, so callers never hang on a dead Redis.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use redis::{AsyncCommands, FromRedisValue, PushInfo, PushKind, aio::ConnectionManager};
+use socketioxide_redis::drivers::{ChanItem, Driver, MessageStream};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::config::RedisUrl;
+
+/// Upper bound on any single Redis command.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the link is checked when nothing else happens.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("redis is unavailable")]
+    Unavailable,
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// The cluster link as readiness reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// No Redis configured.
+    Single,
+    /// Redis configured, never reached yet.
+    Starting,
+    Connected,
+    /// Redis was reached once and is unreachable now.
+    Degraded,
+}
+
+impl LinkState {
+    /// The `cluster` field of `/readyz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Single => "single",
+            LinkState::Connected => "connected",
+            LinkState::Starting | LinkState::Degraded => "degraded",
+        }
+    }
+}
+
+/// State shared with redis-rs's push callback (which must not own the connection).
+struct Shared {
+    handlers: RwLock<HashMap<String, mpsc::UnboundedSender<ChanItem>>>,
+    /// Channels to (re)subscribe whenever the link comes up.
+    wanted: Mutex<HashSet<String>>,
+    /// True while the link is believed up and every wanted channel is subscribed.
+    up: AtomicBool,
+    /// Wakes the health loop early (a disconnection was pushed, a subscribe failed).
+    wake: Notify,
+    state: watch::Sender<LinkState>,
+}
+
+impl Shared {
+    fn deliver(&self, chan: String, payload: Vec<u8>) -> bool {
+        let handlers = self.handlers.read().unwrap_or_else(|e| e.into_inner());
+        match handlers.get(&chan) {
+            Some(tx) => tx.send((chan, payload)).is_ok(),
+            None => false,
+        }
+    }
+
+    fn on_push(&self, msg: PushInfo) {
+        match msg.kind {
+            PushKind::Message => {
+                let mut data = msg.data.into_iter();
+                let (Some(chan), Some(payload)) = (data.next(), data.next()) else {
+                    return;
+                };
+                match (
+                    String::from_redis_value(chan),
+                    Vec::<u8>::from_redis_value(payload),
+                ) {
+                    (Ok(chan), Ok(payload)) => {
+                        self.deliver(chan, payload);
+                    }
+                    _ => tracing::warn!("unreadable pub/sub message from redis"),
+                }
+            }
+            PushKind::Disconnection => {
+                self.mark_down();
+                self.wake.notify_one();
+            }
+            _ => {}
+        }
+    }
+
+    fn mark_down(&self) {
+        if self.up.swap(false, Ordering::SeqCst) {
+            tracing::warn!("redis connection lost; serving local sockets only until it returns");
+        }
+        self.state.send_if_modified(|s| {
+            let next = match *s {
+                LinkState::Connected => LinkState::Degraded,
+                other => other,
+            };
+            std::mem::replace(s, next) != next
+        });
+    }
+}
+
+struct RedisLink {
+    conn: ConnectionManager,
+    display: String,
+}
+
+/// Cheap to clone; clones share one connection and one handler table.
+#[derive(Clone)]
+pub struct Bus {
+    shared: Arc<Shared>,
+    redis: Option<Arc<RedisLink>>,
+}
+
+impl Bus {
+    fn with_state(state: LinkState) -> Arc<Shared> {
+        let (state, _) = watch::channel(state);
+        Arc::new(Shared {
+            handlers: RwLock::new(HashMap::new()),
+            wanted: Mutex::new(HashSet::new()),
+            up: AtomicBool::new(false),
+            wake: Notify::new(),
+            state,
+        })
+    }
+
+    /// A single-node bus: publishes loop back to this process's own subscribers.
+    pub fn memory() -> Self {
+        Self {
+            shared: Self::with_state(LinkState::Single),
+            redis: None,
+        }
+    }
+
+    /// A Redis bus. An unreachable Redis is not an error: the link comes up in the background
+    /// (see [`Bus::run_health`]) and [`Bus::state`] tells when. Needs a tokio runtime.
+    pub fn redis(url: &RedisUrl) -> Result<Self, BusError> {
+        let shared = Self::with_state(LinkState::Starting);
+        let client = redis::Client::open(url.info.clone())?;
+        let push_shared = shared.clone();
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(OP_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500))
+            .set_push_sender(move |msg: PushInfo| {
+                push_shared.on_push(msg);
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self {
+            shared,
+            redis: Some(Arc::new(RedisLink {
+                conn,
+                display: url.display.clone(),
+            })),
+        })
+    }
+
+    /// Watch the link state (readiness, metrics).
+    pub fn state(&self) -> watch::Receiver<LinkState> {
+        self.shared.state.subscribe()
+    }
+
+    pub fn is_clustered(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// Keeps the Redis link alive: pings every [`PING_INTERVAL`] (or at once when woken),
+    /// and after any outage resubscribes every wanted channel before reporting the link up.
+    /// Returns at once for the memory bus.
+    pub async fn run_health(self) {
+        let Some(link) = self.redis.clone() else {
+            return;
+        };
+        loop {
+            let ok = self.check_link(&link).await;
+            match ok {
+                Ok(()) => {
+                    if !self.shared.up.swap(true, Ordering::SeqCst) {
+                        tracing::info!(redis = %link.display, "redis connected; cluster delivery on");
+                    }
+                    self.shared.state.send_replace(LinkState::Connected);
+                }
+                Err(e) => {
+                    tracing::debug!("redis health check failed: {e}");
+                    self.shared.mark_down();
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(PING_INTERVAL) => {}
+                _ = self.shared.wake.notified() => {}
+            }
+        }
+    }
+
+    async fn check_link(&self, link: &RedisLink) -> Result<(), BusError> {
+        let mut conn = link.conn.clone();
+        bounded(redis::cmd("PING").query_async::<()>(&mut conn)).await?;
+        if !self.shared.up.load(Ordering::SeqCst) {
+            // The link was down (or never up): the new connection may have no subscriptions.
+            let wanted: Vec<String> = {
+                let wanted = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
+                wanted.iter().cloned().collect()
+            };
+            if !wanted.is_empty() {
+                bounded(conn.subscribe(&wanted)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn live_conn(&self) -> Result<Option<ConnectionManager>, BusError> {
+        match &self.redis {
+            None => Ok(None),
+            Some(_) if !self.shared.up.load(Ordering::SeqCst) => Err(BusError::Unavailable),
+            Some(link) => Ok(Some(link.conn.clone())),
+        }
+    }
+
+    /// Publishes and returns how many subscribers received the message (Redis' own count,
+    /// so the cluster calls know how many replicas to wait for).
+    pub async fn publish_count(&self, chan: String, payload: Vec<u8>) -> Result<usize, BusError> {
+        match self.live_conn()? {
+            None => Ok(usize::from(self.shared.deliver(chan, payload))),
+            Some(mut conn) => {
+                let result = bounded(conn.publish::<_, _, usize>(chan, payload)).await;
+                if result.is_err() {
+                    self.shared.mark_down();
+                    self.shared.wake.notify_one();
+                }
+                result
+            }
+        }
+    }
+
+    /// Subscribes to one channel. Never fails for a Redis that is down: the channel is
+    /// subscribed as soon as the link returns.
+    pub async fn subscribe_channel(&self, chan: String) -> mpsc::UnboundedReceiver<ChanItem> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(chan.clone(), tx);
+        self.shared
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(chan.clone());
+        if let Ok(Some(mut conn)) = self.live_conn()
+            && let Err(e) = bounded(conn.subscribe(&chan)).await
+        {
+            tracing::debug!(chan, "subscribe failed, retried when the link is back: {e}");
+            self.shared.mark_down();
+            self.shared.wake.notify_one();
+        }
+        rx
+    }
+}
+
+async fn bounded<T>(
+    fut: impl Future<Output = Result<T, redis::RedisError>>,
+) -> Result<T, BusError> {
+    match tokio::time::timeout(OP_TIMEOUT, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(BusError::Timeout(OP_TIMEOUT)),
+    }
+}
+
+impl Driver for Bus {
+    type Error = BusError;
+
+    async fn publish(&self, chan: String, val: Vec<u8>) -> Result<(), Self::Error> {
+        self.publish_count(chan, val).await.map(|_| ())
+    }
+
+    async fn subscribe(
+        &self,
+        chan: String,
+        size: usize,
+    ) -> Result<MessageStream<ChanItem>, Self::Error> {
+        // The push callback cannot wait, so it feeds an unbounded queue; a task moves items
+        // into the adapter's bounded stream with backpressure instead of dropping them.
+        let mut rx = self.subscribe_channel(chan).await;
+        let (tx, out) = mpsc::channel(size.max(1));
+        tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(MessageStream::new(out))
+    }
+
+    async fn unsubscribe(&self, chan: String) -> Result<(), Self::Error> {
+        self.shared
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&chan);
+        self.shared
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&chan);
+        if let Some(mut conn) = self.live_conn()? {
+            bounded(conn.unsubscribe(&chan)).await?;
+        }
+        Ok(())
+    }
+
+    async fn num_serv(&self, chan: &str) -> Result<u16, Self::Error> {
+        match self.live_conn()? {
+            None => {
+                let handlers = self
+                    .shared
+                    .handlers
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner());
+                Ok(u16::from(handlers.contains_key(chan)))
+            }
+            Some(mut conn) => {
+                let (_, count): (String, u16) = bounded(
+                    redis::cmd("PUBSUB")
+                        .arg("NUMSUB")
+                        .arg(chan)
+                        .query_async(&mut conn),
+                )
+                .await?;
+                Ok(count)
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Acknowledged cluster calls: membership, presence, disconnect and the node list.
+//!
+//! socketioxide-redis publishes `join` without waiting for remote replicas and returns partial
+//! results on timeout, while the contract wants "answered once every replica applied it".
+//! So every call here is published on one request channel; Redis' PUBLISH answers how many
+//! replicas received it, each replica applies the call to its own sockets and answers on the
+//! caller's response channel, and the caller waits for exactly that many answers or reports
+//! a timeout. The caller is itself subscribed, so its own sockets go through the same path.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use socketioxide::{SocketIo, socket::Sid};
+use tokio::sync::{OnceCell, mpsc};
+
+use crate::{
+    bus::{Bus, BusError},
+    realtime::Adapter,
+};
+
+/// How long a caller waits for every replica's answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    Join { room: String, sockets: Vec<Sid> },
+    Leave { room: String, sockets: Vec<Sid> },
+    Sockets { room: String },
+    Disconnect { socket: Sid },
+    Nodes,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The sockets of the request that this replica holds (and acted on).
+    Held { sockets: Vec<Sid> },
+    /// This replica's count of connected sockets.
+    Count { sockets: usize },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Request {
+    id: u64,
+    /// The caller's response channel.
+    reply_to: String,
+    op: Op,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    id: u64,
+    pub node: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("the cluster is unavailable: {0}")]
+    Unavailable(#[from] BusError),
+    #[error("{missing} of {expected} replicas did not answer within {timeout:?}")]
+    Timeout {
+        missing: usize,
+        expected: usize,
+        timeout: Duration,
+    },
+}
+
+/// One replica's end of the cluster calls.
+pub struct Cluster {
+    bus: Bus,
+    node: String,
+    req_chan: String,
+    res_chan: String,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
+    io: OnceCell<SocketIo<Adapter>>,
+}
+
+impl Cluster {
+    pub fn new(bus: Bus, prefix: &str, node: String) -> Arc<Self> {
+        // A random id keeps response channels apart even if two replicas share a name.
+        let uid = format!("{:016x}", rand::random::<u64>());
+        Arc::new(Self {
+            bus,
+            req_chan: format!("{prefix}#cluster#req"),
+            res_chan: format!("{prefix}#cluster#res#{uid}"),
+            node,
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            io: OnceCell::new(),
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Subscribes to the request and response channels and serves them for as long as the
+    /// process runs.
+    pub async fn start(self: &Arc<Self>, io: SocketIo<Adapter>) {
+        let _ = self.io.set(io);
+        let mut requests = self.bus.subscribe_channel(self.req_chan.clone()).await;
+        let mut responses = self.bus.subscribe_channel(self.res_chan.clone()).await;
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some((_, payload)) = requests.recv().await {
+                this.serve(&payload).await;
+            }
+        });
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some((_, payload)) = responses.recv().await {
+                match serde_json::from_slice::<Reply>(&payload) {
+                    Ok(reply) => {
+                        let pending = this.pending.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(tx) = pending.get(&reply.id) {
+                            let _ = tx.send(reply);
+                        }
+                    }
+                    Err(e) => tracing::warn!("unreadable cluster reply: {e}"),
+                }
+            }
+        });
+    }
+
+    /// Runs `op` on every replica and returns each one's answer.
+    pub async fn call(&self, op: Op) -> Result<Vec<Reply>, ClusterError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let _cleanup = PendingGuard { cluster: self, id };
+
+        let request = Request {
+            id,
+            reply_to: self.res_chan.clone(),
+            op,
+        };
+        let payload = serde_json::to_vec(&request).unwrap_or_default();
+        let expected = self
+            .bus
+            .publish_count(self.req_chan.clone(), payload)
+            .await?;
+
+        let mut replies = Vec::with_capacity(expected);
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        while replies.len() < expected {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => replies.push(reply),
+                Ok(None) | Err(_) => {
+                    return Err(ClusterError::Timeout {
+                        missing: expected - replies.len(),
+                        expected,
+                        timeout: CALL_TIMEOUT,
+                    });
+                }
+            }
+        }
+        Ok(replies)
+    }
+
+    async fn serve(&self, payload: &[u8]) {
+        let request: Request = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("unreadable cluster request: {e}");
+                return;
+            }
+        };
+        let Some(io) = self.io.get() else { return };
+        let outcome = apply(io, request.op);
+        let reply = Reply {
+            id: request.id,
+            node: self.node.clone(),
+            outcome,
+        };
+        let payload = serde_json::to_vec(&reply).unwrap_or_default();
+        if let Err(e) = self.bus.publish_count(request.reply_to, payload).await {
+            tracing::debug!("could not answer a cluster call: {e}");
+        }
+    }
+}
+
+/// Applies one call to this replica's own sockets.
+fn apply(io: &SocketIo<Adapter>, op: Op) -> Outcome {
+    let held = |sockets: &[Sid]| -> Vec<_> {
+        sockets
+            .iter()
+            .filter_map(|sid| io.get_socket(*sid))
+            .collect()
+    };
+    match op {
+        Op::Join { room, sockets } => {
+            let found = held(&sockets);
+            for s in &found {
+                s.join(room.clone());
+            }
+            Outcome::Held {
+                sockets: found.iter().map(|s| s.id).collect(),
+            }
+        }
+        Op::Leave { room, sockets } => {
+            let found = held(&sockets);
+            for s in &found {
+                s.leave(room.clone());
+            }
+            Outcome::Held {
+                sockets: found.iter().map(|s| s.id).collect(),
+            }
+        }
+        Op::Sockets { room } => Outcome::Held {
+            sockets: io.to(room).local().sockets().iter().map(|s| s.id).collect(),
+        },
+        Op::Disconnect { socket } => {
+            let found: Vec<Sid> = held(&[socket])
+                .into_iter()
+                .filter_map(|s| {
+                    let id = s.id;
+                    s.disconnect().ok().map(|()| id)
+                })
+                .collect();
+            Outcome::Held { sockets: found }
+        }
+        Op::Nodes => Outcome::Count {
+            sockets: io.sockets().len(),
+        },
+    }
+}
+
+struct PendingGuard<'a> {
+    cluster: &'a Cluster,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.cluster
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}

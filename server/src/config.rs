@@ -1,0 +1,218 @@
+//! Command-line flags and environment variables (SERVER.md, "Configuration").
+
+use std::fmt;
+
+use clap::{Parser, ValueEnum};
+
+/// A value that must never be printed: Debug and Display show a placeholder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// chorus-server: a clustered Socket.IO server that broadcasts through Redis.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "chorus-server", version, about)]
+pub struct Config {
+    /// One port for Socket.IO, the HTTP API, health and metrics.
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+
+    /// redis://[:password@]host:port[/db] or rediss://; unset runs a single node.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = parse_redis_url)]
+    pub redis_url: Option<RedisUrl>,
+
+    /// Redis channel prefix: apps sharing one Redis must not hear each other.
+    #[arg(long = "channel-prefix", env = "REDIS_CHANNEL_PREFIX", default_value = "chorus", value_parser = parse_prefix)]
+    pub channel_prefix: String,
+
+    /// Bearer token for /v1/*; unset leaves the API open (a warning is logged).
+    #[arg(long, env = "API_TOKEN", hide_env_values = true, value_parser = parse_secret)]
+    pub api_token: Option<Secret>,
+
+    /// HS256 key; when set every socket must present a valid JWT.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub jwt_secret: Option<Secret>,
+
+    /// Comma list of room patterns (`*` glob) anyone may join even with JWT on.
+    #[arg(long, env = "PUBLIC_ROOMS", value_delimiter = ',')]
+    pub public_rooms: Vec<String>,
+
+    /// This replica's name in the cluster (default: the hostname).
+    #[arg(long = "node-id", env = "POD_NAME")]
+    pub node_id: Option<String>,
+
+    /// Largest socket message or HTTP body, in bytes.
+    #[arg(long, env = "MAX_PAYLOAD", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_payload: u64,
+
+    /// On SIGTERM: seconds of not-ready before sockets are closed.
+    #[arg(long, env = "DRAIN_SECONDS", default_value_t = 5)]
+    pub drain_seconds: u64,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Comma list of allowed CORS origins, `*` for any.
+    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    pub cors_origins: Vec<String>,
+}
+
+/// A parsed Redis URL; Debug never shows the password.
+#[derive(Clone)]
+pub struct RedisUrl {
+    pub info: redis::ConnectionInfo,
+    /// `host:port/db`, safe to log.
+    pub display: String,
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({})", self.display)
+    }
+}
+
+fn parse_redis_url(s: &str) -> Result<RedisUrl, String> {
+    use redis::IntoConnectionInfo;
+    let scheme_ok = s.starts_with("redis://") || s.starts_with("rediss://");
+    if !scheme_ok {
+        return Err("expected redis://[:password@]host:port[/db] or rediss://...".into());
+    }
+    // redis-rs error texts do not echo the URL, so they are safe to show.
+    let info = s
+        .into_connection_info()
+        .map_err(|e| format!("not a Redis URL: {}", e.detail().unwrap_or("malformed")))?;
+    let addr = match info.addr() {
+        redis::ConnectionAddr::Tcp(h, p) => format!("{h}:{p}"),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port} (tls)"),
+        other => format!("{other}"),
+    };
+    let display = format!("{addr}/{}", info.redis_settings().db());
+    // RESP3 lets one connection carry commands and subscriptions (push messages).
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(redis::ProtocolVersion::RESP3);
+    Ok(RedisUrl {
+        info: info.set_redis_settings(settings),
+        display,
+    })
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains('#') || s.chars().any(char::is_control) {
+        return Err("must be non-empty, without '#' or control characters".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(Secret(s.to_owned()))
+}
+
+impl Config {
+    /// Parses flags and environment. On a bad value returns the one-line message to print.
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut config = Self::try_parse_from(args)?;
+        config.public_rooms.retain(|p| !p.trim().is_empty());
+        config.cors_origins.retain(|o| !o.trim().is_empty());
+        Ok(config)
+    }
+
+    /// The node name: the flag, else the hostname, else a random one.
+    pub fn node_name(&self) -> String {
+        if let Some(id) = self.node_id.as_ref().filter(|s| !s.is_empty()) {
+            return id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::from_args(std::iter::once("chorus-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_the_spec_ones() {
+        let c = parse(&[]).expect("defaults parse");
+        assert_eq!(c.port, 3000);
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.channel_prefix, "chorus");
+        assert_eq!(c.max_payload, 1_048_576);
+        assert_eq!(c.drain_seconds, 5);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.cors_origins, vec!["*"]);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag_in_the_first_line() {
+        for (args, flag) in [
+            (&["--port", "70000"][..], "--port"),
+            (&["--redis-url", "http://x"][..], "--redis-url"),
+            (&["--max-payload", "0"][..], "--max-payload"),
+            (&["--log-format", "xml"][..], "--log-format"),
+            (&["--channel-prefix", "a#b"][..], "--channel-prefix"),
+        ] {
+            let err = parse(args).expect_err("must be refused");
+            let first = err
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            assert!(first.contains(flag), "{first:?} should name {flag}");
+        }
+    }
+
+    #[test]
+    fn redis_password_never_shows() {
+        let c = parse(&["--redis-url", "redis://:hunter2@127.0.0.1:6390/2"]).expect("parses");
+        let url = c.redis_url.expect("set");
+        assert_eq!(url.display, "127.0.0.1:6390/2");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert_eq!(
+            url.info.redis_settings().protocol(),
+            redis::ProtocolVersion::RESP3
+        );
+        let c = parse(&["--api-token", "tok-secret"]).expect("parses");
+        assert!(!format!("{c:?}").contains("tok-secret"));
+    }
+}

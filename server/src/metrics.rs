@@ -1,0 +1,119 @@
+//! Prometheus metrics (`GET /metrics`).
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub method: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub code: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub sockets_connected: Gauge,
+    pub messages_published: Counter,
+    pub broadcasts: Counter,
+    pub redis_connected: Gauge,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<RouteLabels, Histogram>,
+    pub refused: Family<ErrorLabels, Counter>,
+    pub local_only_deliveries: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let sockets_connected = Gauge::default();
+        let messages_published = Counter::default();
+        let broadcasts = Counter::default();
+        let redis_connected = Gauge::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_seconds = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
+        });
+        let refused = Family::<ErrorLabels, Counter>::default();
+        let local_only_deliveries = Counter::default();
+        registry.register(
+            "chorus_sockets_connected",
+            "Sockets connected to this replica",
+            sockets_connected.clone(),
+        );
+        registry.register(
+            "chorus_messages_published",
+            "Socket publish events accepted",
+            messages_published.clone(),
+        );
+        registry.register(
+            "chorus_broadcasts",
+            "HTTP broadcasts accepted",
+            broadcasts.clone(),
+        );
+        registry.register(
+            "chorus_redis_connected",
+            "1 while the Redis link is up (0 when down or not configured)",
+            redis_connected.clone(),
+        );
+        registry.register(
+            "chorus_http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "chorus_http_request_duration_seconds",
+            "HTTP request latency by route",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "chorus_refused",
+            "Socket events refused, by error code",
+            refused.clone(),
+        );
+        registry.register(
+            "chorus_local_only_deliveries",
+            "Publishes and broadcasts delivered to this replica only because Redis was down",
+            local_only_deliveries.clone(),
+        );
+        Self {
+            registry,
+            sockets_connected,
+            messages_published,
+            broadcasts,
+            redis_connected,
+            requests,
+            request_seconds,
+            refused,
+            local_only_deliveries,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,138 @@
+//! Operations endpoints: health, readiness, metrics, the OpenAPI description.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use axum::{
+    Json, Router,
+    extract::{MatchedPath, Request, State},
+    http::{StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Serialize;
+use utoipa::{
+    Modify, OpenApi, ToSchema,
+    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+};
+
+use crate::{
+    api,
+    app::AppState,
+    bus::LinkState,
+    error::{ErrorBody, ErrorCode},
+    metrics::{RequestLabels, RouteLabels},
+};
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`, `starting` (Redis not reached yet) or `draining` (shutting down).
+    pub status: &'static str,
+    /// `connected`, `single` or `degraded`.
+    pub cluster: &'static str,
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Readiness>) {
+    let link = *state.bus.state().borrow();
+    let status = if state.draining.load(Ordering::SeqCst) {
+        "draining"
+    } else if link == LinkState::Starting {
+        "starting"
+    } else {
+        "ready"
+    };
+    let code = if status == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(Readiness {
+            status,
+            cluster: link.as_str(),
+        }),
+    )
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// The OpenAPI 3 description, generated from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "chorus-server HTTP API", description = "Broadcast, membership and presence for a Chorus Socket.IO cluster."),
+    paths(api::broadcast, api::room_sockets, api::add_members, api::remove_members, api::disconnect, api::nodes),
+    components(schemas(ErrorBody, ErrorCode, Readiness)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Counts and times every HTTP request by its route pattern (not the raw path, which would
+/// give one series per room).
+pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .request_seconds
+        .get_or_create(&RouteLabels {
+            method: method.clone(),
+            route: route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method,
+            route,
+            status,
+        })
+        .inc();
+    response
+}

@@ -1,0 +1,241 @@
+//! The Socket.IO side: connection auth and the `join`, `leave` and `publish` events.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::Value;
+use socketioxide::{
+    SocketIo,
+    adapter::Emitter,
+    extract::{AckSender, SocketRef, State, TryData},
+    handler::ConnectHandler,
+    operators::BroadcastOperators,
+};
+use socketioxide_core::adapter::errors::BroadcastError;
+use socketioxide_redis::CustomRedisAdapter;
+
+use crate::{
+    auth::{AuthError, Grants, Policy, user_room},
+    bus::Bus,
+    error::{Ack, ErrorCode, Failure},
+    metrics::Metrics,
+    validate,
+};
+
+/// The one adapter type: socketioxide-redis over [`Bus`] (Redis, or in-memory when single).
+pub type Adapter = CustomRedisAdapter<Emitter, Bus>;
+pub type Socket = SocketRef<Adapter>;
+
+/// What socket handlers share.
+pub struct SocketCtx {
+    pub policy: Policy,
+    pub metrics: Arc<Metrics>,
+    pub max_payload: usize,
+}
+
+type Ctx = State<Arc<SocketCtx>>;
+
+/// Registers the default namespace and its handlers.
+pub async fn register(io: &SocketIo<Adapter>) -> Result<(), String> {
+    io.ns("/", on_connect.with(authenticate))
+        .await
+        .map_err(|e| format!("cannot start the Socket.IO adapter: {e}"))
+}
+
+/// Connect middleware: with a JWT secret, refuses sockets without a valid token
+/// (`connect_error` with message `unauthorized`).
+async fn authenticate(
+    s: Socket,
+    State(ctx): Ctx,
+    TryData(auth): TryData<Value>,
+) -> Result<(), AuthError> {
+    let token = if ctx.policy.requires_token() {
+        auth.ok()
+            .and_then(|a| a.get("token").and_then(Value::as_str).map(str::to_owned))
+            .or_else(|| query_token(s.req_parts().uri.query()))
+    } else {
+        None
+    };
+    let grants = ctx.policy.authenticate(token.as_deref())?;
+    s.extensions.insert(Arc::new(grants));
+    Ok(())
+}
+
+fn query_token(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .map(str::to_owned)
+}
+
+async fn on_connect(s: Socket, State(ctx): Ctx) {
+    s.join(validate::socket_room(s.id));
+    if let Some(Grants::Token(claims)) = grants(&s).as_deref()
+        && let Some(sub) = &claims.sub
+    {
+        s.join(user_room(sub));
+    }
+    ctx.metrics.sockets_connected.inc();
+    let metrics = ctx.metrics.clone();
+    s.on_disconnect(async move || {
+        metrics.sockets_connected.dec();
+    });
+    s.on("join", on_join);
+    s.on("leave", on_leave);
+    s.on("publish", on_publish);
+}
+
+fn grants(s: &Socket) -> Option<Arc<Grants>> {
+    s.extensions.get::<Arc<Grants>>()
+}
+
+fn reply(ctx: &SocketCtx, ack: AckSender<Adapter>, result: Result<(), Failure>) {
+    if let Err(f) = &result {
+        count_refusal(&ctx.metrics, f.code);
+    }
+    // A client that sent no ack callback gets nothing; that is its choice.
+    let _ = ack.send(&Ack::from(result));
+}
+
+pub fn count_refusal(metrics: &Metrics, code: ErrorCode) {
+    let code = serde_json::to_value(code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    metrics
+        .refused
+        .get_or_create(&crate::metrics::ErrorLabels { code })
+        .inc();
+}
+
+fn room_arg(room: Result<Value, socketioxide::ParserError>) -> Result<String, Failure> {
+    match room {
+        Ok(Value::String(room)) => {
+            validate::room(&room)?;
+            Ok(room)
+        }
+        _ => Err(Failure::invalid("expected a room name (string)")),
+    }
+}
+
+async fn on_join(
+    s: Socket,
+    State(ctx): Ctx,
+    TryData(room): TryData<Value>,
+    ack: AckSender<Adapter>,
+) {
+    let result = room_arg(room).and_then(|room| {
+        let grants =
+            grants(&s).ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
+        if !ctx.policy.may_join(&grants, &room) {
+            return Err(Failure::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to join {room:?}"),
+            ));
+        }
+        s.join(room);
+        Ok(())
+    });
+    reply(&ctx, ack, result);
+}
+
+async fn on_leave(
+    s: Socket,
+    State(ctx): Ctx,
+    TryData(room): TryData<Value>,
+    ack: AckSender<Adapter>,
+) {
+    let result = room_arg(room).map(|room| s.leave(room));
+    reply(&ctx, ack, result);
+}
+
+#[derive(Deserialize)]
+struct Publish {
+    room: String,
+    event: String,
+    #[serde(default)]
+    data: Value,
+}
+
+async fn on_publish(
+    s: Socket,
+    State(ctx): Ctx,
+    TryData(body): TryData<Value>,
+    ack: AckSender<Adapter>,
+) {
+    let result = publish(&s, &ctx, body).await;
+    if result.is_ok()
+        || result
+            .as_ref()
+            .is_err_and(|f| f.code == ErrorCode::ClusterUnavailable)
+    {
+        ctx.metrics.messages_published.inc();
+    }
+    reply(&ctx, ack, result);
+}
+
+async fn publish(
+    s: &Socket,
+    ctx: &SocketCtx,
+    body: Result<Value, socketioxide::ParserError>,
+) -> Result<(), Failure> {
+    let body = body.map_err(|_| Failure::invalid("expected {room, event, data}"))?;
+    let size = serde_json::to_vec(&body)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > ctx.max_payload {
+        return Err(Failure::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the message is {size} bytes; the limit is {}",
+                ctx.max_payload
+            ),
+        ));
+    }
+    let Publish { room, event, data } = serde_json::from_value(body)
+        .map_err(|e| Failure::invalid(format!("expected {{room, event, data}}: {e}")))?;
+    validate::room(&room)?;
+    validate::event(&event)?;
+    let grants =
+        grants(s).ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
+    if !ctx.policy.may_publish(&grants, &room) {
+        return Err(Failure::new(
+            ErrorCode::Forbidden,
+            format!("not allowed to publish to {room:?}"),
+        ));
+    }
+    deliver(&ctx.metrics, || s.to(room.clone()), &event, &data).await
+}
+
+/// Emits through the adapter (every replica). If Redis fails, the message still reaches
+/// this replica's own sockets and the caller is told `cluster_unavailable`.
+pub async fn deliver(
+    metrics: &Metrics,
+    target: impl Fn() -> BroadcastOperators<Adapter>,
+    event: &str,
+    data: &Value,
+) -> Result<(), Failure> {
+    match target().emit(event, data).await {
+        Ok(()) => Ok(()),
+        Err(BroadcastError::Adapter(e)) => {
+            tracing::debug!("cluster broadcast failed, delivering locally: {e}");
+            if let Err(e) = target().local().emit(event, data).await {
+                log_socket_errors(&e);
+            }
+            metrics.local_only_deliveries.inc();
+            Err(Failure::cluster_unavailable(
+                "delivered to this replica's sockets only: the cluster link (Redis) is down",
+            ))
+        }
+        Err(e) => {
+            // Some local sockets could not take the message (closed or buffer full); the
+            // rest, and every other replica, got it.
+            log_socket_errors(&e);
+            Ok(())
+        }
+    }
+}
+
+fn log_socket_errors(e: &BroadcastError) {
+    tracing::debug!("some sockets missed a message: {e}");
+}
