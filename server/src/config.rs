@@ -8,6 +8,13 @@ use clap::{Parser, ValueEnum};
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
 impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
@@ -41,7 +48,17 @@ pub struct Config {
     pub port: u16,
 
     /// redis://[:password@]host:port[/db] or rediss://; unset runs a single node.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = parse_redis_url)]
+    // Read raw and checked in `from_args`: clap's own errors would echo the password.
+    #[arg(
+        long = "redis-url",
+        env = "REDIS_URL",
+        hide_env_values = true,
+        value_name = "REDIS_URL"
+    )]
+    redis_url_raw: Option<Secret>,
+
+    /// The parsed `--redis-url`.
+    #[arg(skip)]
     pub redis_url: Option<RedisUrl>,
 
     /// Redis channel prefix: apps sharing one Redis must not hear each other.
@@ -143,7 +160,22 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
+        use clap::CommandFactory;
         let mut config = Self::try_parse_from(args)?;
+        if let Some(raw) = config
+            .redis_url_raw
+            .take()
+            .filter(|r| !r.expose().is_empty())
+        {
+            let url = parse_redis_url(raw.expose()).map_err(|why| {
+                clap::Error::raw(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!("invalid value for '--redis-url <REDIS_URL>' (REDIS_URL): {why}\n"),
+                )
+                .format(&mut Self::command())
+            })?;
+            config.redis_url = Some(url);
+        }
         config.public_rooms.retain(|p| !p.trim().is_empty());
         config.cors_origins.retain(|o| !o.trim().is_empty());
         Ok(config)
