@@ -20,8 +20,12 @@ fn now() -> u64 {
 }
 
 fn jwt(claims: Value, key: &str) -> String {
-    jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(key.as_bytes()))
-        .expect("token")
+    jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(key.as_bytes()),
+    )
+    .expect("token")
 }
 
 fn secured() -> Cluster {
@@ -71,9 +75,18 @@ async fn sockets_need_a_valid_jwt() {
         ("no token", None),
         ("empty auth", Some(json!({}))),
         ("garbage", Some(json!({"token": "not.a.jwt"}))),
-        ("wrong key", Some(json!({"token": jwt(json!({"sub": "u", "exp": exp}), "other-key")}))),
-        ("expired", Some(json!({"token": jwt(json!({"sub": "u", "exp": now() - 3600}), KEY)}))),
-        ("no exp", Some(json!({"token": jwt(json!({"sub": "u"}), KEY)}))),
+        (
+            "wrong key",
+            Some(json!({"token": jwt(json!({"sub": "u", "exp": exp}), "other-key")})),
+        ),
+        (
+            "expired",
+            Some(json!({"token": jwt(json!({"sub": "u", "exp": now() - 3600}), KEY)})),
+        ),
+        (
+            "no exp",
+            Some(json!({"token": jwt(json!({"sub": "u"}), KEY)})),
+        ),
     ] {
         match Client::try_connect(&url, auth).await {
             Ok(_) => panic!("{what}: connected"),
@@ -115,20 +128,43 @@ async fn claims_limit_rooms_and_publishing_across_replicas() {
     bob.join("news:today").await; // public pattern
 
     // Bob may not publish anywhere; Alice only to chat:1.
-    forbidden(bob.ack("publish", json!({"room": "chat:1", "event": "e", "data": 0})).await);
-    forbidden(alice.ack("publish", json!({"room": "chat:2", "event": "e", "data": 0})).await);
-    forbidden(alice.ack("publish", json!({"room": "lobby", "event": "e", "data": 0})).await);
+    forbidden(
+        bob.ack(
+            "publish",
+            json!({"room": "chat:1", "event": "e", "data": 0}),
+        )
+        .await,
+    );
+    forbidden(
+        alice
+            .ack(
+                "publish",
+                json!({"room": "chat:2", "event": "e", "data": 0}),
+            )
+            .await,
+    );
+    forbidden(
+        alice
+            .ack("publish", json!({"room": "lobby", "event": "e", "data": 0}))
+            .await,
+    );
     alice.expect_silence(QUIET).await;
     bob.expect_silence(QUIET).await;
     let ack = alice
-        .ack("publish", json!({"room": "chat:1", "event": "hello", "data": "from alice"}))
+        .ack(
+            "publish",
+            json!({"room": "chat:1", "event": "hello", "data": "from alice"}),
+        )
         .await;
     assert_eq!(ack, json!({"ok": true}));
     assert_eq!(bob.expect("hello").await, json!("from alice"));
 
     // `sub` puts each socket in user:<sub>, reachable from any replica.
     let (status, _) = api0
-        .post("/v1/broadcast", json!({"rooms": ["user:bob"], "event": "dm", "data": 1}))
+        .post(
+            "/v1/broadcast",
+            json!({"rooms": ["user:bob"], "event": "dm", "data": 1}),
+        )
         .await;
     assert_eq!(status, 202);
     assert_eq!(bob.expect("dm").await, json!(1));

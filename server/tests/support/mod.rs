@@ -330,6 +330,7 @@ impl Client {
         let (tx, rx) = mpsc::unbounded_channel();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Result<(), String>>();
         let any_tx = tx.clone();
+        let err_tx = tx.clone();
         let ok_tx = conn_tx.clone();
         let mut builder = ClientBuilder::new(base)
             .transport_type(TransportType::Websocket)
@@ -339,7 +340,9 @@ impl Client {
                 async {}.boxed()
             })
             .on(Event::Error, move |payload, _| {
-                let _ = conn_tx.send(Err(payload_text(&payload)));
+                let text = payload_text(&payload);
+                let _ = err_tx.send(("chorus-test:error".into(), Value::String(text.clone())));
+                let _ = conn_tx.send(Err(text));
                 async {}.boxed()
             })
             .on(Event::Close, move |_, _| {

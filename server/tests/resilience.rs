@@ -1,0 +1,189 @@
+//! Redis going away and coming back, and SIGTERM, on the real binary.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{Api, Client, Cluster, Replica};
+
+const QUIET: Duration = Duration::from_millis(400);
+
+async fn ready_cluster_state(api: &Api) -> String {
+    let (_, body) = api.get("/readyz").await;
+    body["cluster"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Polls (bounded) until `f` holds.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+#[tokio::test]
+async fn redis_outage_degrades_then_heals_without_restarts() {
+    let mut cluster = Cluster::start(3, &[]);
+    let apis: Vec<Api> = (0..3).map(|i| cluster.api(i)).collect();
+    // Two clients per replica, all in one room.
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let c = Client::connect(&cluster.replicas[i % 3].url()).await;
+        c.join("room").await;
+        clients.push(c);
+    }
+    for api in &apis {
+        assert_eq!(ready_cluster_state(api).await, "connected");
+    }
+
+    cluster.redis.stop();
+
+    // Every replica notices by itself (no traffic needed) and stays ready.
+    for api in &apis {
+        eventually("readyz says degraded", Duration::from_secs(10), || async {
+            ready_cluster_state(api).await == "degraded"
+        })
+        .await;
+        let (status, body) = api.get("/readyz").await;
+        assert_eq!((status, body["status"].clone()), (200, json!("ready")));
+    }
+
+    // Cluster-wide calls answer 503 cluster_unavailable (the HTTP client gives up at 15 s,
+    // so a hang fails the test).
+    for (method, path, body) in [
+        ("GET", "/v1/nodes", None),
+        ("GET", "/v1/rooms/room/sockets", None),
+        (
+            "POST",
+            "/v1/rooms/room/members",
+            Some(br#"{"sockets":["AAAAAAAAAAAAAAAA"]}"#.to_vec()),
+        ),
+        (
+            "DELETE",
+            "/v1/rooms/room/members",
+            Some(br#"{"sockets":["AAAAAAAAAAAAAAAA"]}"#.to_vec()),
+        ),
+        ("POST", "/v1/sockets/AAAAAAAAAAAAAAAA/disconnect", None),
+    ] {
+        let (status, answer) = apis[0].send(method, path, body).await;
+        assert_eq!(status, 503, "{method} {path}: {answer}");
+        assert_eq!(answer["error"], json!("cluster_unavailable"));
+    }
+
+    // Each replica still delivers to its own sockets: publish from client 0 (node-0) reaches
+    // client 3 (node-0) only, and the sender is told the cluster is unavailable.
+    let ack = clients[0]
+        .ack(
+            "publish",
+            json!({"room": "room", "event": "local", "data": 1}),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(false));
+    assert_eq!(ack["error"], json!("cluster_unavailable"));
+    assert_eq!(clients[3].expect("local").await, json!(1));
+    // HTTP broadcast through node-1 reaches node-1's sockets (clients 1 and 4).
+    let (status, body) = apis[1]
+        .post(
+            "/v1/broadcast",
+            json!({"rooms": ["room"], "event": "http-local", "data": 2}),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], json!("cluster_unavailable"));
+    assert_eq!(clients[1].expect("http-local").await, json!(2));
+    assert_eq!(clients[4].expect("http-local").await, json!(2));
+    for i in [0, 2, 5] {
+        clients[i].expect_silence(QUIET).await;
+    }
+    for r in &mut cluster.replicas {
+        assert!(r.is_running(), "{} exited during the outage", r.name);
+    }
+
+    // Redis comes back on the same port: replicas reconnect and resubscribe by themselves.
+    cluster.redis.restart();
+    for api in &apis {
+        eventually("readyz says connected", Duration::from_secs(15), || async {
+            ready_cluster_state(api).await == "connected"
+        })
+        .await;
+    }
+    let ack = clients[2]
+        .ack(
+            "publish",
+            json!({"room": "room", "event": "back", "data": 3}),
+        )
+        .await;
+    assert_eq!(ack, json!({"ok": true}));
+    for (i, c) in clients.iter().enumerate() {
+        if i != 2 {
+            assert_eq!(c.expect("back").await, json!(3), "client {i}");
+        }
+        c.expect_silence(QUIET).await;
+    }
+    let (status, nodes) = apis[0].get("/v1/nodes").await;
+    assert_eq!(status, 200);
+    assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(3));
+}
+
+#[tokio::test]
+async fn replica_starting_before_redis_is_unready_until_it_connects() {
+    let mut redis = support::Redis::start();
+    redis.stop();
+    let replica = Replica::spawn("early", &[("REDIS_URL", redis.url())]);
+    let api = Api::new(&replica.url(), None);
+    let (status, body) = api.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(api.get("/healthz").await.0, 200);
+    redis.restart();
+    replica.wait_ready();
+    assert_eq!(ready_cluster_state(&api).await, "connected");
+    let c = Client::connect(&replica.url()).await;
+    c.join("late").await;
+    assert_eq!(api.room_sockets("late").await.len(), 1);
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_closes_sockets_and_exits_zero() {
+    let redis = support::Redis::start();
+    let mut replica = Replica::spawn(
+        "draining",
+        &[("REDIS_URL", redis.url()), ("DRAIN_SECONDS", "2".into())],
+    );
+    replica.wait_ready();
+    let api = Api::new(&replica.url(), None);
+    let client = Client::connect(&replica.url()).await;
+    client.join("r").await;
+
+    replica.signal("TERM");
+    // Not ready at once (well before the drain delay ends)...
+    let (status, body) = api.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], json!("draining"));
+    // ...while the sockets still work during the drain.
+    let (status, _) = api
+        .post(
+            "/v1/broadcast",
+            json!({"rooms": ["r"], "event": "still", "data": 1}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(client.expect("still").await, json!(1));
+    // Then the server closes the sockets and exits 0. (That the client sees its transport
+    // close is checked with socket.io-client in tests/js; rust_socketio does not report it.)
+    let status = replica.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "log:\n{}", replica.log_text());
+    let log = replica.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    let draining = log.find("draining").expect("drain logged");
+    let closing = log.find("closing sockets").expect("socket close logged");
+    assert!(draining < closing, "{log}");
+}
