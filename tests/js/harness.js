@@ -1,0 +1,135 @@
+// Starts a real redis-server and chorus-server processes on free loopback ports,
+// and stops exactly the processes it started.
+'use strict';
+
+const { spawn } = require('node:child_process');
+const net = require('node:net');
+const path = require('node:path');
+const fs = require('node:fs');
+const os = require('node:os');
+
+const BIN = process.env.CHORUS_SERVER_BIN ||
+  path.resolve(__dirname, '../../target/debug/chorus-server');
+const started = new Set();
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function until(what, limitMs, check) {
+  const deadline = Date.now() + limitMs;
+  while (Date.now() < deadline) {
+    try { if (await check()) return; } catch { /* not yet */ }
+    await sleep(50);
+  }
+  throw new Error(`${what}: not within ${limitMs} ms`);
+}
+
+function track(child) {
+  started.add(child);
+  child.exited = new Promise((resolve) => child.once('exit', (code, signal) => {
+    started.delete(child);
+    resolve({ code, signal });
+  }));
+  return child;
+}
+
+async function startRedis() {
+  const port = await freePort();
+  const child = track(spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1',
+    '--save', '', '--appendonly', 'no', '--loglevel', 'warning'], { stdio: 'ignore' }));
+  await until('redis listening', 10000, () => new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1', () => { s.end(); resolve(true); });
+    s.on('error', () => resolve(false));
+  }));
+  return { port, url: `redis://127.0.0.1:${port}`, child };
+}
+
+async function startServer(name, env = {}) {
+  const port = await freePort();
+  const logPath = path.join(os.tmpdir(), `chorus-js-${name}-${port}.log`);
+  const log = fs.openSync(logPath, 'w');
+  const child = track(spawn(BIN, [], {
+    env: { PATH: process.env.PATH, PORT: String(port), POD_NAME: name, DRAIN_SECONDS: '0', ...env },
+    stdio: ['ignore', 'ignore', log],
+  }));
+  const url = `http://127.0.0.1:${port}`;
+  await until(`${name} ready`, 20000, async () => (await fetch(`${url}/readyz`)).status === 200);
+  return { name, port, url, child, logPath };
+}
+
+async function startCluster(n, env = {}) {
+  const redis = await startRedis();
+  const servers = [];
+  for (let i = 0; i < n; i++) {
+    servers.push(await startServer(`node-${i}`, { REDIS_URL: redis.url, ...env }));
+  }
+  return { redis, servers };
+}
+
+async function stopAll() {
+  const children = [...started];
+  for (const c of children) c.kill('SIGKILL');
+  await Promise.all(children.map((c) => c.exited));
+}
+
+async function api(base, method, pathname, body, token) {
+  const headers = { 'content-type': 'application/json' };
+  if (token) headers.authorization = `Bearer ${token}`;
+  const res = await fetch(`${base}${pathname}`, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    signal: AbortSignal.timeout(15000),
+  });
+  const text = await res.text();
+  let json;
+  try { json = JSON.parse(text); } catch { json = text; }
+  return { status: res.status, body: json };
+}
+
+// Collects every event a client receives; `next` waits (bounded) for the next one.
+function recorder(socket) {
+  const queue = [];
+  const waiters = [];
+  socket.onAny((event, ...args) => {
+    const item = { event, args };
+    const w = waiters.shift();
+    if (w) w(item); else queue.push(item);
+  });
+  return {
+    next(ms = 5000) {
+      if (queue.length) return Promise.resolve(queue.shift());
+      return new Promise((resolve) => {
+        const timer = setTimeout(() => {
+          const i = waiters.indexOf(done);
+          if (i >= 0) waiters.splice(i, 1);
+          resolve(null);
+        }, ms);
+        const done = (item) => { clearTimeout(timer); resolve(item); };
+        waiters.push(done);
+      });
+    },
+    pending: () => queue.length,
+  };
+}
+
+function once(socket, event, ms = 5000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no ${event} within ${ms} ms`)), ms);
+    socket.once(event, (...args) => { clearTimeout(timer); resolve(args); });
+  });
+}
+
+function ack(socket, event, data, ms = 5000) {
+  return socket.timeout(ms).emitWithAck(event, data);
+}
+
+module.exports = { startRedis, startServer, startCluster, stopAll, api, recorder, once, ack, sleep, until, freePort };

@@ -1,0 +1,46 @@
+// socket.io-client 2.x, as bundled by sails.io.js (Engine.IO 3), and shutdown as clients see it.
+'use strict';
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const ioV2 = require('socket.io-client-v2');
+const { io } = require('socket.io-client');
+const h = require('./harness');
+
+test.after(() => h.stopAll());
+
+test('a socket.io-client 2.x socket joins and receives a broadcast from another replica', async () => {
+  const cluster = await h.startCluster(2);
+  for (const transports of [['websocket'], ['polling', 'websocket']]) {
+    const s = ioV2(cluster.servers[0].url, { transports, reconnection: false, forceNew: true });
+    try {
+      await h.once(s, 'connect');
+      const joined = await new Promise((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error('no join ack')), 5000);
+        s.emit('join', 'sails-room', (reply) => { clearTimeout(t); resolve(reply); });
+      });
+      assert.deepEqual(joined, { ok: true });
+      const got = new Promise((resolve) => s.once('update', resolve));
+      const r = await h.api(cluster.servers[1].url, 'POST', '/v1/broadcast', { rooms: ['sails-room'], event: 'update', data: { v: 2, transports } });
+      assert.equal(r.status, 202);
+      assert.deepEqual(await Promise.race([got, h.sleep(5000).then(() => 'timeout')]), { v: 2, transports });
+    } finally {
+      s.close();
+    }
+  }
+});
+
+test('SIGTERM: not ready at once, sockets closed after DRAIN_SECONDS, exit code 0', async () => {
+  const redis = await h.startRedis();
+  const server = await h.startServer('draining', { REDIS_URL: redis.url, DRAIN_SECONDS: '1' });
+  const s = io(server.url, { transports: ['websocket'], reconnection: false, forceNew: true });
+  await h.once(s, 'connect');
+  const closed = h.once(s, 'disconnect', 10000);
+  server.child.kill('SIGTERM');
+  await h.until('readiness 503', 2000, async () => (await fetch(`${server.url}/readyz`)).status === 503);
+  assert.equal(s.connected, true, 'sockets stay open during the drain');
+  const [reason] = await closed;
+  assert.equal(reason, 'transport close');
+  const { code } = await server.child.exited;
+  assert.equal(code, 0);
+});
