@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project:
+#   formatting and clippy, Rust unit and integration tests (real redis-server, server
+#   processes, a Rust Socket.IO client), the JavaScript client tests (socket.io-client 4 and 2),
+#   and the benchmark peers' protocol smoke check against three chorus-server replicas.
+# Needs: cargo, node/npm, redis-server (.ci/run installs what a fresh machine lacks).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+shared=${CHORUS_SHARED:-$root/../shared}
+
+step() { printf '\n==> %s\n' "$*"; }
+command -v redis-server >/dev/null || { echo "redis-server not found: apt-get install redis-server" >&2; exit 1; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "Rust tests"
+cargo test --workspace --locked
+
+step "JavaScript client tests"
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+CHORUS_SERVER_BIN=$root/target/debug/chorus-server npm --prefix tests/js test
+
+if [ -x "$shared/bench/run-peer.sh" ]; then
+  step "benchmark protocol smoke check (three release replicas)"
+  cargo build --release --locked -p chorus-server
+  out=$(mktemp -d)/smoke.jsonl
+  SERVER_NAME=chorus SERVER_DIR=$root SERVER_CMD=target/release/chorus-server SCENARIOS=smoke \
+    OUT=$out NICE=0 "$shared/bench/run-peer.sh"
+  node -e '
+    const lines = require("fs").readFileSync(process.argv[1], "utf8").trim().split("\n");
+    const r = JSON.parse(lines.pop());
+    const failed = (r.checks || []).filter((c) => !c.ok).map((c) => c.name);
+    console.log(`protocol smoke: ${r.checks ? r.checks.length - failed.length : 0} passed, ${failed.length} failed`);
+    if (!r.ok) { console.error("failed checks:", failed, r.error || ""); process.exit(1); }
+  ' "$out"
+else
+  echo "note: $shared/bench/run-peer.sh not found; protocol smoke check skipped" >&2
+fi
