@@ -141,7 +141,9 @@ async fn bad_http_input_gets_the_contract_errors() {
     b.join("room").await;
 
     let raw = |body: &str| Some(body.as_bytes().to_vec());
-    let cases: Vec<(&str, String, Option<Vec<u8>>, u16, &str)> = vec![
+    // (method, path, body, expected status, expected error code)
+    type Case<'a> = (&'a str, String, Option<Vec<u8>>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/v1/broadcast".into(),
