@@ -187,3 +187,68 @@ async fn sigterm_drains_then_closes_sockets_and_exits_zero() {
     let closing = log.find("closing sockets").expect("socket close logged");
     assert!(draining < closing, "{log}");
 }
+
+#[tokio::test]
+async fn json_logs_carry_no_secrets_even_at_debug_level() {
+    const PASSWORD: &str = "redis-pass-7f3a9c";
+    const TOKEN: &str = "api-token-5e1b2d";
+    const JWT_KEY: &str = "jwt-key-c4d8e2-0123456789abcdef";
+    let redis = support::Redis::start_with(Some(PASSWORD));
+    let mut replica = Replica::spawn(
+        "quiet",
+        &[
+            ("REDIS_URL", redis.url()),
+            ("API_TOKEN", TOKEN.into()),
+            ("JWT_SECRET", JWT_KEY.into()),
+            ("LOG_FORMAT", "json".into()),
+            ("RUST_LOG", "debug".into()),
+        ],
+    );
+    replica.wait_ready();
+    let api = Api::new(&replica.url(), Some(TOKEN));
+    assert_eq!(ready_cluster_state(&api).await, "connected");
+    // Some traffic, including refused credentials, so there is something to log.
+    assert_eq!(api.get("/v1/nodes").await.0, 200);
+    assert_eq!(
+        Api::new(&replica.url(), Some("wrong"))
+            .get("/v1/nodes")
+            .await
+            .0,
+        401
+    );
+    assert!(
+        Client::try_connect(&replica.url(), Some(json!({"token": "bad"})))
+            .await
+            .is_err()
+    );
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 600)
+        .unwrap_or(0);
+    let jwt = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "u", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_KEY.as_bytes()),
+    )
+    .expect("token");
+    let by_query = Client::try_connect(&format!("{}?token={jwt}", replica.url()), None).await;
+    assert!(by_query.is_ok(), "{:?}", by_query.err());
+    let by_auth = Client::try_connect(&replica.url(), Some(json!({"token": jwt}))).await;
+    assert!(by_auth.is_ok(), "{:?}", by_auth.err());
+    replica.signal("TERM");
+    assert_eq!(replica.wait_exit(Duration::from_secs(15)).code(), Some(0));
+
+    let log = replica.log_text();
+    assert!(log.lines().count() > 3, "{log}");
+    for line in log.lines() {
+        let parsed: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            parsed["level"].is_string() && parsed["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    for secret in [PASSWORD, TOKEN, JWT_KEY, jwt.as_str()] {
+        assert!(!log.contains(secret), "a secret leaked into the log");
+    }
+}
