@@ -1,0 +1,145 @@
+//! `rediss://`: a replica talks TLS to a real redis-server (certificates made by openssl).
+
+mod support;
+
+use std::{path::Path, process::Command};
+
+use serde_json::json;
+use support::{Api, Client, Replica, free_port};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl must be installed (apt-get install openssl)");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+#[tokio::test]
+async fn rediss_url_connects_over_tls() {
+    let dir = std::env::temp_dir().join(format!("chorus-tls-{}", support::rand_u64()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=chorus test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "redis.key",
+            "-out",
+            "redis.csr",
+        ],
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext file");
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "redis.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "redis.pem",
+        ],
+    );
+
+    let port = free_port();
+    let mut redis = Command::new("redis-server")
+        .current_dir(&dir)
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            "redis.pem",
+            "--tls-key-file",
+            "redis.key",
+        ])
+        .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+        .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+
+    let ca = dir.join("ca.pem").to_string_lossy().into_owned();
+    let url = format!("rediss://127.0.0.1:{port}");
+    let replicas: Vec<Replica> = (0..2)
+        .map(|i| {
+            Replica::spawn(
+                &format!("tls-{i}"),
+                &[("REDIS_URL", url.clone()), ("SSL_CERT_FILE", ca.clone())],
+            )
+        })
+        .collect();
+    for r in &replicas {
+        r.wait_ready();
+        let (_, body) = Api::new(&r.url(), None).get("/readyz").await;
+        assert_eq!(body["cluster"], json!("connected"), "{}", r.log_text());
+    }
+    let a = Client::connect(&replicas[0].url()).await;
+    let b = Client::connect(&replicas[1].url()).await;
+    b.join("secure").await;
+    let ack = a
+        .ack(
+            "publish",
+            json!({"room": "secure", "event": "e", "data": "over tls"}),
+        )
+        .await;
+    assert_eq!(ack, json!({"ok": true}));
+    assert_eq!(b.expect("e").await, json!("over tls"));
+
+    // Without the CA the certificate is refused: the replica never becomes ready.
+    let untrusting = Replica::spawn(
+        "tls-untrusting",
+        &[
+            ("REDIS_URL", url.clone()),
+            ("SSL_CERT_FILE", "/nonexistent".into()),
+        ],
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (status, body) = Api::new(&untrusting.url(), None).get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
