@@ -117,8 +117,9 @@ impl Server {
             .merge(api::router(state.clone()))
             .layer(DefaultBodyLimit::max(max_payload))
             .layer(middleware::from_fn_with_state(state.clone(), ops::track))
-            .layer(cors(&config.cors_origins)?)
             .layer(layer)
+            // Outermost, so long-polling requests from browsers get CORS answers too.
+            .layer(cors(&config.cors_origins)?)
             .with_state(state.clone());
 
         let listener = listen(config.port).await?;

@@ -380,3 +380,36 @@ fn secrets_stay_out_of_error_messages() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("sup3r-secret"), "{stderr}");
 }
+
+#[tokio::test]
+async fn cors_covers_the_api_and_long_polling() {
+    let (r, _) = single(&[(
+        "CORS_ORIGINS",
+        "https://app.example,https://admin.example".into(),
+    )]);
+    let http = reqwest::Client::new();
+    for path in ["/v1/broadcast", "/socket.io/?EIO=4&transport=polling"] {
+        for (origin, allowed) in [
+            ("https://app.example", true),
+            ("https://evil.example", false),
+        ] {
+            let resp = http
+                .request(reqwest::Method::OPTIONS, format!("{}{path}", r.url()))
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+                .send()
+                .await
+                .expect("answers");
+            let acao = resp
+                .headers()
+                .get("access-control-allow-origin")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            assert_eq!(
+                acao.as_deref() == Some(origin),
+                allowed,
+                "{path} {origin}: {acao:?}"
+            );
+        }
+    }
+}
