@@ -35,7 +35,7 @@ if [ -x "$shared/bench/run-peer.sh" ]; then
     const lines = require("fs").readFileSync(process.argv[1], "utf8").trim().split("\n");
     const r = JSON.parse(lines.pop());
     const failed = (r.checks || []).filter((c) => !c.ok).map((c) => c.name);
-    console.log(`protocol smoke: ${r.checks ? r.checks.length - failed.length : 0} passed, ${failed.length} failed`);
+    console.log(`smoke: ${r.checks ? r.checks.length - failed.length : 0} passed, ${failed.length} failed`);
     if (!r.ok) { console.error("failed checks:", failed, r.error || ""); process.exit(1); }
   ' "$out"
 else
