@@ -1,4 +1,6 @@
-//! chorus-operator: reconciles `RealtimeApp` resources.
-//!
-//! Not built yet: the RealtimeApp CRD, desired-state functions and the controller
-//! arrive with the operator issue. The crate exists so the workspace has its final shape.
+//! chorus-operator: turns `RealtimeApp` resources into Redis, server pods with the Redis
+//! adapter configuration injected, a Service, scaling objects, and status conditions.
+
+pub mod crd;
+pub mod render;
+pub mod resources;

@@ -1,0 +1,200 @@
+//! The environment injected into the server container, per flavor
+//! (REALTIMEAPP.md, "Injected environment").
+
+use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, SecretKeySelector};
+
+use super::{App, BuildError};
+use crate::crd::{Flavor, RedisMode, SecretKeyRef};
+
+/// Where the app's Redis is and how to authenticate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisEndpoint {
+    pub host: String,
+    pub port: i32,
+    pub db: i32,
+    pub tls: bool,
+    pub password: Option<SecretKeyRef>,
+}
+
+impl RedisEndpoint {
+    pub fn of(a: &App<'_>) -> Result<Self, BuildError> {
+        let redis = &a.app.spec.redis;
+        match redis.mode {
+            RedisMode::Managed => Ok(Self {
+                host: format!("{}.{}.svc", a.redis_name(), a.namespace),
+                port: 6379,
+                db: 0,
+                tls: false,
+                password: Some(SecretKeyRef {
+                    name: a.redis_name(),
+                    key: "password".into(),
+                }),
+            }),
+            RedisMode::External => {
+                let ext = redis
+                    .external
+                    .as_ref()
+                    .filter(|e| !e.host.is_empty())
+                    .ok_or(BuildError::MissingExternalHost)?;
+                Ok(Self {
+                    host: ext.host.clone(),
+                    port: ext.port,
+                    db: ext.db,
+                    tls: ext.tls,
+                    password: ext.password_secret_ref.clone(),
+                })
+            }
+        }
+    }
+
+    /// `host:port`, for status.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// The URL with the password left as `$(REDIS_PASSWORD)`, which Kubernetes expands in
+    /// the container, so the password never appears in the pod spec.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let auth = if self.password.is_some() {
+            ":$(REDIS_PASSWORD)@"
+        } else {
+            ""
+        };
+        format!("{scheme}://{auth}{}:{}/{}", self.host, self.port, self.db)
+    }
+}
+
+/// Flavor chorus with no `auth.apiTokenSecretRef`: the operator generates `<name>-api-token`.
+pub fn generated_api_token(a: &App<'_>) -> bool {
+    a.flavor() == Flavor::Chorus
+        && a.app
+            .spec
+            .auth
+            .as_ref()
+            .and_then(|auth| auth.api_token_secret_ref.as_ref())
+            .is_none()
+}
+
+/// The API token Secret key the chorus pods read.
+pub fn api_token_ref(a: &App<'_>) -> Option<SecretKeyRef> {
+    if a.flavor() != Flavor::Chorus {
+        return None;
+    }
+    let explicit = a
+        .app
+        .spec
+        .auth
+        .as_ref()
+        .and_then(|auth| auth.api_token_secret_ref.clone());
+    Some(explicit.unwrap_or_else(|| SecretKeyRef {
+        name: a.api_token_name(),
+        key: "token".into(),
+    }))
+}
+
+pub fn jwt_ref(a: &App<'_>) -> Option<SecretKeyRef> {
+    if a.flavor() != Flavor::Chorus {
+        return None;
+    }
+    a.app
+        .spec
+        .auth
+        .as_ref()
+        .and_then(|auth| auth.jwt_secret_ref.clone())
+}
+
+/// Every Secret key the server pods read, for existence checks and the config checksum.
+pub fn secret_refs(a: &App<'_>, redis: &RedisEndpoint) -> Vec<SecretKeyRef> {
+    redis
+        .password
+        .iter()
+        .cloned()
+        .chain(api_token_ref(a))
+        .chain(jwt_ref(a))
+        .collect()
+}
+
+fn plain(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn from_secret(name: &str, r: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: r.name.clone(),
+                key: r.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn from_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// The container environment: the injected variables in a fixed order (a variable comes
+/// before any `$(VAR)` use of it), then every `spec.env` entry; an injected variable that
+/// `spec.env` also names is left out, so the user's value wins.
+pub fn container_env(a: &App<'_>, redis: &RedisEndpoint) -> Vec<EnvVar> {
+    let port = a.container_port().to_string();
+    let key = format!("{}.{}", a.namespace, a.name);
+    let mut env = vec![
+        plain("REDIS_HOST", redis.host.clone()),
+        plain("REDIS_PORT", redis.port.to_string()),
+        plain("REDIS_DB", redis.db.to_string()),
+    ];
+    if let Some(p) = &redis.password {
+        env.push(from_secret("REDIS_PASSWORD", p));
+    }
+    env.push(plain("REDIS_URL", redis.url()));
+    env.push(from_field("POD_NAME", "metadata.name"));
+    env.push(from_field("POD_NAMESPACE", "metadata.namespace"));
+    env.push(plain("PORT", port.clone()));
+    match a.flavor() {
+        Flavor::Chorus => {
+            if let Some(r) = api_token_ref(a) {
+                env.push(from_secret("API_TOKEN", &r));
+            }
+            if let Some(r) = jwt_ref(a) {
+                env.push(from_secret("JWT_SECRET", &r));
+            }
+            env.push(plain("REDIS_CHANNEL_PREFIX", key));
+        }
+        Flavor::Sails => {
+            env.push(plain("sails_sockets__adapter", "@sailshq/socket.io-redis"));
+            env.push(plain("sails_sockets__host", redis.host.clone()));
+            env.push(plain("sails_sockets__port", redis.port.to_string()));
+            env.push(plain("sails_sockets__db", redis.db.to_string()));
+            if let Some(p) = &redis.password {
+                env.push(from_secret("sails_sockets__pass", p));
+            }
+            env.push(plain("sails_sockets__key", key));
+            env.push(plain("sails_port", port));
+        }
+        Flavor::Socketio => {}
+    }
+    let user = &a.app.spec.env;
+    env.retain(|e| !user.iter().any(|u| u.name == e.name));
+    env.extend(user.iter().cloned());
+    env
+}

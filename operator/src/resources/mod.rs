@@ -1,0 +1,292 @@
+//! Desired state: pure functions from a RealtimeApp (and the operator's configuration) to
+//! every object the operator applies (REALTIMEAPP.md, "What the operator creates").
+
+pub mod env;
+pub mod redis;
+pub mod server;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        autoscaling::v2::HorizontalPodAutoscaler,
+        core::v1::{
+            Capabilities, PodSecurityContext, SeccompProfile, Secret, SecurityContext, Service,
+        },
+        policy::v1::PodDisruptionBudget,
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{Flavor, RealtimeApp, RedisMode};
+
+/// The field manager of every server-side apply.
+pub const MANAGER: &str = "chorus-operator";
+/// Pod-template annotation that changes when the injected configuration does.
+pub const CHECKSUM_ANNOTATION: &str = "chorus.rs/config-checksum";
+/// A pinned Redis 7 image for managed Redis.
+pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.4.1-alpine";
+
+/// Operator-wide settings that shape the children.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// The chorus-server image for flavor chorus when `spec.image` is empty.
+    pub server_image: String,
+    /// The managed Redis image when `spec.redis.image` is empty.
+    pub redis_image: String,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            server_image: format!("chorus-server:{}", env!("CARGO_PKG_VERSION")),
+            redis_image: DEFAULT_REDIS_IMAGE.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error("the RealtimeApp has no metadata.name")]
+    Unnamed,
+    #[error("spec.image is required for flavor {0}")]
+    MissingImage(&'static str),
+    #[error("spec.redis.external.host is required when spec.redis.mode is External")]
+    MissingExternalHost,
+}
+
+/// Every object for one RealtimeApp. Generated Secrets appear only in [`Generated`]: they are
+/// created once when missing and never applied again, so a password is never rotated by
+/// accident.
+#[derive(Debug, Clone, Default)]
+pub struct Children {
+    pub redis: Option<redis::ManagedRedis>,
+    pub deployment: Option<Deployment>,
+    pub service: Option<Service>,
+    pub hpa: Option<HorizontalPodAutoscaler>,
+    pub pdb: Option<PodDisruptionBudget>,
+}
+
+/// Objects serialized for `render` and for comparisons, in apply order.
+impl Children {
+    pub fn objects(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        if let Some(r) = &self.redis {
+            push(&mut out, &r.statefulset);
+            push(&mut out, &r.service);
+            if let Some(np) = &r.network_policy {
+                push(&mut out, np);
+            }
+        }
+        for obj in [
+            self.deployment.as_ref().map(to_value),
+            self.service.as_ref().map(to_value),
+            self.hpa.as_ref().map(to_value),
+            self.pdb.as_ref().map(to_value),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            out.push(obj);
+        }
+        out
+    }
+}
+
+fn push<T: Serialize>(out: &mut Vec<serde_json::Value>, obj: &T) {
+    out.push(to_value(obj));
+}
+
+fn to_value<T: Serialize>(obj: &T) -> serde_json::Value {
+    serde_json::to_value(obj).unwrap_or(serde_json::Value::Null)
+}
+
+/// Secrets the operator generates (each created once, when missing).
+#[derive(Debug, Clone, Default)]
+pub struct Generated {
+    pub redis_password: Option<Secret>,
+    pub api_token: Option<Secret>,
+}
+
+/// What the desired state needs besides the RealtimeApp and the operator configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// A digest of the values of every Secret key the pods read, so that a changed secret
+    /// value rolls the pods. Empty when not known (render).
+    pub secrets_digest: String,
+}
+
+/// Names and facts derived once from the RealtimeApp.
+#[derive(Debug, Clone)]
+pub struct App<'a> {
+    pub app: &'a RealtimeApp,
+    pub name: String,
+    pub namespace: String,
+    /// None only when rendering an object that was never stored (no uid yet).
+    pub owner: Option<OwnerReference>,
+    pub config: &'a OperatorConfig,
+}
+
+impl<'a> App<'a> {
+    pub fn new(app: &'a RealtimeApp, config: &'a OperatorConfig) -> Result<Self, BuildError> {
+        if app.metadata.name.as_deref().unwrap_or("").is_empty() {
+            return Err(BuildError::Unnamed);
+        }
+        let owner = app.controller_owner_ref(&());
+        let namespace = app.namespace().unwrap_or_else(|| "default".to_owned());
+        Ok(Self {
+            name: app.name_any(),
+            namespace,
+            owner,
+            app,
+            config,
+        })
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.app.spec.flavor
+    }
+
+    /// `app.kubernetes.io/name`: `chorus-server` or the flavor.
+    pub fn app_label(&self) -> &'static str {
+        match self.flavor() {
+            Flavor::Chorus => "chorus-server",
+            other => other.as_str(),
+        }
+    }
+
+    /// The labels that select one component's pods.
+    pub fn selector(&self, component: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/instance".to_owned(), self.name.clone()),
+            (
+                "app.kubernetes.io/component".to_owned(),
+                component.to_owned(),
+            ),
+        ])
+    }
+
+    /// The labels on everything: the selector plus name and managed-by.
+    pub fn labels(&self, component: &str) -> BTreeMap<String, String> {
+        let mut labels = self.selector(component);
+        labels.insert("app.kubernetes.io/name".into(), self.app_label().into());
+        labels.insert("app.kubernetes.io/managed-by".into(), MANAGER.into());
+        labels
+    }
+
+    /// Metadata of a child: name, namespace, labels, and the RealtimeApp as controller owner.
+    pub fn meta(&self, name: String, component: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(self.labels(component)),
+            owner_references: self.owner.clone().map(|o| vec![o]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    pub fn redis_name(&self) -> String {
+        format!("{}-redis", self.name)
+    }
+
+    pub fn api_token_name(&self) -> String {
+        format!("{}-api-token", self.name)
+    }
+
+    pub fn container_port(&self) -> i32 {
+        self.app
+            .spec
+            .port
+            .unwrap_or_else(|| self.flavor().default_port())
+    }
+}
+
+/// Builds every child. Pure: the same inputs give the same objects.
+pub fn build(
+    app: &RealtimeApp,
+    config: &OperatorConfig,
+    inputs: &Inputs,
+) -> Result<Children, BuildError> {
+    let a = App::new(app, config)?;
+    let redis = match app.spec.redis.mode {
+        RedisMode::Managed => Some(redis::managed(&a)),
+        RedisMode::External => None,
+    };
+    let endpoint = env::RedisEndpoint::of(&a)?;
+    let deployment = server::deployment(&a, &endpoint, inputs)?;
+    Ok(Children {
+        redis,
+        deployment: Some(deployment),
+        service: Some(server::service(&a)),
+        hpa: server::hpa(&a),
+        pdb: server::pdb(&a),
+    })
+}
+
+/// The Secrets the operator generates for this app, with fresh random values; the caller
+/// creates only those that do not exist yet.
+pub fn generated(app: &RealtimeApp, config: &OperatorConfig) -> Result<Generated, BuildError> {
+    let a = App::new(app, config)?;
+    Ok(Generated {
+        redis_password: (app.spec.redis.mode == RedisMode::Managed)
+            .then(|| redis::password_secret(&a)),
+        api_token: env::generated_api_token(&a).then(|| server::api_token_secret(&a)),
+    })
+}
+
+/// A URL-safe random string (letters and digits) from the thread's CSPRNG.
+pub fn random_token(len: usize) -> String {
+    use rand::{Rng, distr::Alphanumeric};
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+/// sha256 of the given parts, hex.
+pub fn digest<'p>(parts: impl IntoIterator<Item = &'p [u8]>) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `restricted` Pod Security Standard, pod level.
+pub fn restricted_pod(uid: i64) -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        fs_group: Some(uid),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// The `restricted` Pod Security Standard, container level.
+pub fn restricted_container(read_only_root: bool) -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(read_only_root),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
+}

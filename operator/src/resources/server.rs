@@ -1,0 +1,247 @@
+//! The server side: Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, and
+//! the generated API-token Secret.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        autoscaling::v2::{
+            CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
+            MetricSpec, MetricTarget, ResourceMetricSource,
+        },
+        core::v1::{
+            Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Secret,
+            Service, ServicePort, ServiceSpec, TCPSocketAction,
+        },
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use kube::Resource;
+
+use super::{
+    App, BuildError, CHECKSUM_ANNOTATION, Inputs, digest,
+    env::{RedisEndpoint, container_env},
+    random_token, restricted_container, restricted_pod,
+};
+use crate::crd::{Flavor, RealtimeApp, SessionAffinity};
+
+pub const COMPONENT: &str = "server";
+/// chorus-server's image runs as this non-root user.
+const CHORUS_UID: i64 = 65532;
+/// The `node` user of the official Node.js images, which Sails and Socket.IO apps build on.
+const NODE_UID: i64 = 1000;
+
+/// `<name>-api-token` with key `token`: random, created once.
+pub fn api_token_secret(a: &App<'_>) -> Secret {
+    Secret {
+        metadata: a.meta(a.api_token_name(), COMPONENT),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([("token".into(), random_token(40))])),
+        ..Secret::default()
+    }
+}
+
+fn image(a: &App<'_>) -> Result<String, BuildError> {
+    match a.app.spec.image.as_deref().filter(|i| !i.is_empty()) {
+        Some(image) => Ok(image.to_owned()),
+        None if a.flavor() == Flavor::Chorus => Ok(a.config.server_image.clone()),
+        None => Err(BuildError::MissingImage(a.flavor().as_str())),
+    }
+}
+
+fn probes(a: &App<'_>) -> (Option<Probe>, Option<Probe>) {
+    match a.flavor() {
+        // chorus-server: alive while the process runs; ready while it can serve and is not draining.
+        Flavor::Chorus => {
+            let http = |path: &str| HTTPGetAction {
+                path: Some(path.into()),
+                port: IntOrString::String("http".into()),
+                ..HTTPGetAction::default()
+            };
+            (
+                Some(Probe {
+                    http_get: Some(http("/healthz")),
+                    period_seconds: Some(10),
+                    ..Probe::default()
+                }),
+                Some(Probe {
+                    http_get: Some(http("/readyz")),
+                    period_seconds: Some(2),
+                    ..Probe::default()
+                }),
+            )
+        }
+        // Another app's health endpoints are unknown: ready once it accepts connections.
+        Flavor::Sails | Flavor::Socketio => (
+            None,
+            Some(Probe {
+                tcp_socket: Some(TCPSocketAction {
+                    port: IntOrString::String("http".into()),
+                    host: None,
+                }),
+                period_seconds: Some(5),
+                ..Probe::default()
+            }),
+        ),
+    }
+}
+
+pub fn deployment(
+    a: &App<'_>,
+    redis: &RedisEndpoint,
+    inputs: &Inputs,
+) -> Result<Deployment, BuildError> {
+    let spec = &a.app.spec;
+    let env = container_env(a, redis);
+    let port = a.container_port();
+    // The checksum covers what the operator injects and the secret values behind it, so a
+    // change of either rolls the pods, and nothing else does.
+    let env_json = serde_json::to_vec(&env).unwrap_or_default();
+    let checksum = digest([
+        env_json.as_slice(),
+        port.to_string().as_bytes(),
+        inputs.secrets_digest.as_bytes(),
+    ]);
+    let (liveness, readiness) = probes(a);
+    let chorus = a.flavor() == Flavor::Chorus;
+    let container = Container {
+        name: COMPONENT.into(),
+        image: Some(image(a)?),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: liveness,
+        readiness_probe: readiness,
+        resources: spec.resources.clone(),
+        // chorus-server writes nothing; Node apps often write temp or cache files.
+        security_context: Some(restricted_container(chorus)),
+        ..Container::default()
+    };
+    let pod = spec.pod.clone().unwrap_or_default();
+    let mut labels = pod.labels.clone();
+    labels.extend(a.labels(COMPONENT));
+    let mut annotations = pod.annotations.clone();
+    annotations.insert(CHECKSUM_ANNOTATION.into(), checksum);
+    let pod_spec = PodSpec {
+        containers: vec![container],
+        security_context: Some(restricted_pod(if chorus { CHORUS_UID } else { NODE_UID })),
+        node_selector: (!pod.node_selector.is_empty()).then_some(pod.node_selector),
+        tolerations: (!pod.tolerations.is_empty()).then_some(pod.tolerations),
+        affinity: pod.affinity,
+        topology_spread_constraints: (!pod.topology_spread_constraints.is_empty())
+            .then_some(pod.topology_spread_constraints),
+        image_pull_secrets: (!pod.image_pull_secrets.is_empty()).then_some(pod.image_pull_secrets),
+        service_account_name: pod.service_account_name,
+        automount_service_account_token: Some(false),
+        // chorus-server drains for DRAIN_SECONDS (5) before closing sockets.
+        termination_grace_period_seconds: Some(30),
+        ..PodSpec::default()
+    };
+    Ok(Deployment {
+        metadata: a.meta(a.name.clone(), COMPONENT),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(a.selector(COMPONENT)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    })
+}
+
+pub fn service(a: &App<'_>) -> Service {
+    let spec = &a.app.spec.service;
+    let mut meta = a.meta(a.name.clone(), COMPONENT);
+    if !spec.annotations.is_empty() {
+        meta.annotations = Some(spec.annotations.clone());
+    }
+    Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            type_: Some(format!("{:?}", spec.type_)),
+            selector: Some(a.selector(COMPONENT)),
+            session_affinity: Some(match spec.session_affinity {
+                SessionAffinity::ClientIP => "ClientIP".into(),
+                SessionAffinity::None => "None".into(),
+            }),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: spec.port,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// An HPA that scales the RealtimeApp itself (through its scale subresource), so that
+/// `spec.replicas` stays the one source of truth for the Deployment.
+pub fn hpa(a: &App<'_>) -> Option<HorizontalPodAutoscaler> {
+    let auto = &a.app.spec.autoscaling;
+    auto.enabled.then(|| HorizontalPodAutoscaler {
+        metadata: a.meta(a.name.clone(), COMPONENT),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some(RealtimeApp::api_version(&()).into_owned()),
+                kind: RealtimeApp::kind(&()).into_owned(),
+                name: a.name.clone(),
+            },
+            min_replicas: Some(auto.min_replicas),
+            max_replicas: auto.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".into(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".into(),
+                    target: MetricTarget {
+                        type_: "Utilization".into(),
+                        average_utilization: Some(auto.target_cpu_utilization_percentage),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            ..HorizontalPodAutoscalerSpec::default()
+        }),
+        ..HorizontalPodAutoscaler::default()
+    })
+}
+
+/// A PodDisruptionBudget whenever more than one replica is wanted.
+pub fn pdb(a: &App<'_>) -> Option<PodDisruptionBudget> {
+    (a.app.spec.replicas > 1).then(|| PodDisruptionBudget {
+        metadata: a.meta(a.name.clone(), COMPONENT),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(
+                a.app.spec.disruption_budget.max_unavailable,
+            )),
+            selector: Some(LabelSelector {
+                match_labels: Some(a.selector(COMPONENT)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    })
+}
