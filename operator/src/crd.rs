@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 pub const GROUP: &str = "chorus.rs";
 
 /// One realtime app cluster: its server pods, its Redis, its Service and its scaling.
+// kube's printcolumn(...) attributes repeat `type_`, which clippy misreads as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "chorus.rs",

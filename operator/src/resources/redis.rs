@@ -203,6 +203,5 @@ fn network_policy(a: &App<'_>) -> NetworkPolicy {
             }]),
             ..NetworkPolicySpec::default()
         }),
-        ..NetworkPolicy::default()
     }
 }

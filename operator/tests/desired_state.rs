@@ -1,0 +1,521 @@
+//! The pure desired-state functions: every child, per flavor and option.
+
+use chorus_operator::{
+    crd::RealtimeApp,
+    resources::{self, BuildError, CHECKSUM_ANNOTATION, Children, Inputs, OperatorConfig},
+};
+use k8s_openapi::api::core::v1::{EnvVar, PodSpec};
+use serde_json::{Value, json};
+
+fn app(spec: Value) -> RealtimeApp {
+    serde_json::from_value(json!({
+        "apiVersion": "chorus.rs/v1alpha1",
+        "kind": "RealtimeApp",
+        "metadata": {"name": "chat", "namespace": "team", "uid": "0b0e6a4c-1111-2222-3333-444455556666"},
+        "spec": spec,
+    }))
+    .expect("a RealtimeApp")
+}
+
+fn config() -> OperatorConfig {
+    OperatorConfig {
+        server_image: "chorus-server:test".into(),
+        redis_image: "redis:test".into(),
+    }
+}
+
+fn build(spec: Value) -> Children {
+    resources::build(&app(spec), &config(), &Inputs::default()).expect("builds")
+}
+
+fn env_of(children: &Children) -> Vec<EnvVar> {
+    let d = children.deployment.as_ref().expect("deployment");
+    let pod = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod");
+    pod.containers[0].env.clone().unwrap_or_default()
+}
+
+fn value<'a>(env: &'a [EnvVar], name: &str) -> Option<&'a str> {
+    env.iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+fn secret_ref(env: &[EnvVar], name: &str) -> Option<(String, String)> {
+    let e = env.iter().find(|e| e.name == name)?;
+    let r = e.value_from.as_ref()?.secret_key_ref.as_ref()?;
+    Some((r.name.clone(), r.key.clone()))
+}
+
+fn pods(children: &Children) -> Vec<PodSpec> {
+    let mut out = vec![];
+    if let Some(d) = &children.deployment {
+        out.extend(d.spec.as_ref().and_then(|s| s.template.spec.clone()));
+    }
+    if let Some(r) = &children.redis {
+        out.extend(
+            r.statefulset
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.clone()),
+        );
+    }
+    out
+}
+
+/// The `restricted` Pod Security Standard, as the admission plugin checks it.
+fn assert_restricted(pod: &PodSpec) {
+    let psc = pod.security_context.as_ref().expect("pod securityContext");
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_ne!(psc.run_as_user, Some(0));
+    assert!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none());
+    for c in &pod.containers {
+        let sc = c
+            .security_context
+            .as_ref()
+            .expect("container securityContext");
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+        assert_eq!(sc.privileged, None);
+        let caps = sc.capabilities.as_ref().expect("capabilities");
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        assert!(caps.add.is_none());
+    }
+    for v in pod.volumes.iter().flatten() {
+        assert!(v.host_path.is_none());
+    }
+}
+
+fn all_objects(children: &Children) -> Vec<Value> {
+    children.objects()
+}
+
+#[test]
+fn chorus_default_gets_every_child_with_labels_owner_and_restricted_pods() {
+    let spec = json!({});
+    let children = build(spec.clone());
+    let objects = all_objects(&children);
+    let kinds: Vec<&str> = objects
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "StatefulSet",
+            "Service",
+            "NetworkPolicy",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget"
+        ]
+    );
+    for o in &objects {
+        let labels = &o["metadata"]["labels"];
+        assert_eq!(
+            labels["app.kubernetes.io/name"],
+            json!("chorus-server"),
+            "{o}"
+        );
+        assert_eq!(labels["app.kubernetes.io/instance"], json!("chat"));
+        assert_eq!(
+            labels["app.kubernetes.io/managed-by"],
+            json!("chorus-operator")
+        );
+        assert!(
+            labels["app.kubernetes.io/component"] == json!("server")
+                || labels["app.kubernetes.io/component"] == json!("redis")
+        );
+        assert_eq!(o["metadata"]["namespace"], json!("team"));
+        let owner = &o["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], json!("RealtimeApp"));
+        assert_eq!(owner["name"], json!("chat"));
+        assert_eq!(owner["controller"], json!(true));
+    }
+    for pod in pods(&children) {
+        assert_restricted(&pod);
+    }
+    let generated = resources::generated(&app(spec), &config()).expect("generated");
+    let pw = generated.redis_password.expect("redis password secret");
+    assert_eq!(pw.metadata.name.as_deref(), Some("chat-redis"));
+    let token = generated.api_token.expect("api token secret");
+    assert_eq!(token.metadata.name.as_deref(), Some("chat-api-token"));
+    let password = pw
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get("password"))
+        .expect("password");
+    assert!(password.len() >= 32 && password.chars().all(|c| c.is_ascii_alphanumeric()));
+    // Secrets never appear in the pod specs.
+    let token_value = token
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get("token"))
+        .expect("token");
+    let everything = serde_json::to_string(&objects).expect("json");
+    assert!(!everything.contains(password.as_str()) && !everything.contains(token_value.as_str()));
+}
+
+#[test]
+fn chorus_env_and_probes() {
+    let children = build(json!({}));
+    let env = env_of(&children);
+    let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "REDIS_HOST",
+            "REDIS_PORT",
+            "REDIS_DB",
+            "REDIS_PASSWORD",
+            "REDIS_URL",
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "PORT",
+            "API_TOKEN",
+            "REDIS_CHANNEL_PREFIX"
+        ]
+    );
+    assert_eq!(value(&env, "REDIS_HOST"), Some("chat-redis.team.svc"));
+    assert_eq!(
+        value(&env, "REDIS_URL"),
+        Some("redis://:$(REDIS_PASSWORD)@chat-redis.team.svc:6379/0")
+    );
+    assert_eq!(
+        secret_ref(&env, "REDIS_PASSWORD"),
+        Some(("chat-redis".into(), "password".into()))
+    );
+    assert_eq!(
+        secret_ref(&env, "API_TOKEN"),
+        Some(("chat-api-token".into(), "token".into()))
+    );
+    assert_eq!(value(&env, "REDIS_CHANNEL_PREFIX"), Some("team.chat"));
+    assert_eq!(value(&env, "PORT"), Some("3000"));
+    let d = children.deployment.as_ref().expect("deployment");
+    let c = &d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod")
+        .containers[0];
+    assert_eq!(c.image.as_deref(), Some("chorus-server:test"));
+    let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
+    };
+    assert_eq!(path(&c.liveness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(path(&c.readiness_probe).as_deref(), Some("/readyz"));
+    let downward = env
+        .iter()
+        .find(|e| e.name == "POD_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref());
+    assert_eq!(
+        downward.map(|f| f.field_path.as_str()),
+        Some("metadata.name")
+    );
+}
+
+#[test]
+fn sails_gets_the_sails_sockets_settings() {
+    let children = build(json!({"flavor": "sails", "image": "acme/sails:1"}));
+    let env = env_of(&children);
+    assert_eq!(
+        value(&env, "sails_sockets__adapter"),
+        Some("@sailshq/socket.io-redis")
+    );
+    assert_eq!(
+        value(&env, "sails_sockets__host"),
+        Some("chat-redis.team.svc")
+    );
+    assert_eq!(value(&env, "sails_sockets__port"), Some("6379"));
+    assert_eq!(value(&env, "sails_sockets__db"), Some("0"));
+    assert_eq!(
+        secret_ref(&env, "sails_sockets__pass"),
+        Some(("chat-redis".into(), "password".into()))
+    );
+    assert_eq!(value(&env, "sails_sockets__key"), Some("team.chat"));
+    assert_eq!(value(&env, "sails_port"), Some("1337"));
+    assert_eq!(value(&env, "PORT"), Some("1337"));
+    assert!(value(&env, "REDIS_URL").is_some());
+    assert!(
+        secret_ref(&env, "API_TOKEN").is_none() && value(&env, "REDIS_CHANNEL_PREFIX").is_none()
+    );
+    let objects = all_objects(&children);
+    assert!(
+        objects
+            .iter()
+            .all(|o| o["metadata"]["labels"]["app.kubernetes.io/name"] == json!("sails"))
+    );
+    let generated = resources::generated(&app(json!({"flavor": "sails", "image": "x"})), &config())
+        .expect("ok");
+    assert!(generated.api_token.is_none(), "no API token for sails");
+}
+
+#[test]
+fn socketio_gets_the_common_variables_only() {
+    let children = build(json!({"flavor": "socketio", "image": "acme/io:1", "port": 8080}));
+    let env = env_of(&children);
+    let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "REDIS_HOST",
+            "REDIS_PORT",
+            "REDIS_DB",
+            "REDIS_PASSWORD",
+            "REDIS_URL",
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "PORT"
+        ]
+    );
+    assert_eq!(value(&env, "PORT"), Some("8080"));
+    let d = children.deployment.as_ref().expect("deployment");
+    let c = &d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod")
+        .containers[0];
+    assert_eq!(c.ports.as_ref().map(|p| p[0].container_port), Some(8080));
+}
+
+#[test]
+fn images_are_required_for_sails_and_socketio() {
+    for flavor in ["sails", "socketio"] {
+        let err = resources::build(
+            &app(json!({"flavor": flavor})),
+            &config(),
+            &Inputs::default(),
+        )
+        .err();
+        assert!(matches!(err, Some(BuildError::MissingImage(f)) if f == flavor));
+    }
+}
+
+#[test]
+fn external_redis_with_tls_password_and_jwt() {
+    let spec = json!({
+        "redis": {"mode": "External", "external": {"host": "redis.shared.svc", "port": 6380, "db": 2, "tls": true,
+            "passwordSecretRef": {"name": "shared-redis", "key": "pw"}}},
+        "auth": {"apiTokenSecretRef": {"name": "mine", "key": "t"}, "jwtSecretRef": {"name": "jwt", "key": "k"}},
+    });
+    let children = build(spec.clone());
+    assert!(children.redis.is_none(), "no managed Redis objects");
+    let env = env_of(&children);
+    assert_eq!(
+        value(&env, "REDIS_URL"),
+        Some("rediss://:$(REDIS_PASSWORD)@redis.shared.svc:6380/2")
+    );
+    assert_eq!(
+        secret_ref(&env, "REDIS_PASSWORD"),
+        Some(("shared-redis".into(), "pw".into()))
+    );
+    assert_eq!(
+        secret_ref(&env, "API_TOKEN"),
+        Some(("mine".into(), "t".into()))
+    );
+    assert_eq!(
+        secret_ref(&env, "JWT_SECRET"),
+        Some(("jwt".into(), "k".into()))
+    );
+    let generated = resources::generated(&app(spec), &config()).expect("ok");
+    assert!(generated.redis_password.is_none() && generated.api_token.is_none());
+
+    let no_password = build(json!({"redis": {"mode": "External", "external": {"host": "r"}}}));
+    let env = env_of(&no_password);
+    assert_eq!(value(&env, "REDIS_URL"), Some("redis://r:6379/0"));
+    assert!(env.iter().all(|e| e.name != "REDIS_PASSWORD"));
+}
+
+#[test]
+fn user_env_comes_last_and_wins() {
+    let children = build(json!({"env": [
+        {"name": "REDIS_CHANNEL_PREFIX", "value": "custom"},
+        {"name": "EXTRA", "value": "1"},
+    ]}));
+    let env = env_of(&children);
+    assert_eq!(
+        env.iter()
+            .filter(|e| e.name == "REDIS_CHANNEL_PREFIX")
+            .count(),
+        1
+    );
+    let tail: Vec<(&str, Option<&str>)> = env[env.len() - 2..]
+        .iter()
+        .map(|e| (e.name.as_str(), e.value.as_deref()))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ("REDIS_CHANNEL_PREFIX", Some("custom")),
+            ("EXTRA", Some("1"))
+        ]
+    );
+}
+
+#[test]
+fn scaling_objects_follow_the_spec() {
+    let auto = build(
+        json!({"autoscaling": {"enabled": true, "minReplicas": 3, "maxReplicas": 9, "targetCPUUtilizationPercentage": 55}}),
+    );
+    let hpa = serde_json::to_value(auto.hpa.as_ref().expect("hpa")).expect("json");
+    assert_eq!(hpa["apiVersion"], json!("autoscaling/v2"));
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"],
+        json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp", "name": "chat"})
+    );
+    assert_eq!(hpa["spec"]["minReplicas"], json!(3));
+    assert_eq!(hpa["spec"]["maxReplicas"], json!(9));
+    assert_eq!(
+        hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+        json!(55)
+    );
+
+    assert!(build(json!({})).hpa.is_none());
+    for (replicas, pdb) in [(0, false), (1, false), (2, true), (5, true)] {
+        let c = build(json!({"replicas": replicas, "disruptionBudget": {"maxUnavailable": 2}}));
+        assert_eq!(c.pdb.is_some(), pdb, "replicas {replicas}");
+        let d = c
+            .deployment
+            .as_ref()
+            .and_then(|d| d.spec.as_ref())
+            .expect("spec");
+        assert_eq!(d.replicas, Some(replicas));
+        if let Some(p) = c.pdb {
+            let p = serde_json::to_value(p).expect("json");
+            assert_eq!(p["spec"]["maxUnavailable"], json!(2));
+            assert_eq!(
+                p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+                json!("server")
+            );
+        }
+    }
+}
+
+#[test]
+fn network_policy_and_service_options() {
+    let off = build(json!({"networkPolicy": {"enabled": false}}));
+    assert!(
+        off.redis
+            .as_ref()
+            .is_some_and(|r| r.network_policy.is_none())
+    );
+    let on = build(json!({}));
+    let np = serde_json::to_value(
+        on.redis
+            .as_ref()
+            .and_then(|r| r.network_policy.as_ref())
+            .expect("np"),
+    )
+    .expect("json");
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        json!("redis")
+    );
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"],
+        json!({"app.kubernetes.io/component": "server", "app.kubernetes.io/instance": "chat"})
+    );
+    assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], json!(6379));
+
+    let svc = serde_json::to_value(on.service.as_ref().expect("svc")).expect("json");
+    assert_eq!(svc["spec"]["sessionAffinity"], json!("ClientIP"));
+    assert_eq!(svc["spec"]["type"], json!("ClusterIP"));
+    assert_eq!(svc["spec"]["ports"][0]["port"], json!(80));
+    let lb = build(
+        json!({"service": {"type": "LoadBalancer", "port": 443, "sessionAffinity": "None", "annotations": {"a": "b"}}}),
+    );
+    let svc = serde_json::to_value(lb.service.as_ref().expect("svc")).expect("json");
+    assert_eq!(svc["spec"]["type"], json!("LoadBalancer"));
+    assert_eq!(svc["spec"]["sessionAffinity"], json!("None"));
+    assert_eq!(svc["spec"]["ports"][0]["port"], json!(443));
+    assert_eq!(svc["metadata"]["annotations"], json!({"a": "b"}));
+
+    let sts = serde_json::to_value(&on.redis.as_ref().expect("redis").statefulset).expect("json");
+    assert_eq!(sts["spec"]["replicas"], json!(1));
+    let redis = &sts["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(redis["image"], json!("redis:test"));
+    assert_eq!(
+        redis["args"],
+        json!([
+            "--requirepass",
+            "$(REDIS_PASSWORD)",
+            "--save",
+            "",
+            "--appendonly",
+            "no"
+        ])
+    );
+}
+
+fn checksum(spec: Value, secrets: &str) -> String {
+    let inputs = Inputs {
+        secrets_digest: secrets.into(),
+    };
+    let c = resources::build(&app(spec), &config(), &inputs).expect("builds");
+    let d = c.deployment.expect("deployment");
+    d.spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .and_then(|a| a.get(CHECKSUM_ANNOTATION).cloned())
+        .expect("checksum annotation")
+}
+
+#[test]
+fn checksum_moves_with_injected_configuration_only() {
+    let base = checksum(json!({}), "s1");
+    assert_eq!(base, checksum(json!({}), "s1"), "stable");
+    // Not configuration: replica count, resources, image, service.
+    assert_eq!(base, checksum(json!({"replicas": 7}), "s1"));
+    assert_eq!(
+        base,
+        checksum(json!({"image": "chorus-server:other"}), "s1")
+    );
+    assert_eq!(base, checksum(json!({"service": {"port": 8080}}), "s1"));
+    assert_eq!(
+        base,
+        checksum(json!({"resources": {"limits": {"memory": "1Gi"}}}), "s1")
+    );
+    // Configuration: env, port, referenced secret values, auth refs, Redis location.
+    assert_ne!(
+        base,
+        checksum(json!({"env": [{"name": "X", "value": "1"}]}), "s1")
+    );
+    assert_ne!(base, checksum(json!({"port": 4000}), "s1"));
+    assert_ne!(base, checksum(json!({}), "s2"));
+    assert_ne!(
+        base,
+        checksum(
+            json!({"auth": {"jwtSecretRef": {"name": "j", "key": "k"}}}),
+            "s1"
+        )
+    );
+    assert_ne!(
+        base,
+        checksum(
+            json!({"redis": {"mode": "External", "external": {"host": "h"}}}),
+            "s1"
+        )
+    );
+}
+
+#[test]
+fn render_without_uid_omits_owner_references() {
+    let mut a = app(json!({}));
+    a.metadata.uid = None;
+    let c = resources::build(&a, &config(), &Inputs::default()).expect("builds");
+    assert!(
+        c.objects()
+            .iter()
+            .all(|o| o["metadata"].get("ownerReferences").is_none())
+    );
+}
