@@ -2,5 +2,8 @@
 //! adapter configuration injected, a Service, scaling objects, and status conditions.
 
 pub mod crd;
+pub mod metrics;
+pub mod reconcile;
 pub mod render;
 pub mod resources;
+pub mod status;
