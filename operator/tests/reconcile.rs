@@ -1,0 +1,404 @@
+//! The reconcile against an in-memory Kubernetes API (kube's real Client over a tower service).
+
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use chorus_operator::{
+    crd::RealtimeApp,
+    metrics::Metrics,
+    reconcile::{Context, Error, error_policy, reconcile},
+    resources::{CHECKSUM_ANNOTATION, OperatorConfig},
+};
+use kube::runtime::{controller::Action, events::Recorder};
+use serde_json::{Value, json};
+use support::{FakeApi, app_path, deployment_path, secret_path, statefulset_path};
+
+const NS: &str = "team";
+
+struct World {
+    api: FakeApi,
+    ctx: Arc<Context>,
+}
+
+impl World {
+    fn new() -> Self {
+        let api = FakeApi::default();
+        let client = api.client();
+        let recorder = Recorder::new(client.clone(), "chorus-operator".into());
+        let config = OperatorConfig {
+            server_image: "chorus-server:test".into(),
+            redis_image: "redis:test".into(),
+        };
+        let ctx = Arc::new(Context::new(
+            client,
+            config,
+            recorder,
+            Arc::new(Metrics::new()),
+        ));
+        Self { api, ctx }
+    }
+
+    fn add_app(&self, name: &str, spec: Value) {
+        self.api.create(
+            &app_path(NS, name),
+            json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp",
+                   "metadata": {"name": name, "namespace": NS}, "spec": spec}),
+        );
+    }
+
+    fn app(&self, name: &str) -> RealtimeApp {
+        serde_json::from_value(self.api.get(&app_path(NS, name)).expect("app stored")).expect("app")
+    }
+
+    async fn reconcile(&self, name: &str) -> Result<Action, Error> {
+        reconcile(Arc::new(self.app(name)), self.ctx.clone()).await
+    }
+
+    fn condition(&self, name: &str, type_: &str) -> Value {
+        let app = self.api.get(&app_path(NS, name)).expect("app");
+        app["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == json!(type_)).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    fn checksum(&self, name: &str) -> String {
+        let d = self
+            .api
+            .get(&deployment_path(NS, name))
+            .expect("deployment");
+        d["spec"]["template"]["metadata"]["annotations"][CHECKSUM_ANNOTATION]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// What the Deployment and StatefulSet controllers would report once pods run.
+    fn pods_become_ready(&self, name: &str, replicas: i64) {
+        let d = self
+            .api
+            .get(&deployment_path(NS, name))
+            .expect("deployment");
+        let generation = d["metadata"]["generation"].clone();
+        self.api.set_status(
+            &deployment_path(NS, name),
+            json!({"observedGeneration": generation, "replicas": replicas, "readyReplicas": replicas,
+                   "updatedReplicas": replicas, "availableReplicas": replicas,
+                   "conditions": [{"type": "Available", "status": "True"}]}),
+        );
+        self.api.set_status(
+            &statefulset_path(NS, &format!("{name}-redis")),
+            json!({"replicas": 1, "readyReplicas": 1}),
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_new_app_gets_every_child_then_its_status() {
+    let w = World::new();
+    w.add_app("chat", json!({}));
+    w.reconcile("chat").await.expect("reconciles");
+
+    let paths = w.api.paths();
+    for expected in [
+        secret_path(NS, "chat-redis"),
+        secret_path(NS, "chat-api-token"),
+        statefulset_path(NS, "chat-redis"),
+        format!("/api/v1/namespaces/{NS}/services/chat-redis"),
+        format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/chat-redis"),
+        deployment_path(NS, "chat"),
+        format!("/api/v1/namespaces/{NS}/services/chat"),
+        format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/chat"),
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "{expected} missing from {paths:#?}"
+        );
+    }
+    assert!(!paths.iter().any(|p| p.contains("horizontalpodautoscalers")));
+    let secret = w.api.get(&secret_path(NS, "chat-redis")).expect("secret");
+    assert!(
+        secret["data"]["password"]
+            .as_str()
+            .is_some_and(|p| p.len() >= 32)
+    );
+
+    let app = w.api.get(&app_path(NS, "chat")).expect("app");
+    let status = &app["status"];
+    assert_eq!(status["observedGeneration"], json!(1));
+    assert_eq!(
+        status["selector"],
+        json!("app.kubernetes.io/component=server,app.kubernetes.io/instance=chat")
+    );
+    assert_eq!(status["endpoint"], json!("chat.team.svc:80"));
+    assert_eq!(
+        status["redis"],
+        json!({"endpoint": "chat-redis.team.svc:6379", "ready": false})
+    );
+    let types: Vec<&str> = status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .map(|c| c["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "Ready",
+            "RedisReady",
+            "ServersAvailable",
+            "Progressing",
+            "Degraded"
+        ]
+    );
+    assert_eq!(w.condition("chat", "Ready")["status"], json!("False"));
+    assert_eq!(w.condition("chat", "Degraded")["status"], json!("False"));
+    let reasons: Vec<String> = w
+        .api
+        .events()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        reasons.contains(&"SecretCreated".to_owned()) && reasons.contains(&"Created".to_owned()),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_reconcile_with_nothing_changed_writes_nothing() {
+    let w = World::new();
+    w.add_app("chat", json!({"autoscaling": {"enabled": true}}));
+    w.reconcile("chat").await.expect("first");
+    w.pods_become_ready("chat", 2);
+    w.reconcile("chat").await.expect("second (status changes)");
+    let mark = w.api.log_len();
+    w.reconcile("chat").await.expect("third");
+    assert_eq!(
+        w.api.writes_since(mark).len(),
+        0,
+        "{:#?}",
+        w.api.writes_since(mark)
+    );
+}
+
+#[tokio::test]
+async fn spec_changes_patch_children_and_roll_pods_only_for_configuration() {
+    let w = World::new();
+    w.add_app("chat", json!({}));
+    w.reconcile("chat").await.expect("first");
+    let checksum = w.checksum("chat");
+
+    w.api
+        .edit(&app_path(NS, "chat"), |a| a["spec"]["replicas"] = json!(5));
+    w.reconcile("chat").await.expect("scaled");
+    let d = w.api.get(&deployment_path(NS, "chat")).expect("deployment");
+    assert_eq!(d["spec"]["replicas"], json!(5));
+    assert_eq!(w.checksum("chat"), checksum, "scaling must not roll pods");
+    assert_eq!(
+        w.api.get(&app_path(NS, "chat")).expect("app")["status"]["observedGeneration"],
+        json!(2)
+    );
+
+    w.api.edit(&app_path(NS, "chat"), |a| {
+        a["spec"]["env"] = json!([{"name": "LOG_FORMAT", "value": "json"}])
+    });
+    w.reconcile("chat").await.expect("env");
+    assert_ne!(w.checksum("chat"), checksum, "new configuration rolls pods");
+
+    // A changed secret value rolls the pods too.
+    let before = w.checksum("chat");
+    w.api.edit(&secret_path(NS, "chat-api-token"), |s| {
+        s["data"]["token"] = json!("bmV3LXRva2Vu")
+    });
+    w.reconcile("chat").await.expect("secret");
+    assert_ne!(w.checksum("chat"), before);
+
+    // Turning autoscaling on adds an HPA; scaling to one replica removes the PDB.
+    w.api.edit(&app_path(NS, "chat"), |a| {
+        a["spec"]["autoscaling"] = json!({"enabled": true, "minReplicas": 1, "maxReplicas": 4});
+        a["spec"]["replicas"] = json!(1);
+    });
+    w.reconcile("chat").await.expect("autoscaling");
+    let paths = w.api.paths();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.ends_with("/horizontalpodautoscalers/chat"))
+    );
+    assert!(
+        !paths
+            .iter()
+            .any(|p| p.ends_with("/poddisruptionbudgets/chat"))
+    );
+}
+
+#[tokio::test]
+async fn deployment_becoming_available_turns_ready_true() {
+    let w = World::new();
+    w.add_app("chat", json!({}));
+    w.reconcile("chat").await.expect("first");
+    let not_ready = w.condition("chat", "Ready");
+    assert_eq!(not_ready["status"], json!("False"));
+    let degraded_time = w.condition("chat", "Degraded")["lastTransitionTime"].clone();
+
+    tokio::time::sleep(Duration::from_millis(1100)).await; // condition times are in seconds
+    w.pods_become_ready("chat", 2);
+    w.reconcile("chat").await.expect("second");
+    let ready = w.condition("chat", "Ready");
+    assert_eq!(ready["status"], json!("True"), "{ready}");
+    assert_eq!(ready["reason"], json!("Ready"));
+    assert_ne!(
+        ready["lastTransitionTime"], not_ready["lastTransitionTime"],
+        "Ready flipped"
+    );
+    assert_eq!(
+        w.condition("chat", "Degraded")["lastTransitionTime"],
+        degraded_time,
+        "Degraded did not flip"
+    );
+    assert_eq!(
+        w.condition("chat", "ServersAvailable")["status"],
+        json!("True")
+    );
+    assert_eq!(w.condition("chat", "RedisReady")["status"], json!("True"));
+    assert_eq!(w.condition("chat", "Progressing")["status"], json!("False"));
+    let app = w.api.get(&app_path(NS, "chat")).expect("app");
+    assert_eq!(
+        (
+            app["status"]["replicas"].clone(),
+            app["status"]["readyReplicas"].clone()
+        ),
+        (json!(2), json!(2))
+    );
+    assert!(w.api.events().iter().any(|e| e["reason"] == json!("Ready")));
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_reported_and_breaks_nothing_until_it_appears() {
+    let w = World::new();
+    w.add_app("chat", json!({}));
+    w.reconcile("chat").await.expect("first");
+    w.pods_become_ready("chat", 2);
+    w.reconcile("chat").await.expect("ready");
+    let deployment_before = w.api.get(&deployment_path(NS, "chat")).expect("deployment");
+
+    w.api.edit(&app_path(NS, "chat"), |a| {
+        a["spec"]["auth"] = json!({"jwtSecretRef": {"name": "chat-jwt", "key": "key"}})
+    });
+    let action = w.reconcile("chat").await.expect("reconciles");
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+    let ready = w.condition("chat", "Ready");
+    assert_eq!(
+        (ready["status"].clone(), ready["reason"].clone()),
+        (json!("False"), json!("SecretNotFound"))
+    );
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("team/chat-jwt")),
+        "{ready}"
+    );
+    assert_eq!(w.condition("chat", "Degraded")["status"], json!("True"));
+    let deployment_now = w
+        .api
+        .get(&deployment_path(NS, "chat"))
+        .expect("deployment kept");
+    assert_eq!(
+        deployment_now["spec"], deployment_before["spec"],
+        "running pods untouched"
+    );
+
+    // The Secret exists but lacks the key.
+    w.api.create(
+        &secret_path(NS, "chat-jwt"),
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "chat-jwt", "namespace": NS}, "data": {"other": "eA=="}}),
+    );
+    w.reconcile("chat").await.expect("reconciles");
+    let ready = w.condition("chat", "Ready");
+    assert_eq!(ready["reason"], json!("SecretKeyNotFound"));
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"key\"")),
+        "{ready}"
+    );
+
+    // Fixed by the user: the pods get the new configuration, nothing restarts by hand.
+    w.api.edit(&secret_path(NS, "chat-jwt"), |s| {
+        s["data"]["key"] = json!("c2VjcmV0")
+    });
+    w.reconcile("chat").await.expect("reconciles");
+    assert_eq!(w.condition("chat", "Degraded")["status"], json!("False"));
+    let env = w.api.get(&deployment_path(NS, "chat")).expect("d")["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+    assert!(
+        env.as_array()
+            .is_some_and(|e| e.iter().any(|v| v["name"] == json!("JWT_SECRET")))
+    );
+}
+
+#[tokio::test]
+async fn api_errors_and_conflicts_lead_to_retries_with_backoff() {
+    let w = World::new();
+    w.add_app("chat", json!({}));
+    w.api.fail_next("PATCH", "/deployments/chat", 500);
+    let err = w.reconcile("chat").await.expect_err("the API failed");
+    let first = error_policy(Arc::new(w.app("chat")), &err, w.ctx.clone());
+    w.api.fail_next("PATCH", "/realtimeapps/chat/status", 409);
+    let err = w.reconcile("chat").await.expect_err("a conflict");
+    assert!(
+        err.to_string().contains("Conflict") || err.to_string().contains("409"),
+        "{err}"
+    );
+    let second = error_policy(Arc::new(w.app("chat")), &err, w.ctx.clone());
+    assert_eq!(first, Action::requeue(Duration::from_secs(1)));
+    assert_eq!(second, Action::requeue(Duration::from_secs(2)));
+    w.reconcile("chat").await.expect("recovers");
+    assert!(w.api.get(&deployment_path(NS, "chat")).is_some());
+    let third = error_policy(Arc::new(w.app("chat")), &err, w.ctx.clone());
+    assert_eq!(
+        third,
+        Action::requeue(Duration::from_secs(1)),
+        "backoff resets after a success"
+    );
+}
+
+#[tokio::test]
+async fn generated_secrets_are_made_once() {
+    let w = World::new();
+    w.add_app("chat", json!({}));
+    w.reconcile("chat").await.expect("first");
+    let pw = w.api.get(&secret_path(NS, "chat-redis")).expect("secret")["data"]["password"].clone();
+    w.api
+        .edit(&app_path(NS, "chat"), |a| a["spec"]["replicas"] = json!(3));
+    w.reconcile("chat").await.expect("second");
+    assert_eq!(
+        w.api.get(&secret_path(NS, "chat-redis")).expect("secret")["data"]["password"],
+        pw
+    );
+}
+
+#[tokio::test]
+async fn switching_to_external_redis_removes_the_managed_one() {
+    let w = World::new();
+    w.add_app("chat", json!({}));
+    w.reconcile("chat").await.expect("first");
+    w.api.edit(&app_path(NS, "chat"), |a| {
+        a["spec"]["redis"] = json!({"mode": "External", "external": {"host": "r.example"}})
+    });
+    w.reconcile("chat").await.expect("external");
+    let paths = w.api.paths();
+    assert!(!paths.contains(&statefulset_path(NS, "chat-redis")));
+    assert!(
+        !paths
+            .iter()
+            .any(|p| p.ends_with("/services/chat-redis")
+                || p.ends_with("/networkpolicies/chat-redis"))
+    );
+    assert_eq!(
+        w.condition("chat", "RedisReady")["reason"],
+        json!("ExternalRedis")
+    );
+}

@@ -1,0 +1,295 @@
+//! An in-memory Kubernetes API for reconcile tests: objects kept by path, resourceVersion and
+//! generation, server-side apply of whole objects (the operator always applies complete
+//! objects with force), the status subresource, Secrets' stringData, Events, a request log,
+//! and injected failures. kube's real `Client` talks to it over a tower service.
+#![allow(dead_code)]
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex},
+};
+
+use http::{Request, Response};
+use kube::client::Body;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<String, Value>,
+    rv: u64,
+    log: Vec<Logged>,
+    events: Vec<Value>,
+    /// (method, path substring, status code): the next matching request fails so.
+    failures: VecDeque<(String, String, u16)>,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeApi(Arc<Mutex<State>>);
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": reason, "code": code, "message": message})
+}
+
+impl FakeApi {
+    pub fn client(&self) -> kube::Client {
+        let api = self.clone();
+        let svc = tower::service_fn(move |req: Request<Body>| {
+            let api = api.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect_bytes().await.unwrap_or_default();
+                let (code, value) = api.handle(parts.method.as_str(), parts.uri.path(), &bytes);
+                let resp = Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&value).unwrap_or_default()))
+                    .expect("response");
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        kube::Client::new(svc, "default")
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the next `method` request whose path contains `path_part` fail with `code`.
+    pub fn fail_next(&self, method: &str, path_part: &str, code: u16) {
+        self.state()
+            .failures
+            .push_back((method.into(), path_part.into(), code));
+    }
+
+    pub fn get(&self, path: &str) -> Option<Value> {
+        self.state().objects.get(path).cloned()
+    }
+
+    /// Stores an object as a client would create it.
+    pub fn create(&self, path: &str, obj: Value) -> Value {
+        let (_, v) = self.handle(
+            "POST",
+            collection(path),
+            &serde_json::to_vec(&obj).unwrap_or_default(),
+        );
+        v
+    }
+
+    /// Replaces an object's status, as the controller that owns it would.
+    pub fn set_status(&self, path: &str, status: Value) {
+        let mut s = self.state();
+        s.rv += 1;
+        let rv = s.rv.to_string();
+        if let Some(obj) = s.objects.get_mut(path) {
+            obj["status"] = status;
+            obj["metadata"]["resourceVersion"] = json!(rv);
+        }
+    }
+
+    /// Changes a stored object the way `kubectl edit` would (spec changes bump generation).
+    pub fn edit(&self, path: &str, f: impl FnOnce(&mut Value)) {
+        let mut s = self.state();
+        s.rv += 1;
+        let rv = s.rv.to_string();
+        if let Some(obj) = s.objects.get_mut(path) {
+            let before = obj["spec"].clone();
+            f(obj);
+            if obj["spec"] != before {
+                let g = obj["metadata"]["generation"].as_i64().unwrap_or(1);
+                obj["metadata"]["generation"] = json!(g + 1);
+            }
+            obj["metadata"]["resourceVersion"] = json!(rv);
+        }
+    }
+
+    pub fn delete(&self, path: &str) {
+        self.state().objects.remove(path);
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.state().log.len()
+    }
+
+    /// Requests that change something (everything but GET), from position `since` of the log.
+    pub fn writes_since(&self, since: usize) -> Vec<Logged> {
+        self.state().log[since..]
+            .iter()
+            .filter(|l| l.method != "GET")
+            .cloned()
+            .collect()
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.state().events.clone()
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        self.state().objects.keys().cloned().collect()
+    }
+
+    fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        let mut s = self.state();
+        s.log.push(Logged {
+            method: method.into(),
+            path: path.into(),
+        });
+        if let Some(i) = s
+            .failures
+            .iter()
+            .position(|(m, p, _)| m == method && path.contains(p.as_str()))
+        {
+            let (_, _, code) = s.failures.remove(i).unwrap_or_default();
+            let reason = if code == 409 {
+                "Conflict"
+            } else {
+                "InternalError"
+            };
+            return (code, status(code, reason, "injected failure"));
+        }
+        let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if path.contains("/events.k8s.io/") {
+            s.events.push(body.clone());
+            return (201, body);
+        }
+        if let Some(obj_path) = path.strip_suffix("/status") {
+            if method != "PATCH" {
+                return (
+                    405,
+                    status(405, "MethodNotAllowed", "status: PATCH only here"),
+                );
+            }
+            s.rv += 1;
+            let rv = s.rv.to_string();
+            return match s.objects.get_mut(obj_path) {
+                Some(obj) => {
+                    obj["status"] = body["status"].clone();
+                    obj["metadata"]["resourceVersion"] = json!(rv);
+                    (200, obj.clone())
+                }
+                None => (404, status(404, "NotFound", "not found")),
+            };
+        }
+        match method {
+            "GET" => match s.objects.get(path) {
+                Some(obj) => (200, obj.clone()),
+                None => (404, status(404, "NotFound", &format!("{path} not found"))),
+            },
+            "DELETE" => match s.objects.remove(path) {
+                Some(_) => (
+                    200,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                ),
+                None => (404, status(404, "NotFound", "not found")),
+            },
+            "POST" => {
+                let name = body["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let obj_path = format!("{path}/{name}");
+                if s.objects.contains_key(&obj_path) {
+                    return (409, status(409, "AlreadyExists", "already exists"));
+                }
+                let obj = s.stored(body, None);
+                s.objects.insert(obj_path, obj.clone());
+                (201, obj)
+            }
+            "PATCH" => {
+                let existing = s.objects.get(path).cloned();
+                let code = if existing.is_some() { 200 } else { 201 };
+                let obj = s.stored(body, existing);
+                s.objects.insert(path.to_owned(), obj.clone());
+                (code, obj)
+            }
+            _ => (405, status(405, "MethodNotAllowed", method)),
+        }
+    }
+}
+
+impl State {
+    /// What the API server would store for `body`, given the existing object.
+    fn stored(&mut self, mut body: Value, existing: Option<Value>) -> Value {
+        self.rv += 1;
+        let meta = body["metadata"]
+            .as_object_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        let mut meta = Value::Object(meta);
+        match &existing {
+            Some(old) => {
+                for k in ["uid", "creationTimestamp"] {
+                    meta[k] = old["metadata"][k].clone();
+                }
+                let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                let changed = body.get("spec").is_some() && body["spec"] != old["spec"];
+                meta["generation"] = json!(if changed { g + 1 } else { g });
+                if let Some(st) = old.get("status") {
+                    body["status"] = st.clone();
+                }
+            }
+            None => {
+                meta["uid"] = json!(format!("uid-{}", self.rv));
+                meta["creationTimestamp"] = json!("2026-11-26T00:00:00Z");
+                meta["generation"] = json!(1);
+            }
+        }
+        meta["resourceVersion"] = json!(self.rv.to_string());
+        body["metadata"] = meta;
+        // Secrets: the API server turns stringData into base64 data.
+        if body["kind"] == json!("Secret")
+            && let Some(sd) = body.as_object_mut().and_then(|o| o.remove("stringData"))
+        {
+            let data = body["data"].as_object().cloned().unwrap_or_default();
+            let mut data = Value::Object(data);
+            for (k, v) in sd.as_object().into_iter().flatten() {
+                data[k] = json!(base64(v.as_str().unwrap_or_default().as_bytes()));
+            }
+            body["data"] = data;
+        }
+        body
+    }
+}
+
+fn collection(path: &str) -> &str {
+    path.rsplit_once('/').map_or(path, |(c, _)| c)
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+pub fn secret_path(ns: &str, name: &str) -> String {
+    format!("/api/v1/namespaces/{ns}/secrets/{name}")
+}
+pub fn deployment_path(ns: &str, name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}")
+}
+pub fn statefulset_path(ns: &str, name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{ns}/statefulsets/{name}")
+}
+pub fn app_path(ns: &str, name: &str) -> String {
+    format!("/apis/chorus.rs/v1alpha1/namespaces/{ns}/realtimeapps/{name}")
+}
