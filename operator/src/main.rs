@@ -1,7 +1,12 @@
 use std::{io::Read, process::ExitCode};
 
-use chorus_operator::{render, resources::OperatorConfig};
-use clap::{Parser, Subcommand};
+use chorus_operator::{
+    controller::{self, RunConfig},
+    render,
+    resources::OperatorConfig,
+};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
 
 /// chorus-operator: runs RealtimeApps on Kubernetes.
 #[derive(Debug, Parser)]
@@ -13,6 +18,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the controller.
+    Run(Run),
     /// Print the RealtimeApp CustomResourceDefinition as YAML.
     Crd,
     /// Print every object the operator would apply for the RealtimeApps in a file, as YAML.
@@ -38,14 +45,43 @@ struct Images {
 impl Images {
     fn config(&self) -> OperatorConfig {
         let mut config = OperatorConfig::default();
-        if let Some(i) = &self.server_image {
+        if let Some(i) = self.server_image.as_ref().filter(|i| !i.is_empty()) {
             config.server_image = i.clone();
         }
-        if let Some(i) = &self.redis_image {
+        if let Some(i) = self.redis_image.as_ref().filter(|i| !i.is_empty()) {
             config.redis_image = i.clone();
         }
         config
     }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct Run {
+    #[command(flatten)]
+    images: Images,
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Port of /metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_PORT", default_value_t = 8080)]
+    metrics_port: u16,
+    /// Run only while holding the coordination.k8s.io Lease `chorus-operator-leader`.
+    #[arg(long, env = "LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease (default: the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn main() -> ExitCode {
@@ -54,6 +90,7 @@ fn main() -> ExitCode {
         Command::Crd => render::crd_yaml().map_err(|e| e.to_string()),
         Command::Render { file, images } => read(&file)
             .and_then(|text| render::render(&text, &images.config()).map_err(|e| e.to_string())),
+        Command::Run(run) => return run_controller(run),
     };
     match result {
         Ok(out) => {
@@ -63,6 +100,75 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_controller(run: Run) -> ExitCode {
+    init_logs(run.log_format);
+    let config = RunConfig {
+        operator: run.images.config(),
+        watch_namespace: run.watch_namespace.filter(|n| !n.is_empty()),
+        metrics_port: run.metrics_port,
+        leader_elect: run.leader_elect,
+        lease_namespace: run.lease_namespace,
+        identity: run
+            .identity
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(hostname),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| anyhow::anyhow!("no Kubernetes client configuration: {e}"))?;
+        controller::run(client, config, shutdown_signal()).await?;
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "chorus-operator".into())
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -30,7 +30,7 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    crd::{RealtimeApp, SecretKeyRef},
+    crd::{RealtimeApp, RealtimeAppStatus, SecretKeyRef},
     metrics::Metrics,
     resources::{
         self, App, BuildError, Child, Inputs, MANAGER, OperatorConfig, digest,
@@ -408,19 +408,7 @@ async fn write_status(
         .as_ref()
         .and_then(|s| status::condition(s, READY))
         .map(|c| c.status == "True");
-    let api: Api<RealtimeApp> =
-        Api::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default());
-    let patch = json!({
-        "apiVersion": RealtimeApp::api_version(&()),
-        "kind": RealtimeApp::kind(&()),
-        "status": new,
-    });
-    api.patch_status(
-        &app.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    patch_status(&ctx.client, app, &new).await?;
     ctx.metrics.writes.inc();
     if was_ready != Some(ready) {
         let note = status::condition(&new, READY)
@@ -436,9 +424,31 @@ async fn write_status(
     Ok(ready)
 }
 
+/// Writes `status` through the status subresource with server-side apply.
+pub async fn patch_status(
+    client: &Client,
+    app: &RealtimeApp,
+    status: &RealtimeAppStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<RealtimeApp> =
+        Api::namespaced(client.clone(), &app.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": RealtimeApp::api_version(&()),
+        "kind": RealtimeApp::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &app.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Now, to the second: the API server stores condition times in seconds, and equal inputs
 /// must give an equal status for a no-op reconcile to write nothing.
-fn now_seconds() -> Time {
+pub fn now_seconds() -> Time {
     let now = k8s_openapi::jiff::Timestamp::now();
     Time(k8s_openapi::jiff::Timestamp::from_second(now.as_second()).unwrap_or(now))
 }

@@ -5,6 +5,10 @@ use chorus_operator::{crd::RealtimeApp, render, resources::OperatorConfig};
 use kube::{CustomResourceExt, core::cel::Validator};
 use serde_json::{Value, json};
 
+#[path = "common/invalid_specs.rs"]
+mod invalid_specs;
+use invalid_specs::INVALID;
+
 fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -137,34 +141,6 @@ fn schema_is_structural_with_defaults_enums_and_bounds() {
 fn object(spec: Value) -> Value {
     json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp", "metadata": {"name": "x"}, "spec": spec})
 }
-
-/// Each rule of the spec, broken once: the validator answers with that rule's own message.
-pub const INVALID: &[(&str, &str)] = &[
-    (
-        r#"{"flavor": "sails"}"#,
-        "spec.image is required when spec.flavor is sails or socketio",
-    ),
-    (
-        r#"{"flavor": "socketio", "image": ""}"#,
-        "spec.image is required when spec.flavor is sails or socketio",
-    ),
-    (
-        r#"{"flavor": "sails", "image": "i", "auth": {}}"#,
-        "spec.auth applies to flavor chorus only",
-    ),
-    (
-        r#"{"redis": {"mode": "External"}}"#,
-        "spec.redis.external.host is required when spec.redis.mode is External",
-    ),
-    (
-        r#"{"redis": {"mode": "External", "external": {"host": ""}}}"#,
-        "spec.redis.external.host is required when spec.redis.mode is External",
-    ),
-    (
-        r#"{"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}"#,
-        "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas",
-    ),
-];
 
 #[test]
 fn cel_rules_refuse_each_broken_spec_with_its_message() {

@@ -1,0 +1,242 @@
+//! `chorus-operator run`: the controller, its leader election, and its HTTP endpoints.
+
+use std::{
+    future::Future,
+    net::{Ipv6Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    apps::v1::{Deployment, StatefulSet},
+    autoscaling::v2::HorizontalPodAutoscaler,
+    core::v1::{Secret, Service},
+    networking::v1::NetworkPolicy,
+    policy::v1::PodDisruptionBudget,
+};
+use kube::{
+    Api, Client,
+    api::ListParams,
+    runtime::{Controller, events::Recorder, watcher},
+};
+use tokio::sync::watch;
+
+use crate::{
+    crd::RealtimeApp,
+    metrics::Metrics,
+    reconcile::{Context, error_policy, reconcile},
+    resources::{Child, MANAGER, OperatorConfig},
+};
+
+/// Settings of `chorus-operator run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub operator: OperatorConfig,
+    /// Only RealtimeApps (and children) of this namespace; None = every namespace.
+    pub watch_namespace: Option<String>,
+    pub metrics_port: u16,
+    pub leader_elect: bool,
+    /// Where the leader Lease lives.
+    pub lease_namespace: String,
+    /// This replica's name in the Lease.
+    pub identity: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot serve metrics on port {port}: {source}")]
+    Bind { port: u16, source: std::io::Error },
+    #[error("the RealtimeApp API is not reachable (is the CRD installed?): {0}")]
+    Api(kube::Error),
+    #[error("leader election failed: {0}")]
+    Lease(String),
+    #[error("lost the leader lease; exiting so that a new leader takes over")]
+    LostLeadership,
+}
+
+struct Health {
+    ready: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+/// Runs until `shutdown` resolves (or leadership is lost).
+pub async fn run(
+    client: Client,
+    config: RunConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health {
+        ready: AtomicBool::new(false),
+        metrics: metrics.clone(),
+    });
+    serve_http(
+        config.metrics_port,
+        health.clone(),
+        stopped(stop_rx.clone()),
+    )
+    .await?;
+
+    let apps: Api<RealtimeApp> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    apps.list(&ListParams::default().limit(1))
+        .await
+        .map_err(RunError::Api)?;
+    health.ready.store(true, Ordering::SeqCst);
+
+    // Leadership: hold the Lease for as long as the controller runs.
+    let mut leader = None;
+    if config.leader_elect {
+        let manager =
+            kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "chorus-operator-leader")
+                .with_namespace(config.lease_namespace.clone())
+                .with_identity(config.identity.clone())
+                .with_duration(15)
+                .with_grace(5)
+                .with_field_manager(MANAGER)
+                .build()
+                .await
+                .map_err(|e| RunError::Lease(e.to_string()))?;
+        let (mut is_leader, task) = manager.watch().await;
+        tracing::info!(identity = config.identity, "waiting for the leader lease");
+        let mut stop = stop_rx.clone();
+        while !*is_leader.borrow_and_update() {
+            tokio::select! {
+                changed = is_leader.changed() => {
+                    changed.map_err(|_| RunError::Lease("lease task ended".into()))?;
+                }
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+        tracing::info!("became leader");
+        leader = Some((is_leader, task));
+    }
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        config.operator.clone(),
+        Recorder::new(client.clone(), MANAGER.into()),
+        metrics,
+    ));
+    // Children carry the managed-by label: watch only those.
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let ns = config.watch_namespace.clone();
+    let (lost_tx, lost_rx) = watch::channel(false);
+    if let Some((mut is_leader, _)) = leader.take() {
+        tokio::spawn(async move {
+            while is_leader.changed().await.is_ok() {
+                if !*is_leader.borrow() {
+                    break;
+                }
+            }
+            let _ = lost_tx.send(true);
+        });
+    }
+    let mut lost = lost_rx.clone();
+    let trigger = {
+        let stop = stopped(stop_rx.clone());
+        let lost = stopped(lost_rx.clone());
+        async move {
+            tokio::select! {
+                _ = stop => {}
+                _ = lost => {}
+            }
+        }
+    };
+    tracing::info!(
+        namespace = ns.as_deref().unwrap_or("(all)"),
+        "controller running"
+    );
+    Controller::new(apps, watcher::Config::default().any_semantic())
+        .owns(api::<Deployment>(&client, &ns), owned.clone())
+        .owns(api::<StatefulSet>(&client, &ns), owned.clone())
+        .owns(api::<Service>(&client, &ns), owned.clone())
+        .owns(api::<Secret>(&client, &ns), owned.clone())
+        .owns(api::<HorizontalPodAutoscaler>(&client, &ns), owned.clone())
+        .owns(api::<PodDisruptionBudget>(&client, &ns), owned.clone())
+        .owns(api::<NetworkPolicy>(&client, &ns), owned)
+        .graceful_shutdown_on(trigger)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!("reconcile: {e}");
+            }
+        })
+        .await;
+    if *lost.borrow_and_update() {
+        return Err(RunError::LostLeadership);
+    }
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+fn api<K: Child>(client: &Client, ns: &Option<String>) -> Api<K> {
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Resolves once the flag turns true.
+fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + Sync + 'static {
+    async move {
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// `/metrics`, `/healthz`, `/readyz` on the metrics port.
+async fn serve_http(
+    port: u16,
+    health: Arc<Health>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(h): State<Arc<Health>>| async move {
+                if h.ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(h): State<Arc<Health>>| async move { h.metrics.render() }),
+        )
+        .with_state(health);
+    let listener = match tokio::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await {
+        Ok(l) => l,
+        Err(_) => tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
+            .await
+            .map_err(|source| RunError::Bind { port, source })?,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!("metrics server: {e}");
+        }
+    });
+    Ok(())
+}

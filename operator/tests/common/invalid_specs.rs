@@ -1,0 +1,28 @@
+//! One broken spec per CEL rule of the CRD, with the message the rule must answer.
+
+pub const INVALID: &[(&str, &str)] = &[
+    (
+        r#"{"flavor": "sails"}"#,
+        "spec.image is required when spec.flavor is sails or socketio",
+    ),
+    (
+        r#"{"flavor": "socketio", "image": ""}"#,
+        "spec.image is required when spec.flavor is sails or socketio",
+    ),
+    (
+        r#"{"flavor": "sails", "image": "i", "auth": {}}"#,
+        "spec.auth applies to flavor chorus only",
+    ),
+    (
+        r#"{"redis": {"mode": "External"}}"#,
+        "spec.redis.external.host is required when spec.redis.mode is External",
+    ),
+    (
+        r#"{"redis": {"mode": "External", "external": {"host": ""}}}"#,
+        "spec.redis.external.host is required when spec.redis.mode is External",
+    ),
+    (
+        r#"{"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}"#,
+        "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas",
+    ),
+];

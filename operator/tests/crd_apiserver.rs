@@ -1,0 +1,292 @@
+//! The generated CRD on a real API server: `shared/tools/crd-apiserver` (the upstream
+//! apiextensions-apiserver on etcd), driven with kubectl and with the operator's own client code.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
+
+use chorus_operator::{
+    crd::RealtimeApp,
+    reconcile::{now_seconds, patch_status},
+    status::{self, Observed},
+};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use kube::Api;
+use serde_json::{Value, json};
+
+#[path = "common/invalid_specs.rs"]
+mod invalid_specs;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tool_dir() -> PathBuf {
+    std::env::var_os("CHORUS_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared"))
+        .join("tools/crd-apiserver")
+}
+
+/// A running crd-apiserver, stopped on drop.
+struct ApiServer {
+    dir: String,
+    kubeconfig: String,
+}
+
+impl ApiServer {
+    fn start() -> Option<Self> {
+        let start = tool_dir().join("start.sh");
+        if !start.exists() {
+            eprintln!(
+                "SKIPPED: {} is not present; the CRD was not tested on a real API server",
+                start.display()
+            );
+            return None;
+        }
+        let out = Command::new("bash")
+            .arg(&start)
+            .output()
+            .expect("start.sh runs");
+        assert!(
+            out.status.success(),
+            "start.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let vars = String::from_utf8_lossy(&out.stdout).into_owned();
+        let var = |name: &str| {
+            vars.lines()
+                .find_map(|l| {
+                    l.trim_start_matches("export ")
+                        .strip_prefix(&format!("{name}="))
+                })
+                .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_owned())
+                .unwrap_or_else(|| panic!("start.sh printed no {name}: {vars}"))
+        };
+        Some(Self {
+            dir: var("CRD_APISERVER_DIR"),
+            kubeconfig: var("KUBECONFIG"),
+        })
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("kubectl finishes")
+    }
+
+    /// Runs kubectl, fails the test on error, returns stdout.
+    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl(args, stdin);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args, None)).expect("kubectl printed JSON")
+    }
+
+    async fn client(&self) -> kube::Client {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
+        let cfg =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .expect("client config");
+        kube::Client::try_from(cfg).expect("client")
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(tool_dir().join("stop.sh"))
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn the_crd_works_on_a_real_api_server() {
+    let Some(server) = ApiServer::start() else {
+        return;
+    };
+    let crd = root().join("crds/realtimeapps.chorus.rs.yaml");
+    server.ok(
+        &["apply", "--server-side", "-f", &crd.to_string_lossy()],
+        None,
+    );
+    server.ok(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/realtimeapps.chorus.rs",
+            "--timeout=30s",
+        ],
+        None,
+    );
+
+    // Every example is accepted, and the API server's defaults are the ones render uses.
+    for entry in std::fs::read_dir(root().join("manifests/examples")).expect("examples") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read");
+        server.ok(&["apply", "-f", &path.to_string_lossy()], None);
+        let local: RealtimeApp = serde_norway::from_str(&text).expect("example parses");
+        let name = local.metadata.name.clone().expect("name");
+        let stored = server.json(&["get", "rtapp", &name, "-o", "json"]);
+        let stored_spec: Value = stored["spec"].clone();
+        let local_spec = serde_json::to_value(&local.spec).expect("json");
+        assert_eq!(
+            stored_spec,
+            local_spec,
+            "{}: API server defaults differ from render's",
+            path.display()
+        );
+    }
+    let chat = server.json(&["get", "rtapp", "chat", "-o", "json"]);
+    assert_eq!(
+        chat["spec"],
+        json!({"flavor": "chorus", "replicas": 2, "redis": {"mode": "Managed"},
+               "service": {"type": "ClusterIP", "port": 80, "sessionAffinity": "ClientIP"},
+               "autoscaling": {"enabled": false, "minReplicas": 2, "maxReplicas": 10, "targetCPUUtilizationPercentage": 70},
+               "disruptionBudget": {"maxUnavailable": 1}, "networkPolicy": {"enabled": true}})
+    );
+
+    // Each CEL rule refuses its broken spec with its own message; bounds and enums too.
+    let mut cases: Vec<(String, String)> = invalid_specs::INVALID
+        .iter()
+        .map(|(spec, message)| (spec.to_string(), message.to_string()))
+        .collect();
+    cases.push((
+        r#"{"replicas": -1}"#.into(),
+        "should be greater than or equal to 0".into(),
+    ));
+    cases.push((
+        r#"{"flavor": "rails"}"#.into(),
+        "Unsupported value: \"rails\"".into(),
+    ));
+    cases.push((
+        r#"{"port": 70000}"#.into(),
+        "should be less than or equal to 65535".into(),
+    ));
+    cases.push((
+        r#"{"service": {"type": "Ingress"}}"#.into(),
+        "Unsupported value: \"Ingress\"".into(),
+    ));
+    for (i, (spec, message)) in cases.iter().enumerate() {
+        let doc = format!(
+            "{{\"apiVersion\":\"chorus.rs/v1alpha1\",\"kind\":\"RealtimeApp\",\"metadata\":{{\"name\":\"bad-{i}\"}},\"spec\":{spec}}}"
+        );
+        let out = server.kubectl(&["apply", "-f", "-"], Some(&doc));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spec} was accepted");
+        assert!(
+            stderr.contains(message.as_str()),
+            "{spec}: expected {message:?} in:\n{stderr}"
+        );
+    }
+
+    // Printer columns.
+    let table = server.ok(&["get", "rtapp"], None);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME", "FLAVOR", "DESIRED", "READY", "REDIS", "STATUS", "AGE"
+        ]
+    );
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("chat "))
+        .expect("chat row")
+        .split_whitespace()
+        .collect();
+    assert_eq!(&row[..3], ["chat", "chorus", "2"]);
+
+    // kubectl scale moves spec.replicas through the scale subresource.
+    server.ok(&["scale", "rtapp", "chat", "--replicas=4"], None);
+    let chat = server.json(&["get", "rtapp", "chat", "-o", "json"]);
+    assert_eq!(chat["spec"]["replicas"], json!(4));
+
+    // The status the operator's own code writes (status subresource, server-side apply) is
+    // accepted as is, /scale reads it, and `kubectl wait --for=condition=Ready` returns.
+    let app: RealtimeApp = serde_json::from_value(chat).expect("app");
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "chat", "generation": 3},
+        "status": {"observedGeneration": 3, "replicas": 4, "readyReplicas": 4, "updatedReplicas": 4, "availableReplicas": 4}
+    }))
+    .expect("deployment");
+    let redis: StatefulSet = serde_json::from_value(
+        json!({"metadata": {"name": "chat-redis"}, "status": {"replicas": 1, "readyReplicas": 1}}),
+    )
+    .expect("sts");
+    let observed = Observed {
+        deployment: Some(deployment),
+        redis: Some(Some(redis)),
+        redis_endpoint: "chat-redis.default.svc:6379".into(),
+        problems: vec![],
+    };
+    let new_status = status::status(&app, &observed, now_seconds());
+    let client = server.client().await;
+    patch_status(&client, &app, &new_status)
+        .await
+        .expect("status accepted");
+    let stored: RealtimeApp = Api::<RealtimeApp>::namespaced(client, "default")
+        .get("chat")
+        .await
+        .expect("get");
+    assert_eq!(
+        stored.status.as_ref(),
+        Some(&new_status),
+        "the API server kept the status as written"
+    );
+
+    let scale = server.json(&[
+        "get",
+        "--raw",
+        "/apis/chorus.rs/v1alpha1/namespaces/default/realtimeapps/chat/scale",
+    ]);
+    assert_eq!(scale["spec"]["replicas"], json!(4));
+    assert_eq!(scale["status"]["replicas"], json!(4));
+    assert_eq!(
+        scale["status"]["selector"],
+        json!("app.kubernetes.io/component=server,app.kubernetes.io/instance=chat")
+    );
+    server.ok(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "rtapp/chat",
+            "--timeout=20s",
+        ],
+        None,
+    );
+    let row = server.ok(&["get", "rtapp", "chat", "--no-headers"], None);
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[..6], ["chat", "chorus", "4", "4", "Managed", "True"]);
+}
