@@ -9,9 +9,68 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use kube::client::Body;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+type RespBody = UnsyncBoxBody<Bytes, std::convert::Infallible>;
+type WatchTx = mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>;
+
+/// Where a path points: `/api/v1` or `/apis/<group>/<version>`, then an optional namespace,
+/// the resource, an optional name and subresource.
+#[derive(Debug, Clone, PartialEq)]
+struct Loc {
+    prefix: String,
+    ns: Option<String>,
+    resource: String,
+    name: Option<String>,
+}
+
+fn locate(path: &str) -> Option<Loc> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let base = match segs.first() {
+        Some(&"api") => 2,
+        Some(&"apis") => 3,
+        _ => return None,
+    };
+    let prefix = format!("/{}", segs.get(..base)?.join("/"));
+    let rest = &segs[base..];
+    let (ns, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        _ => (None, rest),
+    };
+    Some(Loc {
+        prefix,
+        ns,
+        resource: rest.first()?.to_string(),
+        name: rest.get(1).map(|n| n.to_string()),
+    })
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// `a=b,c=d` label selectors (all that the operator uses).
+fn labels_match(obj: &Value, selector: Option<&str>) -> bool {
+    let Some(sel) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    let sel = sel
+        .replace("%3D", "=")
+        .replace("%2C", ",")
+        .replace("%2F", "/");
+    sel.split(',').all(|pair| match pair.split_once('=') {
+        Some((k, v)) => obj["metadata"]["labels"][k] == json!(v),
+        None => true,
+    })
+}
 
 #[derive(Debug, Clone)]
 pub struct Logged {
@@ -22,6 +81,8 @@ pub struct Logged {
 #[derive(Default)]
 struct State {
     objects: BTreeMap<String, Value>,
+    watchers: Vec<(Loc, Option<String>, WatchTx)>,
+    deleted: BTreeMap<String, Value>,
     rv: u64,
     log: Vec<Logged>,
     events: Vec<Value>,
@@ -44,16 +105,57 @@ impl FakeApi {
             async move {
                 let (parts, body) = req.into_parts();
                 let bytes = body.collect_bytes().await.unwrap_or_default();
-                let (code, value) = api.handle(parts.method.as_str(), parts.uri.path(), &bytes);
-                let resp = Response::builder()
-                    .status(code)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&value).unwrap_or_default()))
-                    .expect("response");
+                let path = parts.uri.path().to_owned();
+                let query = parts.uri.query().unwrap_or("").to_owned();
+                let resp = if parts.method == "GET" && query_param(&query, "watch") == Some("true")
+                {
+                    api.watch(&path, &query)
+                } else if parts.method == "GET" && locate(&path).is_some_and(|l| l.name.is_none()) {
+                    json_response(200, &api.list(&path, &query))
+                } else {
+                    let (code, value) = api.handle(parts.method.as_str(), &path, &bytes);
+                    json_response(code, &value)
+                };
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
         kube::Client::new(svc, "default")
+    }
+
+    fn list(&self, path: &str, query: &str) -> Value {
+        let Some(loc) = locate(path) else {
+            return json!({});
+        };
+        let s = self.state();
+        let items: Vec<Value> = s
+            .objects
+            .iter()
+            .filter(|(p, obj)| {
+                locate(p).is_some_and(|l| {
+                    l.prefix == loc.prefix
+                        && l.resource == loc.resource
+                        && (loc.ns.is_none() || l.ns == loc.ns)
+                }) && labels_match(obj, query_param(query, "labelSelector"))
+            })
+            .map(|(_, o)| o.clone())
+            .collect();
+        json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": s.rv.to_string()}, "items": items})
+    }
+
+    /// A watch from now on (the watcher lists first, then watches from that version).
+    fn watch(&self, path: &str, query: &str) -> Response<RespBody> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Some(loc) = locate(path) {
+            let selector = query_param(query, "labelSelector").map(str::to_owned);
+            self.state().watchers.push((loc, selector, tx));
+        }
+        let stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(StreamBody::new(stream).boxed_unsync())
+            .expect("response")
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -83,33 +185,34 @@ impl FakeApi {
 
     /// Replaces an object's status, as the controller that owns it would.
     pub fn set_status(&self, path: &str, status: Value) {
-        let mut s = self.state();
-        s.rv += 1;
-        let rv = s.rv.to_string();
-        if let Some(obj) = s.objects.get_mut(path) {
-            obj["status"] = status;
-            obj["metadata"]["resourceVersion"] = json!(rv);
-        }
+        let body = serde_json::to_vec(&json!({"status": status})).unwrap_or_default();
+        let _ = self.handle("PATCH", &format!("{path}/status"), &body);
     }
 
     /// Changes a stored object the way `kubectl edit` would (spec changes bump generation).
     pub fn edit(&self, path: &str, f: impl FnOnce(&mut Value)) {
-        let mut s = self.state();
-        s.rv += 1;
-        let rv = s.rv.to_string();
-        if let Some(obj) = s.objects.get_mut(path) {
-            let before = obj["spec"].clone();
-            f(obj);
-            if obj["spec"] != before {
-                let g = obj["metadata"]["generation"].as_i64().unwrap_or(1);
-                obj["metadata"]["generation"] = json!(g + 1);
-            }
-            obj["metadata"]["resourceVersion"] = json!(rv);
+        let updated = {
+            let mut s = self.state();
+            s.rv += 1;
+            let rv = s.rv.to_string();
+            s.objects.get_mut(path).map(|obj| {
+                let before = obj["spec"].clone();
+                f(obj);
+                if obj["spec"] != before {
+                    let g = obj["metadata"]["generation"].as_i64().unwrap_or(1);
+                    obj["metadata"]["generation"] = json!(g + 1);
+                }
+                obj["metadata"]["resourceVersion"] = json!(rv);
+                obj.clone()
+            })
+        };
+        if let Some(obj) = updated {
+            self.notify(path, "MODIFIED", obj);
         }
     }
 
     pub fn delete(&self, path: &str) {
-        self.state().objects.remove(path);
+        let _ = self.handle("DELETE", path, b"");
     }
 
     pub fn log_len(&self) -> usize {
@@ -134,6 +237,54 @@ impl FakeApi {
     }
 
     fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        let existed = self
+            .state()
+            .objects
+            .contains_key(path.trim_end_matches("/status"));
+        let (code, value) = self.apply_request(method, path, body);
+        if (200..300).contains(&code) && method != "GET" && !path.contains("/events.k8s.io/") {
+            let event = match method {
+                "DELETE" => "DELETED",
+                _ if existed => "MODIFIED",
+                _ => "ADDED",
+            };
+            let obj_path = if method == "POST" {
+                format!(
+                    "{path}/{}",
+                    value["metadata"]["name"].as_str().unwrap_or_default()
+                )
+            } else {
+                path.trim_end_matches("/status").to_owned()
+            };
+            let obj = if method == "DELETE" {
+                self.last_deleted(&obj_path)
+            } else {
+                self.get(&obj_path)
+            };
+            if let Some(obj) = obj {
+                self.notify(&obj_path, event, obj);
+            }
+        }
+        (code, value)
+    }
+
+    fn last_deleted(&self, path: &str) -> Option<Value> {
+        self.state().deleted.get(path).cloned()
+    }
+
+    fn notify(&self, path: &str, event: &str, obj: Value) {
+        let Some(loc) = locate(path) else { return };
+        let line = format!("{}\n", json!({"type": event, "object": obj}));
+        self.state().watchers.retain(|(w, selector, tx)| {
+            let matches = w.prefix == loc.prefix
+                && w.resource == loc.resource
+                && (w.ns.is_none() || w.ns == loc.ns)
+                && labels_match(&obj, selector.as_deref());
+            !matches || tx.send(Ok(Frame::data(Bytes::from(line.clone())))).is_ok()
+        });
+    }
+
+    fn apply_request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
         let mut s = self.state();
         s.log.push(Logged {
             method: method.into(),
@@ -181,10 +332,13 @@ impl FakeApi {
                 None => (404, status(404, "NotFound", &format!("{path} not found"))),
             },
             "DELETE" => match s.objects.remove(path) {
-                Some(_) => (
-                    200,
-                    json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
-                ),
+                Some(old) => {
+                    s.deleted.insert(path.to_owned(), old);
+                    (
+                        200,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                    )
+                }
                 None => (404, status(404, "NotFound", "not found")),
             },
             "POST" => {
@@ -254,6 +408,14 @@ impl State {
         }
         body
     }
+}
+
+fn json_response(code: u16, value: &Value) -> Response<RespBody> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(value).unwrap_or_default())).boxed_unsync())
+        .expect("response")
 }
 
 fn collection(path: &str) -> &str {
