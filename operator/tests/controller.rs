@@ -22,19 +22,48 @@ async fn eventually(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     panic!("{what}: not within {limit:?}");
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn config(port: u16, leader_elect: bool) -> RunConfig {
+    RunConfig {
+        operator: OperatorConfig::default(),
+        watch_namespace: None,
+        metrics_port: port,
+        leader_elect,
+        lease_namespace: "ops".into(),
+        identity: "operator-0".into(),
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.expect("read");
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
 #[tokio::test]
 async fn the_controller_reconciles_new_apps_and_repairs_deleted_children() {
     let api = FakeApi::default();
     let client = api.client();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let config = RunConfig {
-        operator: OperatorConfig::default(),
-        watch_namespace: None,
-        metrics_port: 0,
-        leader_elect: false,
-        lease_namespace: "default".into(),
-        identity: "test".into(),
-    };
+    let config = config(0, false);
     let running = tokio::spawn(controller::run(client, config, async move {
         let _ = stop_rx.await;
     }));
@@ -79,6 +108,66 @@ async fn the_controller_reconciles_new_apps_and_repairs_deleted_children() {
     let result = tokio::time::timeout(Duration::from_secs(15), running)
         .await
         .expect("the controller stops on shutdown")
+        .expect("task");
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn with_leader_election_it_takes_the_lease_and_serves_metrics() {
+    let api = FakeApi::default();
+    let port = free_port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(controller::run(
+        api.client(),
+        config(port, true),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    api.create(
+        &app_path("team", "chat"),
+        json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp",
+               "metadata": {"name": "chat", "namespace": "team"}, "spec": {}}),
+    );
+    let lease = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/chorus-operator-leader";
+    eventually(
+        "the lease held by this replica",
+        Duration::from_secs(10),
+        || {
+            api.get(lease)
+                .is_some_and(|l| l["spec"]["holderIdentity"] == json!("operator-0"))
+        },
+    )
+    .await;
+    let d = deployment_path("team", "chat");
+    eventually("the leader reconciles", Duration::from_secs(10), || {
+        api.get(&d).is_some()
+    })
+    .await;
+
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+    assert_eq!(http_get(port, "/readyz").await.0, 200);
+    let (code, metrics) = http_get(port, "/metrics").await;
+    assert_eq!(code, 200);
+    for name in [
+        "chorus_operator_reconciles_total",
+        "chorus_operator_reconcile_errors_total",
+        "chorus_operator_reconcile_duration_seconds_count",
+        "chorus_operator_writes_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    let reconciles: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("chorus_operator_reconciles_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(reconciles >= 1.0, "{metrics}");
+
+    stop_tx.send(()).expect("running");
+    let result = tokio::time::timeout(Duration::from_secs(15), running)
+        .await
+        .expect("stops")
         .expect("task");
     assert!(result.is_ok(), "{result:?}");
 }

@@ -355,9 +355,20 @@ impl FakeApi {
                 (201, obj)
             }
             "PATCH" => {
+                // Server-side apply, strategic and merge patches are all taken as a JSON
+                // merge into the stored object: enough for whole-object applies and the
+                // partial patches of the lease manager.
                 let existing = s.objects.get(path).cloned();
                 let code = if existing.is_some() { 200 } else { 201 };
-                let obj = s.stored(body, existing);
+                let merged = match &existing {
+                    Some(old) => {
+                        let mut merged = old.clone();
+                        merge(&mut merged, &body);
+                        merged
+                    }
+                    None => body,
+                };
+                let obj = s.stored(merged, existing);
                 s.objects.insert(path.to_owned(), obj.clone());
                 (code, obj)
             }
@@ -407,6 +418,22 @@ impl State {
             body["data"] = data;
         }
         body
+    }
+}
+
+/// RFC 7386 JSON merge: objects merge key by key, `null` removes, anything else replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
     }
 }
 
