@@ -171,3 +171,37 @@ async fn with_leader_election_it_takes_the_lease_and_serves_metrics() {
         .expect("task");
     assert!(result.is_ok(), "{result:?}");
 }
+
+#[tokio::test]
+async fn watch_namespace_limits_the_controller_to_one_namespace() {
+    let api = FakeApi::default();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut cfg = config(0, false);
+    cfg.watch_namespace = Some("team".into());
+    let running = tokio::spawn(controller::run(api.client(), cfg, async move {
+        let _ = stop_rx.await;
+    }));
+    for ns in ["other", "team"] {
+        api.create(
+            &app_path(ns, "chat"),
+            json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp",
+                   "metadata": {"name": "chat", "namespace": ns}, "spec": {}}),
+        );
+    }
+    eventually(
+        "the watched namespace's app reconciled",
+        Duration::from_secs(10),
+        || api.get(&deployment_path("team", "chat")).is_some(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(api.get(&deployment_path("other", "chat")).is_none());
+    assert!(
+        api.get(&app_path("other", "chat"))
+            .is_some_and(|a| a.get("status").is_none())
+    );
+    stop_tx.send(()).expect("running");
+    let _ = tokio::time::timeout(Duration::from_secs(15), running)
+        .await
+        .expect("stops");
+}
