@@ -17,7 +17,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use socketioxide::{SocketIo, socket::Sid};
+use socketioxide::{SocketIo, extract::SocketRef, socket::Sid};
 use tokio::sync::{OnceCell, mpsc};
 
 use crate::{
@@ -194,44 +194,30 @@ impl Cluster {
 
 /// Applies one call to this replica's own sockets.
 fn apply(io: &SocketIo<Adapter>, op: Op) -> Outcome {
-    let held = |sockets: &[Sid]| -> Vec<_> {
-        sockets
+    // Runs `act` on each of `sockets` this replica holds; answers the ids it held.
+    let on_held = |sockets: &[Sid], act: &dyn Fn(SocketRef<Adapter>) -> bool| Outcome::Held {
+        sockets: sockets
             .iter()
             .filter_map(|sid| io.get_socket(*sid))
-            .collect()
+            .filter_map(|s| {
+                let id = s.id;
+                act(s).then_some(id)
+            })
+            .collect(),
     };
     match op {
-        Op::Join { room, sockets } => {
-            let found = held(&sockets);
-            for s in &found {
-                s.join(room.clone());
-            }
-            Outcome::Held {
-                sockets: found.iter().map(|s| s.id).collect(),
-            }
-        }
-        Op::Leave { room, sockets } => {
-            let found = held(&sockets);
-            for s in &found {
-                s.leave(room.clone());
-            }
-            Outcome::Held {
-                sockets: found.iter().map(|s| s.id).collect(),
-            }
-        }
+        Op::Join { room, sockets } => on_held(&sockets, &|s| {
+            s.join(room.clone());
+            true
+        }),
+        Op::Leave { room, sockets } => on_held(&sockets, &|s| {
+            s.leave(room.clone());
+            true
+        }),
+        Op::Disconnect { socket } => on_held(&[socket], &|s| s.disconnect().is_ok()),
         Op::Sockets { room } => Outcome::Held {
             sockets: io.to(room).local().sockets().iter().map(|s| s.id).collect(),
         },
-        Op::Disconnect { socket } => {
-            let found: Vec<Sid> = held(&[socket])
-                .into_iter()
-                .filter_map(|s| {
-                    let id = s.id;
-                    s.disconnect().ok().map(|()| id)
-                })
-                .collect();
-            Outcome::Held { sockets: found }
-        }
         Op::Nodes => Outcome::Count {
             sockets: io.sockets().len(),
         },
