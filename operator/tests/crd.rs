@@ -25,6 +25,23 @@ fn committed_crd_is_the_generated_one() {
 }
 
 #[test]
+fn the_charts_crd_template_is_the_generated_one() {
+    let committed = std::fs::read_to_string(root().join("charts/chorus/templates/crd.yaml"))
+        .expect("charts/chorus/templates/crd.yaml");
+    let generated = render::crd_chart_template().expect("template");
+    assert!(
+        committed == generated,
+        "charts/chorus/templates/crd.yaml is stale: run scripts/generate.sh"
+    );
+    // The same CRD inside: every line of it appears, in order.
+    let crd = render::crd_yaml().expect("yaml");
+    let mut lines = committed.lines();
+    for line in crd.lines() {
+        assert!(lines.any(|l| l == line), "missing from the chart: {line}");
+    }
+}
+
+#[test]
 fn crd_names_subresources_and_columns() {
     let crd = serde_json::to_value(RealtimeApp::crd()).expect("json");
     assert_eq!(crd["metadata"]["name"], json!("realtimeapps.chorus.rs"));
@@ -168,17 +185,16 @@ fn every_example_passes_the_cel_rules_and_renders() {
     for entry in std::fs::read_dir(&dir).expect("manifests/examples") {
         let path = entry.expect("entry").path();
         let text = std::fs::read_to_string(&path).expect("read");
-        let obj: Value = serde_norway::from_str(&text).expect("yaml");
+        let obj: Value = serde_saphyr::from_str(&text).expect("yaml");
         if let Err(e) = validator.validate(&s, &obj, None) {
             panic!("{}: {e}", path.display());
         }
         let out = render::render(&text, &OperatorConfig::default())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let kinds: Vec<String> = serde_norway::Deserializer::from_str(&out)
-            .map(|d| {
-                let v: Value = serde::Deserialize::deserialize(d).expect("rendered yaml");
-                v["kind"].as_str().unwrap_or("").to_owned()
-            })
+        let kinds: Vec<String> = serde_saphyr::from_multiple::<Value>(&out)
+            .expect("rendered yaml")
+            .iter()
+            .map(|v| v["kind"].as_str().unwrap_or("").to_owned())
             .collect();
         assert!(
             kinds.contains(&"Deployment".to_owned()) && kinds.contains(&"Service".to_owned()),

@@ -151,7 +151,7 @@ async fn the_crd_works_on_a_real_api_server() {
         let path = entry.expect("entry").path();
         let text = std::fs::read_to_string(&path).expect("read");
         server.ok(&["apply", "-f", &path.to_string_lossy()], None);
-        let local: RealtimeApp = serde_norway::from_str(&text).expect("example parses");
+        let local: RealtimeApp = serde_saphyr::from_str(&text).expect("example parses");
         let name = local.metadata.name.clone().expect("name");
         let stored = server.json(&["get", "rtapp", &name, "-o", "json"]);
         let stored_spec: Value = stored["spec"].clone();
