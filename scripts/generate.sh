@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Regenerates the committed generated files; tests fail when a committed copy is stale.
+# Regenerates the committed generated files; tests fail when a committed copy is stale:
+#   crds/realtimeapps.chorus.rs.yaml     chorus-operator crd
+#   charts/chorus/templates/crd.yaml     the same CRD as a chart template
+#   manifests/install.yaml               the chart rendered with default values (Helm's library)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo run -q -p chorus-operator -- crd > crds/realtimeapps.chorus.rs.yaml
-echo "wrote crds/realtimeapps.chorus.rs.yaml"
+op() { cargo run -q -p chorus-operator -- "$@"; }
+op crd > crds/realtimeapps.chorus.rs.yaml
+op crd --helm-template > charts/chorus/templates/crd.yaml
+. scripts/venv.sh
+"$PY" tests/packaging/chorus_chart.py > manifests/install.yaml
+echo "wrote crds/realtimeapps.chorus.rs.yaml, charts/chorus/templates/crd.yaml, manifests/install.yaml"

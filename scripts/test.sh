@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project:
-#   formatting and clippy, Rust unit and integration tests (real redis-server, server
-#   processes, a Rust Socket.IO client), the JavaScript client tests (socket.io-client 4 and 2),
-#   and the benchmark peers' protocol smoke check against three chorus-server replicas.
-# Needs: cargo, node/npm, redis-server (.ci/run installs what a fresh machine lacks).
+#   formatting and clippy; Rust unit and integration tests (real redis-server, server
+#   processes, a Rust Socket.IO client, the operator against an in-memory API and the CRD on
+#   shared/tools/crd-apiserver); the Helm chart and manifests checked with Helm 4's library and
+#   the Kubernetes OpenAPI schemas (pinned Python tools in a venv); the JavaScript client tests
+#   (socket.io-client 4 and 2); and the benchmark peers' protocol smoke check.
+# Needs: cargo, node/npm, python3, kubectl, redis-server (.ci/run installs what a fresh
+# machine lacks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -20,6 +23,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "Rust tests"
 cargo test --workspace --locked
+
+step "packaging checks (Helm 4 library, Kubernetes OpenAPI schemas)"
+. scripts/venv.sh
+(cd tests/packaging && CHORUS_OPERATOR_BIN=$root/target/debug/chorus-operator "$PY" -m pytest -q -p no:cacheprovider .)
 
 step "JavaScript client tests"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)

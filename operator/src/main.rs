@@ -21,7 +21,11 @@ enum Command {
     /// Run the controller.
     Run(Run),
     /// Print the RealtimeApp CustomResourceDefinition as YAML.
-    Crd,
+    Crd {
+        /// Print it as the Helm chart's CRD template instead.
+        #[arg(long, hide = true)]
+        helm_template: bool,
+    },
     /// Print every object the operator would apply for the RealtimeApps in a file, as YAML.
     Render {
         /// A YAML file with one or more RealtimeApps; `-` reads standard input.
@@ -87,7 +91,12 @@ struct Run {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Crd => render::crd_yaml().map_err(|e| e.to_string()),
+        Command::Crd { helm_template } => if helm_template {
+            render::crd_chart_template()
+        } else {
+            render::crd_yaml()
+        }
+        .map_err(|e| e.to_string()),
         Command::Render { file, images } => read(&file)
             .and_then(|text| render::render(&text, &images.config()).map_err(|e| e.to_string())),
         Command::Run(run) => return run_controller(run),
