@@ -64,11 +64,19 @@ impl LinkState {
     }
 }
 
+/// The channels this process wants, and a version that moves with every change, so the
+/// health loop can tell whether a channel was added while it was resubscribing.
+#[derive(Default)]
+struct Wanted {
+    channels: HashSet<String>,
+    version: u64,
+}
+
 /// State shared with redis-rs's push callback (which must not own the connection).
 struct Shared {
     handlers: RwLock<HashMap<String, mpsc::UnboundedSender<ChanItem>>>,
     /// Channels to (re)subscribe whenever the link comes up.
-    wanted: Mutex<HashSet<String>>,
+    wanted: Mutex<Wanted>,
     /// True while the link is believed up and every wanted channel is subscribed.
     up: AtomicBool,
     /// Wakes the health loop early (a disconnection was pushed, a subscribe failed).
@@ -141,7 +149,7 @@ impl Bus {
         let (state, _) = watch::channel(state);
         Arc::new(Shared {
             handlers: RwLock::new(HashMap::new()),
-            wanted: Mutex::new(HashSet::new()),
+            wanted: Mutex::new(Wanted::default()),
             up: AtomicBool::new(false),
             wake: Notify::new(),
             state,
@@ -198,10 +206,9 @@ impl Bus {
             return;
         };
         loop {
-            let ok = self.check_link(&link).await;
-            match ok {
-                Ok(()) => {
-                    if !self.shared.up.swap(true, Ordering::SeqCst) {
+            match self.check_link(&link).await {
+                Ok(came_up) => {
+                    if came_up {
                         tracing::info!(redis = %link.display, "redis connected; cluster delivery on");
                     }
                     self.shared.state.send_replace(LinkState::Connected);
@@ -218,20 +225,31 @@ impl Bus {
         }
     }
 
-    async fn check_link(&self, link: &RedisLink) -> Result<(), BusError> {
+    /// Pings; after an outage (or at start) subscribes every wanted channel and only then
+    /// marks the link up. Returns whether the link came up on this call.
+    async fn check_link(&self, link: &RedisLink) -> Result<bool, BusError> {
         let mut conn = link.conn.clone();
         bounded(redis::cmd("PING").query_async::<()>(&mut conn)).await?;
-        if !self.shared.up.load(Ordering::SeqCst) {
-            // The link was down (or never up): the new connection may have no subscriptions.
-            let wanted: Vec<String> = {
-                let wanted = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
-                wanted.iter().cloned().collect()
+        if self.shared.up.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        loop {
+            let (channels, version) = {
+                let w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
+                (w.channels.iter().cloned().collect::<Vec<_>>(), w.version)
             };
-            if !wanted.is_empty() {
-                bounded(conn.subscribe(&wanted)).await?;
+            if !channels.is_empty() {
+                bounded(conn.subscribe(&channels)).await?;
+            }
+            // Marked up under the lock: a channel added before this point is in a newer
+            // version (so it is subscribed on the next turn), one added after sees the link up
+            // and subscribes itself.
+            let w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
+            if w.version == version {
+                self.shared.up.store(true, Ordering::SeqCst);
+                return Ok(true);
             }
         }
-        Ok(())
     }
 
     fn live_conn(&self) -> Result<Option<ConnectionManager>, BusError> {
@@ -267,13 +285,15 @@ impl Bus {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(chan.clone(), tx);
-        self.shared
-            .wanted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(chan.clone());
-        if let Ok(Some(mut conn)) = self.live_conn()
-            && let Err(e) = bounded(conn.subscribe(&chan)).await
+        let up = {
+            let mut w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
+            w.channels.insert(chan.clone());
+            w.version += 1;
+            self.shared.up.load(Ordering::SeqCst)
+        };
+        if up
+            && let Some(link) = &self.redis
+            && let Err(e) = bounded(link.conn.clone().subscribe(&chan)).await
         {
             tracing::debug!(chan, "subscribe failed, retried when the link is back: {e}");
             self.shared.mark_down();
@@ -324,11 +344,11 @@ impl Driver for Bus {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&chan);
-        self.shared
-            .wanted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&chan);
+        {
+            let mut w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
+            w.channels.remove(&chan);
+            w.version += 1;
+        }
         if let Some(mut conn) = self.live_conn()? {
             bounded(conn.unsubscribe(&chan)).await?;
         }
