@@ -32,6 +32,9 @@ step "JavaScript client tests"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 CHORUS_SERVER_BIN=$root/target/debug/chorus-server npm --prefix tests/js test
 
+step "container images (podman): build both, three server containers on one Redis"
+bash tests/images/run.sh
+
 if [ -x "$shared/bench/run-peer.sh" ]; then
   step "benchmark protocol smoke check (three release replicas)"
   cargo build --release --locked -p chorus-server
