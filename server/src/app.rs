@@ -10,7 +10,12 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, extract::DefaultBodyLimit, http::HeaderValue, middleware};
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, Request},
+    http::{HeaderValue, Uri},
+    middleware,
+};
 use socketioxide::SocketIo;
 use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
@@ -30,6 +35,9 @@ use crate::{
 /// Room for the Socket.IO framing around a message of `max_payload` bytes, so that a message
 /// slightly over the limit is still read and refused with `payload_too_large`.
 const FRAME_SLACK: u64 = 64 * 1024;
+/// Read buffer of each websocket: client messages are small (join, leave, publish), and a
+/// bigger one grows the buffer as needed.
+const WS_READ_BUFFER: usize = 1024;
 /// Longest wait for open HTTP requests after the sockets are closed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -94,6 +102,7 @@ impl Server {
         let (layer, io) = SocketIo::builder()
             .max_payload(config.max_payload.saturating_add(FRAME_SLACK))
             .max_buffer_size(1024)
+            .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(socket_ctx)
             .with_adapter::<Adapter>(adapter)
             .build_layer();
@@ -118,6 +127,7 @@ impl Server {
             .layer(DefaultBodyLimit::max(max_payload))
             .layer(middleware::from_fn_with_state(state.clone(), ops::track))
             .layer(layer)
+            .layer(middleware::map_request(detach_request_head))
             // Outermost, so long-polling requests from browsers get CORS answers too.
             .layer(cors(&config.cors_origins)?)
             .with_state(state.clone());
@@ -186,6 +196,27 @@ impl Server {
             }
         }
     }
+}
+
+/// Copies the URI and header values of Socket.IO requests out of the connection's read buffer.
+///
+/// hyper parses them as slices of that buffer (16 KiB), and the Socket.IO layer keeps each
+/// socket's request head for the socket's lifetime: without the copy, every idle socket
+/// pins a whole read buffer (measured: 16 of 29 KiB per connection).
+async fn detach_request_head(mut req: Request) -> Request {
+    if !req.uri().path().starts_with("/socket.io") {
+        return req;
+    }
+    if let Ok(uri) = Uri::try_from(req.uri().to_string()) {
+        *req.uri_mut() = uri;
+    }
+    for value in req.headers_mut().values_mut() {
+        if let Ok(mut owned) = HeaderValue::from_bytes(value.as_bytes()) {
+            owned.set_sensitive(value.is_sensitive());
+            *value = owned;
+        }
+    }
+    req
 }
 
 /// Binds every interface, IPv6 and IPv4 when the host has IPv6, IPv4 only otherwise.
