@@ -63,36 +63,28 @@ async fn load(url: &str, extra: &[&str]) -> LoadReport {
     }
 }
 
-/// Every client connected and joined, except joins that went unanswered: chorus-server
-/// registers its `join` handler in an async connect handler, which socketioxide spawns
-/// *after* sending the connect packet, so a `join` sent at once can arrive before the
-/// handler exists and is dropped (a server race, about 1 in 1000 connections here).
-/// Only that failure is tolerated; it costs the 20 s join timeout when it happens.
+/// Every client connected and every `join` was answered. (A `join` sent right after the
+/// connect packet used to go unanswered about once per 1000 connections, when the server
+/// registered its handlers after connecting; this checks it stays fixed.)
 fn assert_joined(
+    clients: usize,
     connected: usize,
     connect_errors: u64,
     join_errors: u64,
-    samples: &[String],
     line: &str,
 ) {
-    assert_eq!(connect_errors, 0, "{line}");
-    assert_eq!(connected as u64 + join_errors, 20, "{line}");
-    assert!(
-        samples
-            .iter()
-            .all(|e| e.starts_with("join ") && e.ends_with("operation has timed out")),
-        "{line}"
-    );
+    assert_eq!((connect_errors, join_errors), (0, 0), "{line}");
+    assert_eq!(connected, clients, "{line}");
 }
 
 fn assert_clean(r: &LoadReport, expected: u64) {
     let line = serde_json::to_string(r).unwrap_or_default();
     let c = &r.common;
     assert_joined(
+        20,
         c.clients_connected,
         c.connect_errors,
         c.join_errors,
-        &r.error_samples,
         &line,
     );
     assert_eq!(
@@ -100,9 +92,7 @@ fn assert_clean(r: &LoadReport, expected: u64) {
         (50, 50, 0, 0),
         "{line}"
     );
-    if c.join_errors == 0 {
-        assert_eq!(r.expected_deliveries, expected, "{line}");
-    }
+    assert_eq!(r.expected_deliveries, expected, "{line}");
     assert_eq!(r.received_deliveries, r.expected_deliveries, "{line}");
     assert_eq!(r.lost, 0, "{line}");
     assert_eq!(r.duplicates, Some(0), "{line}");
@@ -165,10 +155,13 @@ async fn load_and_idle_runs_against_chorus_server() {
         r.error_samples
     );
 
-    // idle memory, short waits; no server pid given (it is this process)
+    // idle memory, short waits, 500 clients that each join at once after connecting; no
+    // server pid given (it is this process)
     let opts = options(
         &url,
         &[
+            "--clients",
+            "500",
             "--idle-memory",
             "--idle-wait",
             "0.2",
@@ -186,10 +179,10 @@ async fn load_and_idle_runs_against_chorus_server() {
     let line = serde_json::to_string(&r).unwrap_or_default();
     let c = &r.common;
     assert_joined(
+        500,
         c.clients_connected,
         c.connect_errors,
         c.join_errors,
-        &r.error_samples,
         &line,
     );
     assert_eq!(

@@ -43,7 +43,13 @@ pub async fn register(io: &SocketIo<Adapter>) -> Result<(), String> {
 }
 
 /// Connect middleware: with a JWT secret, refuses sockets without a valid token
-/// (`connect_error` with message `unauthorized`).
+/// (`connect_error` with message `unauthorized`); then sets the socket up.
+///
+/// The setup happens here, not in the connect handler, because socketioxide sends the connect
+/// packet before it spawns that handler: a `join` sent at once could arrive before its handler
+/// was registered and be dropped unanswered (seen about once per 1000 connections under load).
+/// Middlewares run before the connect packet, and rooms joined here are cleaned up if the
+/// connection then fails.
 async fn authenticate(
     s: Socket,
     State(ctx): Ctx,
@@ -57,7 +63,16 @@ async fn authenticate(
         None
     };
     let grants = ctx.policy.authenticate(token.as_deref())?;
+    s.join(validate::socket_room(s.id));
+    if let Grants::Token(claims) = &grants
+        && let Some(sub) = &claims.sub
+    {
+        s.join(user_room(sub));
+    }
     s.extensions.insert(Arc::new(grants));
+    s.on("join", on_join);
+    s.on("leave", on_leave);
+    s.on("publish", on_publish);
     Ok(())
 }
 
@@ -68,21 +83,13 @@ fn query_token(query: Option<&str>) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Runs once the socket is connected (see [`authenticate`] for the setup).
 async fn on_connect(s: Socket, State(ctx): Ctx) {
-    s.join(validate::socket_room(s.id));
-    if let Some(Grants::Token(claims)) = grants(&s).as_deref()
-        && let Some(sub) = &claims.sub
-    {
-        s.join(user_room(sub));
-    }
     ctx.metrics.sockets_connected.inc();
     let metrics = ctx.metrics.clone();
     s.on_disconnect(async move || {
         metrics.sockets_connected.dec();
     });
-    s.on("join", on_join);
-    s.on("leave", on_leave);
-    s.on("publish", on_publish);
 }
 
 fn grants(s: &Socket) -> Option<Arc<Grants>> {
