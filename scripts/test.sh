@@ -4,7 +4,8 @@
 #   processes, a Rust Socket.IO client, the operator against an in-memory API and the CRD on
 #   shared/tools/crd-apiserver); the Helm chart and manifests checked with Helm 4's library and
 #   the Kubernetes OpenAPI schemas (pinned Python tools in a venv); the JavaScript client tests
-#   (socket.io-client 4 and 2); and the benchmark peers' protocol smoke check.
+#   (socket.io-client 4 and 2); the benchmark peers' protocol smoke check and a short
+#   chorus/peer comparison through scripts/bench-compare.sh.
 # Needs: cargo, node/npm, python3, kubectl, redis-server (.ci/run installs what a fresh
 # machine lacks).
 set -euo pipefail
@@ -28,6 +29,9 @@ step "packaging checks (Helm 4 library, Kubernetes OpenAPI schemas)"
 . scripts/venv.sh
 (cd tests/packaging && CHORUS_OPERATOR_BIN=$root/target/debug/chorus-operator "$PY" -m pytest -q -p no:cacheprovider .)
 
+step "benchmark report script"
+"$PY" -m pytest -q -p no:cacheprovider tests/bench_report
+
 step "JavaScript client tests"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 CHORUS_SERVER_BIN=$root/target/debug/chorus-server npm --prefix tests/js test
@@ -48,6 +52,21 @@ if [ -x "$shared/bench/run-peer.sh" ]; then
     console.log(`smoke: ${r.checks ? r.checks.length - failed.length : 0} passed, ${failed.length} failed`);
     if (!r.ok) { console.error("failed checks:", failed, r.error || ""); process.exit(1); }
   ' "$out"
+
+  step "benchmark comparison, one short scenario (both servers, both load generators)"
+  out=$(mktemp -d)
+  SERVERS="chorus socketio" LOADGENS="chorus-bench node" SCENARIOS=http-c1000-k10-r100 DURATION=2 \
+    NICE=0 OUT=$out/compare.jsonl REPORT_DIR=$out/report SHARED_BENCH=$shared/bench scripts/bench-compare.sh
+  "$PY" - "$out/compare.jsonl" <<'EOF'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+runs = {(l["server"], l["loadgen"]): l for l in lines}
+assert set(runs) == {(s, g) for s in ("chorus", "peer-socketio") for g in ("chorus-bench", "node-loadgen")}, runs.keys()
+for key, l in runs.items():
+    assert "error" not in l and l["sent"] == l["scheduled"] > 0 and l["lost"] == 0, (key, l)
+print(f"compare: {len(runs)} runs, nothing lost")
+EOF
+  test -s "$out/report/results.md"
 else
-  echo "note: $shared/bench/run-peer.sh not found; protocol smoke check skipped" >&2
+  echo "note: $shared/bench/run-peer.sh not found; benchmark checks skipped" >&2
 fi
