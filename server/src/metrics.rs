@@ -34,6 +34,7 @@ pub struct Metrics {
     pub request_seconds: Family<RouteLabels, Histogram>,
     pub refused: Family<ErrorLabels, Counter>,
     pub local_only_deliveries: Counter,
+    pub socket_drops: Counter,
 }
 
 impl Metrics {
@@ -51,6 +52,7 @@ impl Metrics {
         });
         let refused = Family::<ErrorLabels, Counter>::default();
         let local_only_deliveries = Counter::default();
+        let socket_drops = Counter::default();
         registry.register(
             "chorus_sockets_connected",
             "Sockets connected to this replica",
@@ -91,6 +93,12 @@ impl Metrics {
             "Publishes and broadcasts delivered to this replica only because Redis was down",
             local_only_deliveries.clone(),
         );
+        registry.register(
+            "chorus_socket_drops",
+            "Messages from this replica's publishes and broadcasts that one of its sockets could \
+             not take (send buffer full: a client that does not keep up; or socket closing)",
+            socket_drops.clone(),
+        );
         Self {
             registry,
             sockets_connected,
@@ -101,6 +109,7 @@ impl Metrics {
             request_seconds,
             refused,
             local_only_deliveries,
+            socket_drops,
         }
     }
 

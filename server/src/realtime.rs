@@ -227,7 +227,7 @@ pub async fn deliver(
         Err(BroadcastError::Adapter(e)) => {
             tracing::debug!("cluster broadcast failed, delivering locally: {e}");
             if let Err(e) = target().local().emit(event, data).await {
-                log_socket_errors(&e);
+                count_socket_drops(metrics, &e);
             }
             metrics.local_only_deliveries.inc();
             Err(Failure::cluster_unavailable(
@@ -237,12 +237,15 @@ pub async fn deliver(
         Err(e) => {
             // Some local sockets could not take the message (closed or buffer full); the
             // rest, and every other replica, got it.
-            log_socket_errors(&e);
+            count_socket_drops(metrics, &e);
             Ok(())
         }
     }
 }
 
-fn log_socket_errors(e: &BroadcastError) {
+fn count_socket_drops(metrics: &Metrics, e: &BroadcastError) {
+    if let BroadcastError::Socket(errors) = e {
+        metrics.socket_drops.inc_by(errors.len() as u64);
+    }
     tracing::debug!("some sockets missed a message: {e}");
 }

@@ -340,6 +340,8 @@ async fn openapi_and_metrics_describe_the_server() {
         "chorus_messages_published_total 1",
         "chorus_broadcasts_total 1",
         "chorus_redis_connected 0",
+        // a client that reads its messages loses none
+        "chorus_socket_drops_total 0",
     ] {
         assert!(text.contains(line), "{line:?} not in metrics:\n{text}");
     }
