@@ -205,16 +205,23 @@ impl Bus {
         let Some(link) = self.redis.clone() else {
             return;
         };
+        // The cause is logged once per change, not every second while Redis stays away.
+        let mut last_failure: Option<String> = None;
         loop {
             match self.check_link(&link).await {
                 Ok(came_up) => {
                     if came_up {
                         tracing::info!(redis = %link.display, "redis connected; cluster delivery on");
                     }
+                    last_failure = None;
                     self.shared.state.send_replace(LinkState::Connected);
                 }
                 Err(e) => {
-                    tracing::debug!("redis health check failed: {e}");
+                    let cause = e.to_string();
+                    if last_failure.as_ref() != Some(&cause) {
+                        tracing::warn!(redis = %link.display, "redis unreachable, retrying every second: {cause}");
+                        last_failure = Some(cause);
+                    }
                     self.shared.mark_down();
                 }
             }

@@ -2,7 +2,7 @@
 
 mod support;
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::Duration};
 
 use serde_json::json;
 use support::{Api, Client, Replica, free_port};
@@ -18,12 +18,11 @@ fn openssl(dir: &Path, args: &[&str]) {
     assert!(status.success(), "openssl {args:?}");
 }
 
-#[tokio::test]
-async fn rediss_url_connects_over_tls() {
-    let dir = std::env::temp_dir().join(format!("chorus-tls-{}", support::rand_u64()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+/// A self-signed CA: `<name>.key` and `<name>.pem` in `dir`.
+fn make_ca(dir: &Path, name: &str) {
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
     openssl(
-        &dir,
+        dir,
         &[
             "req",
             "-x509",
@@ -33,13 +32,22 @@ async fn rediss_url_connects_over_tls() {
             "-days",
             "1",
             "-subj",
-            "/CN=chorus test CA",
+            &format!("/CN=chorus test {name}"),
             "-keyout",
-            "ca.key",
+            &key,
             "-out",
-            "ca.pem",
+            &pem,
         ],
     );
+}
+
+#[tokio::test]
+async fn rediss_url_connects_over_tls() {
+    let dir = std::env::temp_dir().join(format!("chorus-tls-{}", support::rand_u64()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    make_ca(&dir, "ca");
+    // a second CA that signed nothing here, for the replica that must refuse the server
+    make_ca(&dir, "other-ca");
     openssl(
         &dir,
         &[
@@ -127,15 +135,21 @@ async fn rediss_url_connects_over_tls() {
     assert_eq!(ack, json!({"ok": true}));
     assert_eq!(b.expect("e").await, json!("over tls"));
 
-    // Without the CA the certificate is refused: the replica never becomes ready.
+    // Trusting another CA, the replica refuses the certificate, says why, and is not ready.
     let untrusting = Replica::spawn(
         "tls-untrusting",
         &[
             ("REDIS_URL", url.clone()),
-            ("SSL_CERT_FILE", "/nonexistent".into()),
+            (
+                "SSL_CERT_FILE",
+                dir.join("other-ca.pem").to_string_lossy().into_owned(),
+            ),
         ],
     );
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    support::wait_until("the refusal logged", Duration::from_secs(20), || {
+        let log = untrusting.log_text();
+        log.contains("redis unreachable") && log.contains("UnknownIssuer")
+    });
     let (status, body) = Api::new(&untrusting.url(), None).get("/readyz").await;
     assert_eq!(status, 503, "{body}");
 
