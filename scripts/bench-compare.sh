@@ -11,7 +11,8 @@
 # free loopback ports; the generator gets their pids and reads CPU and RSS from /proc.
 #
 # Knobs (defaults in brackets):
-#   SERVERS [chorus socketio sails]     chorus = target/release/chorus-server; others = ../shared/bench/peer-<name>
+#   SERVERS [chorus socketio sails]     chorus = target/release/chorus-server; others = ../shared/bench/peer-<name>;
+#                                       chorus-before = the binary BEFORE_BIN (an older build, for before/after)
 #   LOADGENS [chorus-bench node]        chorus-bench = target/release/chorus-bench; node = ../shared/bench/loadgen
 #   SCENARIOS [all below]               REPLICAS [3]   DURATION [10]   ROUNDS [1]
 #   OUT [bench/results/compare-<date>.jsonl]   REPORT_DIR [docs/benchmarks] (empty: no report)
@@ -53,12 +54,12 @@ log "building chorus-server and chorus-bench (release)"
 cargo build -q --release --locked -p chorus-server -p chorus-bench
 
 # The peers and the Node generator need their npm packages: a writable copy of the shared bench.
-if [ "$SERVERS" != chorus ] || want_loadgen node; then
+if [ -n "$(for s in $SERVERS; do [[ $s == chorus* ]] || echo "$s"; done)" ] || want_loadgen node; then
   command -v node >/dev/null || { log "node not found"; exit 1; }
   mkdir -p "$PEER_WORK"
   (cd "$SHARED_BENCH" && tar --exclude='./*/node_modules' --exclude=./results -cf - .) | (cd "$PEER_WORK" && tar -xf -)
   chmod -R u+w "$PEER_WORK"
-  for d in loadgen $(for s in $SERVERS; do [ "$s" = chorus ] || echo "peer-$s"; done); do
+  for d in loadgen $(for s in $SERVERS; do [[ $s == chorus* ]] || echo "peer-$s"; done); do
     if [ ! -d "$PEER_WORK/$d/node_modules" ]; then
       log "npm ci in $d"
       (cd "$PEER_WORK/$d" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
@@ -114,6 +115,7 @@ start_redis() {
 server_cmd() {
   case $1 in
     chorus) DIR=$ROOT CMD="$ROOT/target/release/chorus-server" GC="" LABEL=chorus ;;
+    chorus-before) DIR=$ROOT CMD=${BEFORE_BIN:?set BEFORE_BIN to the older chorus-server binary} GC="" LABEL=chorus-before ;;
     *)
       LABEL=peer-$1
       DIR=$PEER_WORK/peer-$1
