@@ -17,6 +17,8 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+pub mod fleet;
+
 type RespBody = UnsyncBoxBody<Bytes, std::convert::Infallible>;
 type WatchTx = mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>;
 
@@ -88,6 +90,9 @@ struct State {
     events: Vec<Value>,
     /// (method, path substring, status code): the next matching request fails so.
     failures: VecDeque<(String, String, u16)>,
+    /// Requests that came through `client()` (not the test's own calls), by verb:
+    /// GET, LIST, WATCH, POST, PUT, PATCH, DELETE.
+    verbs: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Default)]
@@ -107,10 +112,19 @@ impl FakeApi {
                 let bytes = body.collect_bytes().await.unwrap_or_default();
                 let path = parts.uri.path().to_owned();
                 let query = parts.uri.query().unwrap_or("").to_owned();
-                let resp = if parts.method == "GET" && query_param(&query, "watch") == Some("true")
-                {
+                let watch = parts.method == "GET" && query_param(&query, "watch") == Some("true");
+                let list = parts.method == "GET" && locate(&path).is_some_and(|l| l.name.is_none());
+                let verb = if watch {
+                    "WATCH"
+                } else if list {
+                    "LIST"
+                } else {
+                    parts.method.as_str()
+                };
+                *api.state().verbs.entry(verb.to_owned()).or_default() += 1;
+                let resp = if watch {
                     api.watch(&path, &query)
-                } else if parts.method == "GET" && locate(&path).is_some_and(|l| l.name.is_none()) {
+                } else if list {
                     json_response(200, &api.list(&path, &query))
                 } else {
                     let (code, value) = api.handle(parts.method.as_str(), &path, &bytes);
@@ -226,6 +240,31 @@ impl FakeApi {
             .filter(|l| l.method != "GET")
             .cloned()
             .collect()
+    }
+
+    /// Requests made through `client()` so far, by verb (GET, LIST, WATCH, POST, PUT, PATCH,
+    /// DELETE); the test's own `create`, `edit`, `set_status` calls are not counted.
+    pub fn client_requests(&self) -> BTreeMap<String, u64> {
+        self.state().verbs.clone()
+    }
+
+    /// Stored objects for which `pred(path, object)` holds (cloning only those).
+    pub fn matching(&self, pred: impl Fn(&str, &Value) -> bool) -> Vec<(String, Value)> {
+        self.state()
+            .objects
+            .iter()
+            .filter(|(p, o)| pred(p, o))
+            .map(|(p, o)| (p.clone(), o.clone()))
+            .collect()
+    }
+
+    /// How many stored objects `pred(path, object)` holds for.
+    pub fn count(&self, pred: impl Fn(&str, &Value) -> bool) -> usize {
+        self.state()
+            .objects
+            .iter()
+            .filter(|(p, o)| pred(p, o))
+            .count()
     }
 
     pub fn events(&self) -> Vec<Value> {

@@ -1,0 +1,73 @@
+//! A fleet of apps (every example shape, several namespaces) converged by the real
+//! controller; then reconciling every app again with nothing changed writes nothing.
+//! (reconcile.rs checks the same for one app reconciled by hand; benches/scale.rs measures
+//! it for 500.)
+
+mod support;
+
+use std::time::Duration;
+
+use chorus_operator::{
+    controller::{self, RunConfig},
+    resources::OperatorConfig,
+};
+use support::{FakeApi, fleet};
+
+const APPS: usize = 20;
+
+#[tokio::test]
+async fn after_convergence_a_full_noop_reconcile_pass_writes_nothing() {
+    let api = FakeApi::default();
+    let apps = fleet::create(&api, APPS, 3);
+    let config = RunConfig {
+        operator: OperatorConfig::default(),
+        watch_namespace: None,
+        metrics_port: 0,
+        leader_elect: false,
+        lease_namespace: "ops".into(),
+        identity: "operator-0".into(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(controller::run(api.client(), config, async move {
+        let _ = stop_rx.await;
+    }));
+    let kubelet = fleet::spawn_kubelet(api.clone());
+
+    fleet::wait_ready(&api, APPS, Duration::from_secs(30), |_, _| {})
+        .await
+        .expect("every app Ready");
+    assert!(
+        fleet::quiesce(&api, Duration::from_millis(300), Duration::from_secs(10)).await,
+        "the controller settles once every app is Ready"
+    );
+    let initial = api.client_requests();
+    assert!(fleet::writes(&initial) > 0, "{initial:?}");
+
+    // Through the controller: every app's metadata changes, its spec does not.
+    let before = api.client_requests();
+    fleet::touch_all(&api, &apps, "1");
+    assert!(fleet::quiesce(&api, Duration::from_millis(300), Duration::from_secs(10)).await);
+    let touched = fleet::since(&before, &api.client_requests());
+    assert!(
+        touched.get("GET").copied().unwrap_or(0) >= APPS as u64,
+        "each touched app was reconciled (read its children): {touched:?}"
+    );
+    assert_eq!(fleet::writes(&touched), 0, "{touched:?}");
+
+    // The reconcile function on every app.
+    let ctx = fleet::context(&api);
+    let before = api.client_requests();
+    let (ok, errors) = fleet::reconcile_all(&api, &ctx, &apps, 4).await;
+    assert_eq!((ok, errors), (APPS, vec![]));
+    let direct = fleet::since(&before, &api.client_requests());
+    assert_eq!(fleet::writes(&direct), 0, "{direct:?}");
+    assert_eq!(fleet::ready(&api), APPS);
+
+    stop_tx.send(()).expect("running");
+    kubelet.abort();
+    let result = tokio::time::timeout(Duration::from_secs(15), running)
+        .await
+        .expect("the controller stops")
+        .expect("task");
+    assert!(result.is_ok(), "{result:?}");
+}
