@@ -10,4 +10,10 @@ op crd > crds/realtimeapps.chorus.rs.yaml
 op crd --helm-template > charts/chorus/templates/crd.yaml
 . scripts/venv.sh
 "$PY" tests/packaging/chorus_chart.py > manifests/install.yaml
-echo "wrote crds/realtimeapps.chorus.rs.yaml, charts/chorus/templates/crd.yaml, manifests/install.yaml"
+# The benchmark report of the committed results (the same arguments are in
+# tests/bench_report/test_bench_report.py, which checks the committed copy is current).
+rm -rf docs/benchmarks
+python3 scripts/bench-report.py --baseline chorus --out-dir docs/benchmarks \
+  --title "chorus-server against Node Socket.IO and Sails, and before/after (2026-11-26)" \
+  bench/results/2026-11-26-compare.jsonl >/dev/null
+echo "wrote crds/realtimeapps.chorus.rs.yaml, charts/chorus/templates/crd.yaml, manifests/install.yaml, docs/benchmarks/"

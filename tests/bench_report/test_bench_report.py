@@ -403,6 +403,20 @@ def test_real_results_render(tmp_path):
         ET.parse(svg)
 
 
+def test_committed_report_is_current(tmp_path):
+    # the arguments of scripts/generate.sh
+    source = ROOT / "bench" / "results" / "2026-11-26-compare.jsonl"
+    committed = ROOT / "docs" / "benchmarks"
+    out_dir = tmp_path / "report"
+    title = "chorus-server against Node Socket.IO and Sails, and before/after (2026-11-26)"
+    assert br.main(["--baseline", "chorus", "--out-dir", str(out_dir), "--title", title, str(source)]) == 0
+    fresh = sorted(p.name for p in out_dir.iterdir())
+    assert fresh == sorted(p.name for p in committed.iterdir()), "run scripts/generate.sh"
+    for name in fresh:
+        assert (out_dir / name).read_bytes() == (committed / name).read_bytes(), (
+            f"docs/benchmarks/{name} is stale: run scripts/generate.sh")
+
+
 def test_significant_digits():
     assert br.sig(1 / 3) == "0.333"
     assert br.sig(0.9002) == "0.900"
