@@ -153,27 +153,31 @@ pub struct Delivery {
     pub p_len: usize,
 }
 
+/// The bench data as sent; `P` is `&str` on the fast path (borrowed from the frame) and
+/// `String` when it comes out of a parsed array.
 #[derive(Deserialize)]
-struct WireData<'a> {
+struct WireData<P> {
     s: u64,
     t: f64,
     i: f64,
     r: u64,
     m: u64,
     x: i64,
-    #[serde(borrow)]
-    p: &'a str,
+    p: P,
 }
 
-#[derive(Deserialize)]
-struct OwnedWireData {
-    s: u64,
-    t: f64,
-    i: f64,
-    r: u64,
-    m: u64,
-    x: i64,
-    p: String,
+impl<P: AsRef<str>> WireData<P> {
+    fn into_delivery(self) -> Delivery {
+        Delivery {
+            s: self.s,
+            t: self.t,
+            i: self.i,
+            r: self.r,
+            m: self.m,
+            x: self.x,
+            p_len: self.p.as_ref().chars().count(),
+        }
+    }
 }
 
 /// What an event packet turned out to be.
@@ -207,17 +211,9 @@ impl EventMatcher {
         if let Some(inner) = payload
             .strip_prefix(self.prefix.as_str())
             .and_then(|r| r.strip_suffix(']'))
-            && let Ok(d) = serde_json::from_str::<WireData<'_>>(inner)
+            && let Ok(d) = serde_json::from_str::<WireData<&str>>(inner)
         {
-            return EventKind::Bench(Delivery {
-                s: d.s,
-                t: d.t,
-                i: d.i,
-                r: d.r,
-                m: d.m,
-                x: d.x,
-                p_len: d.p.chars().count(),
-            });
+            return EventKind::Bench(d.into_delivery());
         }
         self.classify_slow(payload)
     }
@@ -235,16 +231,8 @@ impl EventMatcher {
         if arr.len() < 2 {
             return EventKind::Malformed;
         }
-        match serde_json::from_value::<OwnedWireData>(arr.swap_remove(1)) {
-            Ok(d) => EventKind::Bench(Delivery {
-                s: d.s,
-                t: d.t,
-                i: d.i,
-                r: d.r,
-                m: d.m,
-                x: d.x,
-                p_len: d.p.chars().count(),
-            }),
+        match serde_json::from_value::<WireData<String>>(arr.swap_remove(1)) {
+            Ok(d) => EventKind::Bench(d.into_delivery()),
             Err(_) => EventKind::Malformed,
         }
     }
