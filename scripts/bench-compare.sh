@@ -185,13 +185,12 @@ scenario_args() {
 run_one() { # round scenario loadgen server
   local round=$1 name=$2 lg=$3 server=$4 args res urls pids gen
   args=$(scenario_args "$name")
-  server_cmd "$server"
-  if [ -n "$GC" ] && [[ $args == --idle-memory* ]]; then args="$args --gc-signal $GC"; fi
   case $lg in
     chorus-bench) gen=("$ROOT/target/release/chorus-bench" --threads 2) ;;
     node) gen=(node "$PEER_WORK/loadgen/loadgen.js" --workers 1) ;;
   esac
-  start_servers "$server" "$round-$name-$lg-$server"
+  start_servers "$server" "$round-$name-$lg-$server"   # also sets GC and LABEL (server_cmd)
+  if [ -n "$GC" ] && [[ $args == --idle-memory* ]]; then args="$args --gc-signal $GC"; fi
   wait_quiet
   urls=$(IFS=,; echo "${SERVER_URLS[*]}")
   pids=$(IFS=,; echo "${SERVER_PIDS[*]}")
