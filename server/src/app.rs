@@ -15,6 +15,7 @@ use axum::{
     extract::{DefaultBodyLimit, Request},
     http::{HeaderValue, Uri},
     middleware,
+    serve::ListenerExt,
 };
 use socketioxide::SocketIo;
 use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
@@ -178,6 +179,13 @@ impl Server {
             let _ = closed_tx.send(());
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // Realtime frames are small: without TCP_NODELAY, Nagle's algorithm holds a frame back
+        // until the client acknowledges the previous one, which a delayed ACK can make 40 ms.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(listener, router).with_graceful_shutdown(async move {
             let _ = stop_rx.await;
         });
