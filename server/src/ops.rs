@@ -71,6 +71,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Readine
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    // Counted at scrape time rather than kept by connect/disconnect handlers: a socket that
+    // closed before its connect handler ran would have left such a gauge one too high.
+    let sockets = state.io.of("/").map_or(0, |ns| ns.sockets().len());
+    state
+        .metrics
+        .sockets_connected
+        .set(i64::try_from(sockets).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

@@ -83,14 +83,8 @@ fn query_token(query: Option<&str>) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Runs once the socket is connected (see [`authenticate`] for the setup).
-async fn on_connect(s: Socket, State(ctx): Ctx) {
-    ctx.metrics.sockets_connected.inc();
-    let metrics = ctx.metrics.clone();
-    s.on_disconnect(async move || {
-        metrics.sockets_connected.dec();
-    });
-}
+/// Runs once the socket is connected: nothing left to do (see [`authenticate`] for the setup).
+async fn on_connect() {}
 
 fn grants(s: &Socket) -> Option<Arc<Grants>> {
     s.extensions.get::<Arc<Grants>>()

@@ -2,32 +2,16 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
-use support::{Api, Client, Cluster, Replica};
+use support::{Api, Client, Cluster, Replica, eventually};
 
 const QUIET: Duration = Duration::from_millis(400);
 
 async fn ready_cluster_state(api: &Api) -> String {
     let (_, body) = api.get("/readyz").await;
     body["cluster"].as_str().unwrap_or_default().to_owned()
-}
-
-/// Polls (bounded) until `f` holds.
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within {limit:?}");
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Api, Client, Replica};
+use support::{Api, Client, EVENT_WAIT, Replica};
 
 const QUIET: Duration = Duration::from_millis(300);
 
@@ -349,6 +349,15 @@ async fn openapi_and_metrics_describe_the_server() {
         r#"chorus_http_requests_total{method="POST",route="/v1/broadcast",status="202"} 1"#
     ));
     assert!(text.contains("chorus_http_request_duration_seconds_bucket"));
+
+    // The gauge follows disconnects.
+    a.sio.disconnect().await.expect("disconnect");
+    support::eventually("chorus_sockets_connected back to 0", EVENT_WAIT, || async {
+        let (_, text) = api.get("/metrics").await;
+        text.as_str()
+            .is_some_and(|t| t.contains("chorus_sockets_connected 0"))
+    })
+    .await;
 }
 
 #[test]
