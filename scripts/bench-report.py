@@ -169,13 +169,27 @@ def load_figures(line):
         "servers_rss_peak_mb": number(line.get("servers_rss_peak_mb")),
         "rate_target": number(line.get("rate_target")),
     }
+    figures["servers_sys_s"] = servers_sys_s(line)
+    cpu, kernel = figures["servers_cpu_s"], figures["servers_sys_s"]
+    figures["servers_user_s"] = None if cpu is None or kernel is None else cpu - kernel
     received = figures["received_deliveries"]
-    per_delivery = ratio(figures["servers_cpu_s"], received)
-    figures["servers_us_per_delivery"] = None if per_delivery is None else per_delivery * 1e6
-    per_delivery = ratio(figures["loadgen_cpu_s"], received)
-    figures["loadgen_us_per_delivery"] = None if per_delivery is None else per_delivery * 1e6
+    for seconds, name in [("servers_cpu_s", "servers_us_per_delivery"), ("loadgen_cpu_s", "loadgen_us_per_delivery"),
+                          ("servers_user_s", "servers_user_us_per_delivery"),
+                          ("servers_sys_s", "servers_sys_us_per_delivery")]:
+        per_delivery = ratio(figures[seconds], received)
+        figures[name] = None if per_delivery is None else per_delivery * 1e6
     figures["offered_deliveries_per_s"] = offered_deliveries_per_s(line)
     return figures
+
+
+def servers_sys_s(line):
+    """Kernel (system) CPU seconds of the server processes, when every one reports `cpu_sys_s`."""
+    processes = line.get("processes") if isinstance(line.get("processes"), list) else []
+    servers = [p for p in processes if isinstance(p, dict) and p.get("kind") == "server"]
+    values = [number(p.get("cpu_sys_s")) for p in servers]
+    if not values or None in values:
+        return None
+    return sum(values)
 
 
 def offered_deliveries_per_s(line):
@@ -840,12 +854,48 @@ def render_ratio_tables(report, loadgen, peer):
                 md_table(header, rows, ["left", "left"] + ["right"] * 7), ""]
     else:
         out += ["No load scenario run by both.", ""]
+    out += render_cpu_split(report, loadgen, peer)
     idle_rows = [[row.scenario, sig(row.baseline.figures.get("servers_kib_per_connection")),
                   sig(row.peer.figures.get("servers_kib_per_connection")), sig(row.kib_per_connection)]
                  for row in idle_ratios(report.aggregates, loadgen, base, peer)]
     if idle_rows:
         out += [md_table(["idle scenario", f"{base} KiB/connection", f"{peer} KiB/connection", "ratio"],
                          idle_rows, ["left", "right", "right", "right"]), ""]
+    return out
+
+
+def render_cpu_split(report, loadgen, peer):
+    """User and kernel CPU per delivery: what a server's own code costs, and the kernel's floor.
+
+    The *kernel floor* is the baseline's kernel time per delivery over the peer's whole CPU per
+    delivery: however little its own code cost, the baseline's CPU ratio could not go below it
+    without fewer or cheaper system calls per delivery.
+    """
+    base = report.baseline
+    rows, floors = [], []
+    for row in load_ratios(report.aggregates, loadgen, base, peer):
+        mine, theirs = row.baseline.figures, row.peer.figures
+        if mine.get("servers_sys_us_per_delivery") is None or theirs.get("servers_sys_us_per_delivery") is None:
+            continue
+        user = ratio(mine.get("servers_user_us_per_delivery"), theirs.get("servers_user_us_per_delivery"))
+        floor = ratio(mine.get("servers_sys_us_per_delivery"), theirs.get("servers_us_per_delivery"))
+        if row.below_saturation and floor is not None:
+            floors.append(floor)
+        rows.append([row.scenario, "yes" if row.below_saturation else "no",
+                     f"{sig(mine.get('servers_user_us_per_delivery'))} / {sig(mine.get('servers_sys_us_per_delivery'))}",
+                     f"{sig(theirs.get('servers_user_us_per_delivery'))} / {sig(theirs.get('servers_sys_us_per_delivery'))}",
+                     sig(user), sig(floor)])
+    if not rows:
+        return []
+    out = [f"User and kernel CPU per delivery (µs, from each server process's `cpu_sys_s`). *Kernel floor*: "
+           f"{base}'s kernel µs per delivery over {peer}'s whole CPU µs per delivery, the lowest CPU ratio "
+           f"{base} could reach with its own code free and the same system calls.", "",
+           md_table(["scenario", "below saturation", f"{base} user / kernel", f"{peer} user / kernel",
+                     "user ratio", "kernel floor"], rows, ["left", "left"] + ["right"] * 4), ""]
+    if floors:
+        above = sum(1 for floor in floors if floor > TARGET_FRACTION * (1 + RATIO_SLACK))
+        out += [f"Below saturation the kernel floor is above {sig(TARGET_FRACTION)} in {above} of "
+                f"{len(floors)} scenarios (median {sig(statistics.median(floors))}).", ""]
     return out
 
 

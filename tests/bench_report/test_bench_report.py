@@ -136,6 +136,35 @@ def test_cpu_ratio_one_third_is_met(tmp_path):
     assert target_rows[0][2] == "met"
 
 
+def servers(*sys_seconds):
+    return [{"name": f"s{i}", "kind": "server", "cpu_s": 1.0, "cpu_sys_s": sys_s}
+            for i, sys_s in enumerate(sys_seconds)] + [{"name": "loadgen", "kind": "loadgen", "cpu_sys_s": 9.0}]
+
+
+def test_cpu_split_into_user_and_kernel_with_the_kernel_floor(tmp_path):
+    lines = [
+        # chorus: 1.0 s in all, 0.5 s of it kernel; the peer: 2.0 s, 0.6 s kernel
+        load_line("chorus", "http-c1000-k10-r100", cpu=1.0, received=100_000, processes=servers(0.25, 0.25)),
+        load_line("peer", "http-c1000-k10-r100", cpu=2.0, received=100_000, processes=servers(0.3, 0.3)),
+        # a server process without cpu_sys_s: no split for that scenario
+        load_line("chorus", "http-c1000-k10-r50", cpu=1.0, received=100_000,
+                  processes=[{"name": "s0", "kind": "server", "cpu_s": 1.0}]),
+        load_line("peer", "http-c1000-k10-r50", cpu=2.0, received=100_000, processes=servers(0.3)),
+    ]
+    report = report_for(tmp_path, lines)
+    figures = report.aggregates[("node-loadgen", "chorus", "http-c1000-k10-r100")].figures
+    assert figures["servers_sys_us_per_delivery"] == pytest.approx(5.0)
+    assert figures["servers_user_us_per_delivery"] == pytest.approx(5.0)
+    assert report.aggregates[("node-loadgen", "chorus", "http-c1000-k10-r50")].figures["servers_sys_s"] is None
+
+    markdown = (run_report(tmp_path, lines) / "results.md").read_text(encoding="utf-8")
+    heading = next(line for line in markdown.splitlines() if line.startswith("User and kernel CPU per delivery"))
+    [row] = table_rows(markdown, heading)
+    assert row[0] == "http-c1000-k10-r100"
+    assert row[2:] == ["5.00 / 5.00", "14.0 / 6.00", "0.357", "0.250"]
+    assert "the kernel floor is above 0.333 in 0 of 1 scenarios (median 0.250)" in markdown
+
+
 def test_cpu_target_uses_the_worst_scenario_below_saturation(tmp_path):
     lines = [
         load_line("chorus", "socket-c1000-k10-r250", cpu=1.0),
