@@ -11,13 +11,6 @@ use std::{
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use futures::StreamExt;
-use k8s_openapi::api::{
-    apps::v1::{Deployment, StatefulSet},
-    autoscaling::v2::HorizontalPodAutoscaler,
-    core::v1::{Secret, Service},
-    networking::v1::NetworkPolicy,
-    policy::v1::PodDisruptionBudget,
-};
 use kube::{
     Api, Client,
     api::ListParams,
@@ -26,10 +19,11 @@ use kube::{
 use tokio::sync::watch;
 
 use crate::{
+    cache::Caches,
     crd::RealtimeApp,
     metrics::Metrics,
     reconcile::{Context, error_policy, reconcile},
-    resources::{Child, MANAGER, OperatorConfig},
+    resources::{MANAGER, OperatorConfig},
 };
 
 /// Settings of `chorus-operator run`.
@@ -124,12 +118,6 @@ pub async fn run(
         leader = Some((is_leader, task));
     }
 
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        config.operator.clone(),
-        Recorder::new(client.clone(), MANAGER.into()),
-        metrics,
-    ));
     // Children carry the managed-by label: watch only those.
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
@@ -160,14 +148,18 @@ pub async fn run(
         namespace = ns.as_deref().unwrap_or("(all)"),
         "controller running"
     );
-    Controller::new(apps, watcher::Config::default().any_semantic())
-        .owns(api::<Deployment>(&client, &ns), owned.clone())
-        .owns(api::<StatefulSet>(&client, &ns), owned.clone())
-        .owns(api::<Service>(&client, &ns), owned.clone())
-        .owns(api::<Secret>(&client, &ns), owned.clone())
-        .owns(api::<HorizontalPodAutoscaler>(&client, &ns), owned.clone())
-        .owns(api::<PodDisruptionBudget>(&client, &ns), owned.clone())
-        .owns(api::<NetworkPolicy>(&client, &ns), owned)
+    let controller = Controller::new(apps, watcher::Config::default().any_semantic());
+    let (controller, caches) = Caches::attach(controller, &client, ns.as_deref(), &owned);
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            config.operator.clone(),
+            Recorder::new(client.clone(), MANAGER.into()),
+            metrics,
+        )
+        .with_caches(caches),
+    );
+    controller
         .graceful_shutdown_on(trigger)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -181,13 +173,6 @@ pub async fn run(
     }
     tracing::info!("controller stopped");
     Ok(())
-}
-
-fn api<K: Child>(client: &Client, ns: &Option<String>) -> Api<K> {
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
 }
 
 /// Resolves once the flag turns true.

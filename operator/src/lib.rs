@@ -1,6 +1,7 @@
 //! chorus-operator: turns `RealtimeApp` resources into Redis, server pods with the Redis
 //! adapter configuration injected, a Service, scaling objects, and status conditions.
 
+pub mod cache;
 pub mod controller;
 pub mod crd;
 pub mod metrics;

@@ -30,10 +30,11 @@ use kube::{
 use serde_json::json;
 
 use crate::{
+    cache::{Cached, Caches},
     crd::{RealtimeApp, RealtimeAppStatus, SecretKeyRef},
     metrics::Metrics,
     resources::{
-        self, App, BuildError, Child, Inputs, MANAGER, OperatorConfig, digest,
+        self, App, BuildError, Inputs, MANAGER, OperatorConfig, digest,
         env::{RedisEndpoint, secret_refs},
     },
     status::{self, Observed, Problem, READY},
@@ -62,6 +63,9 @@ pub struct Context {
     pub config: OperatorConfig,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// The controller's watch caches of the children; without them, children are read
+    /// from the API.
+    caches: Option<Caches>,
     /// Consecutive failures per app, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -78,8 +82,30 @@ impl Context {
             config,
             recorder,
             metrics,
+            caches: None,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Reads children from these caches instead of the API.
+    pub fn with_caches(mut self, caches: Caches) -> Self {
+        self.caches = Some(caches);
+        self
+    }
+
+    /// The live child `name`, from the caches when there are any.
+    async fn live<K: Cached>(
+        &self,
+        api: &Api<K>,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<K>, Error> {
+        if let Some(caches) = &self.caches
+            && let Some(cached) = caches.get(ns, name).await
+        {
+            return Ok(cached);
+        }
+        Ok(api.get_opt(name).await?)
     }
 
     async fn event(&self, app: &RealtimeApp, type_: EventType, reason: &str, note: String) {
@@ -177,14 +203,14 @@ async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error
             apply(&svc_api, redis.service.clone(), app, ctx).await?;
             match &redis.network_policy {
                 Some(np) => drop(apply(&np_api, np.clone(), app, ctx).await?),
-                None => delete_owned(&np_api, &redis_name, &owner_uid, app, ctx).await?,
+                None => delete_owned(&np_api, &ns, &redis_name, &owner_uid, app, ctx).await?,
             }
             Some(Some(sts))
         }
         None => {
-            delete_owned(&np_api, &redis_name, &owner_uid, app, ctx).await?;
-            delete_owned(&sts_api, &redis_name, &owner_uid, app, ctx).await?;
-            delete_owned(&svc_api, &redis_name, &owner_uid, app, ctx).await?;
+            delete_owned(&np_api, &ns, &redis_name, &owner_uid, app, ctx).await?;
+            delete_owned(&sts_api, &ns, &redis_name, &owner_uid, app, ctx).await?;
+            delete_owned(&svc_api, &ns, &redis_name, &owner_uid, app, ctx).await?;
             None
         }
     };
@@ -194,7 +220,7 @@ async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error
     // Deployment as it is until the Secret exists.
     let deployment = match (&children.deployment, problems.is_empty()) {
         (Some(d), true) => Some(apply(&deploy_api, d.clone(), app, ctx).await?),
-        _ => deploy_api.get_opt(&app.name_any()).await?,
+        _ => ctx.live(&deploy_api, &ns, &app.name_any()).await?,
     };
     if let Some(svc) = &children.service {
         apply(&svc_api, svc.clone(), app, ctx).await?;
@@ -202,12 +228,12 @@ async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error
     let hpa_api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
     match &children.hpa {
         Some(h) => drop(apply(&hpa_api, h.clone(), app, ctx).await?),
-        None => delete_owned(&hpa_api, &app.name_any(), &owner_uid, app, ctx).await?,
+        None => delete_owned(&hpa_api, &ns, &app.name_any(), &owner_uid, app, ctx).await?,
     }
     let pdb_api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
     match &children.pdb {
         Some(p) => drop(apply(&pdb_api, p.clone(), app, ctx).await?),
-        None => delete_owned(&pdb_api, &app.name_any(), &owner_uid, app, ctx).await?,
+        None => delete_owned(&pdb_api, &ns, &app.name_any(), &owner_uid, app, ctx).await?,
     }
 
     let observed = Observed {
@@ -249,7 +275,8 @@ async fn create_once(
     ctx: &Context,
 ) -> Result<(), Error> {
     let name = secret.name_any();
-    if api.get_opt(&name).await?.is_some() {
+    let ns = secret.namespace().unwrap_or_default();
+    if ctx.live(api, &ns, &name).await?.is_some() {
         return Ok(());
     }
     match api.create(&PostParams::default(), &secret).await {
@@ -323,7 +350,7 @@ fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
 }
 
 /// Applies `obj` unless the live object already carries the same applied hash.
-async fn apply<K: Child>(
+async fn apply<K: Cached>(
     api: &Api<K>,
     mut obj: K,
     app: &RealtimeApp,
@@ -335,7 +362,8 @@ async fn apply<K: Child>(
         .annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(APPLIED_ANNOTATION.into(), hash.clone());
-    let live = api.get_opt(&name).await?;
+    let ns = obj.namespace().unwrap_or_default();
+    let live = ctx.live(api, &ns, &name).await?;
     if let Some(live) = live.as_ref()
         && live.annotations().get(APPLIED_ANNOTATION) == Some(&hash)
     {
@@ -361,14 +389,15 @@ async fn apply<K: Child>(
 }
 
 /// Deletes a child this app owns and no longer wants.
-async fn delete_owned<K: Child>(
+async fn delete_owned<K: Cached>(
     api: &Api<K>,
+    ns: &str,
     name: &str,
     owner_uid: &str,
     app: &RealtimeApp,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let Some(live) = api.get_opt(name).await? else {
+    let Some(live) = ctx.live(api, ns, name).await? else {
         return Ok(());
     };
     if !live.owner_references().iter().any(|o| o.uid == owner_uid) {

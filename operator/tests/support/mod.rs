@@ -91,7 +91,7 @@ struct State {
     /// (method, path substring, status code): the next matching request fails so.
     failures: VecDeque<(String, String, u16)>,
     /// Requests that came through `client()` (not the test's own calls), by verb:
-    /// GET, LIST, WATCH, POST, PUT, PATCH, DELETE.
+    /// GET, LIST, WATCH, POST, PUT, PATCH, DELETE; and GETs by resource ("GET secrets").
     verbs: BTreeMap<String, u64>,
 }
 
@@ -121,7 +121,16 @@ impl FakeApi {
                 } else {
                     parts.method.as_str()
                 };
-                *api.state().verbs.entry(verb.to_owned()).or_default() += 1;
+                {
+                    let mut state = api.state();
+                    *state.verbs.entry(verb.to_owned()).or_default() += 1;
+                    if let Some(loc) = locate(&path).filter(|_| verb == "GET") {
+                        *state
+                            .verbs
+                            .entry(format!("GET {}", loc.resource))
+                            .or_default() += 1;
+                    }
+                }
                 let resp = if watch {
                     api.watch(&path, &query)
                 } else if list {

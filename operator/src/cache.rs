@@ -1,0 +1,153 @@
+//! Watch caches of the children the operator manages.
+//!
+//! The controller watches its children anyway (to reconcile an app when one of them
+//! changes); keeping what those watches see in stores lets a reconcile read the live
+//! children from memory. A periodic resync of an app that needs nothing then makes no API
+//! request at all, instead of one GET per child.
+
+use k8s_openapi::api::{
+    apps::v1::{Deployment, StatefulSet},
+    autoscaling::v2::HorizontalPodAutoscaler,
+    core::v1::{Secret, Service},
+    networking::v1::NetworkPolicy,
+    policy::v1::PodDisruptionBudget,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{
+        Controller, WatchStreamExt,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+
+use crate::{crd::RealtimeApp, resources::Child};
+
+/// One store per kind of child.
+#[derive(Clone)]
+pub struct Caches {
+    deployments: Store<Deployment>,
+    statefulsets: Store<StatefulSet>,
+    services: Store<Service>,
+    secrets: Store<Secret>,
+    hpas: Store<HorizontalPodAutoscaler>,
+    pdbs: Store<PodDisruptionBudget>,
+    network_policies: Store<NetworkPolicy>,
+}
+
+/// A kind of child that has a store in [`Caches`].
+pub trait Cached: Child {
+    fn store(caches: &Caches) -> &Store<Self>;
+
+    /// What the store keeps of an object: by default all but its managed fields, which no
+    /// reconcile reads.
+    fn trim(obj: &mut Self) {
+        obj.managed_fields_mut().clear();
+    }
+}
+
+macro_rules! cached {
+    ($($kind:ty => $field:ident),* $(,)?) => {
+        $(impl Cached for $kind {
+            fn store(caches: &Caches) -> &Store<Self> {
+                &caches.$field
+            }
+        })*
+    };
+}
+cached!(
+    Deployment => deployments,
+    StatefulSet => statefulsets,
+    Service => services,
+    HorizontalPodAutoscaler => hpas,
+    PodDisruptionBudget => pdbs,
+    NetworkPolicy => network_policies,
+);
+
+impl Cached for Secret {
+    fn store(caches: &Caches) -> &Store<Self> {
+        &caches.secrets
+    }
+
+    /// A generated Secret is only ever checked for existence: its values stay out of memory.
+    fn trim(obj: &mut Self) {
+        obj.managed_fields_mut().clear();
+        obj.data = None;
+        obj.string_data = None;
+    }
+}
+
+impl Caches {
+    /// Adds the watch of each kind of child to `controller` as a trigger, and keeps what
+    /// the watches see in the returned caches. `namespace`: None watches every namespace;
+    /// `config` selects the children.
+    pub fn attach(
+        controller: Controller<RealtimeApp>,
+        client: &Client,
+        namespace: Option<&str>,
+        config: &watcher::Config,
+    ) -> (Controller<RealtimeApp>, Self) {
+        let source = Source {
+            client,
+            namespace,
+            config,
+        };
+        let (controller, deployments) = source.own(controller);
+        let (controller, statefulsets) = source.own(controller);
+        let (controller, services) = source.own(controller);
+        let (controller, secrets) = source.own(controller);
+        let (controller, hpas) = source.own(controller);
+        let (controller, pdbs) = source.own(controller);
+        let (controller, network_policies) = source.own(controller);
+        let caches = Self {
+            deployments,
+            statefulsets,
+            services,
+            secrets,
+            hpas,
+            pdbs,
+            network_policies,
+        };
+        (controller, caches)
+    }
+
+    /// The cached child `name` in `namespace`, once its store has had its first full list
+    /// (before that, "not in the store" would not mean "absent"). None when the watches
+    /// have ended: the caller then reads from the API.
+    pub async fn get<K: Cached>(&self, namespace: &str, name: &str) -> Option<Option<K>> {
+        let store = K::store(self);
+        store.wait_until_ready().await.ok()?;
+        let key = ObjectRef::new(name).within(namespace);
+        Some(store.get(&key).map(|obj| K::clone(&obj)))
+    }
+}
+
+/// The [`Api`] of a kind of child, namespaced or cluster-wide as the operator runs.
+pub fn api<K: Child>(client: &Client, namespace: Option<&str>) -> Api<K> {
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+struct Source<'a> {
+    client: &'a Client,
+    namespace: Option<&'a str>,
+    config: &'a watcher::Config,
+}
+
+impl Source<'_> {
+    /// Watches one kind for `controller` (its changes trigger the owner's reconcile) and
+    /// returns the store that the watch fills as the controller polls it.
+    fn own<K: Cached>(
+        &self,
+        controller: Controller<RealtimeApp>,
+    ) -> (Controller<RealtimeApp>, Store<K>) {
+        let (reader, writer) = reflector::store();
+        let events = watcher(api::<K>(self.client, self.namespace), self.config.clone())
+            .default_backoff()
+            .modify(K::trim);
+        let feed = reflector::reflector(writer, events).touched_objects();
+        (controller.owns_stream(feed), reader)
+    }
+}
