@@ -2,8 +2,10 @@
 //!
 //! The controller watches its children anyway (to reconcile an app when one of them
 //! changes); keeping what those watches see in stores lets a reconcile read the live
-//! children from memory. A periodic resync of an app that needs nothing then makes no API
-//! request at all, instead of one GET per child.
+//! children from memory: a periodic resync of an app that needs nothing then reads only the
+//! Secrets whose values it needs, instead of making one GET per child.
+
+use std::time::Duration;
 
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
@@ -22,6 +24,9 @@ use kube::{
 };
 
 use crate::{crd::RealtimeApp, resources::Child};
+
+/// How long a reconcile waits for a watch's first list before reading from the API.
+pub const LIST_WAIT: Duration = Duration::from_secs(10);
 
 /// One store per kind of child.
 #[derive(Clone)]
@@ -112,11 +117,15 @@ impl Caches {
     }
 
     /// The cached child `name` in `namespace`, once its store has had its first full list
-    /// (before that, "not in the store" would not mean "absent"). None when the watches
-    /// have ended: the caller then reads from the API.
+    /// (before that, "not in the store" would not mean "absent"). None when the watch has
+    /// not listed within [`LIST_WAIT`] (say, RBAC refuses it) or has ended: the caller then
+    /// reads from the API, whose error then says what is wrong.
     pub async fn get<K: Cached>(&self, namespace: &str, name: &str) -> Option<Option<K>> {
         let store = K::store(self);
-        store.wait_until_ready().await.ok()?;
+        tokio::time::timeout(LIST_WAIT, store.wait_until_ready())
+            .await
+            .ok()?
+            .ok()?;
         let key = ObjectRef::new(name).within(namespace);
         Some(store.get(&key).map(|obj| K::clone(&obj)))
     }
