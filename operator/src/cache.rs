@@ -44,11 +44,10 @@ pub struct Caches {
 pub trait Cached: Child {
     fn store(caches: &Caches) -> &Store<Self>;
 
-    /// What the store keeps of an object: by default all but its managed fields, which no
-    /// reconcile reads.
-    fn trim(obj: &mut Self) {
-        obj.managed_fields_mut().clear();
-    }
+    /// What the store keeps of an object: its metadata and status, which is all a reconcile
+    /// reads of a live child (it compares the applied-hash annotation, the owner, and the
+    /// rollout status), not its spec or managed fields.
+    fn trim(obj: &mut Self);
 }
 
 macro_rules! cached {
@@ -56,6 +55,11 @@ macro_rules! cached {
         $(impl Cached for $kind {
             fn store(caches: &Caches) -> &Store<Self> {
                 &caches.$field
+            }
+
+            fn trim(obj: &mut Self) {
+                obj.managed_fields_mut().clear();
+                obj.spec = None;
             }
         })*
     };

@@ -349,7 +349,8 @@ fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
         })
 }
 
-/// Applies `obj` unless the live object already carries the same applied hash.
+/// Applies `obj` unless the live object already carries the same applied hash. Returns the
+/// live object, for its status (from the caches it has metadata and status only).
 async fn apply<K: Cached>(
     api: &Api<K>,
     mut obj: K,
