@@ -14,7 +14,7 @@ use futures::StreamExt;
 use kube::{
     Api, Client,
     api::ListParams,
-    runtime::{Controller, events::Recorder, watcher},
+    runtime::{Controller, controller::Error as ControllerError, events::Recorder, watcher},
 };
 use tokio::sync::watch;
 
@@ -163,8 +163,13 @@ pub async fn run(
         .graceful_shutdown_on(trigger)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!("reconcile: {e}");
+            match result {
+                // A watch that fails (say, RBAC refuses it) is retried with backoff; until
+                // it lists, reconciles read that kind from the API (see cache.rs).
+                Err(ControllerError::QueueError(e)) => tracing::warn!("watch failed: {e}"),
+                // Reconcile failures are already logged by error_policy.
+                Err(e) => tracing::debug!("reconcile: {e}"),
+                Ok(_) => {}
             }
         })
         .await;

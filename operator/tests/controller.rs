@@ -40,6 +40,19 @@ fn config(port: u16, leader_elect: bool) -> RunConfig {
     }
 }
 
+/// Shuts the controller down and checks that it stopped cleanly.
+async fn stop(
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<(), controller::RunError>>,
+) {
+    stop_tx.send(()).expect("running");
+    let result = tokio::time::timeout(Duration::from_secs(15), running)
+        .await
+        .expect("the controller stops on shutdown")
+        .expect("task");
+    assert!(result.is_ok(), "{result:?}");
+}
+
 async fn http_get(port: u16, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -104,12 +117,7 @@ async fn the_controller_reconciles_new_apps_and_repairs_deleted_children() {
     })
     .await;
 
-    stop_tx.send(()).expect("running");
-    let result = tokio::time::timeout(Duration::from_secs(15), running)
-        .await
-        .expect("the controller stops on shutdown")
-        .expect("task");
-    assert!(result.is_ok(), "{result:?}");
+    stop(stop_tx, running).await;
 }
 
 #[tokio::test]
@@ -164,12 +172,7 @@ async fn with_leader_election_it_takes_the_lease_and_serves_metrics() {
         .unwrap_or(0.0);
     assert!(reconciles >= 1.0, "{metrics}");
 
-    stop_tx.send(()).expect("running");
-    let result = tokio::time::timeout(Duration::from_secs(15), running)
-        .await
-        .expect("stops")
-        .expect("task");
-    assert!(result.is_ok(), "{result:?}");
+    stop(stop_tx, running).await;
 }
 
 #[tokio::test]
@@ -204,4 +207,39 @@ async fn watch_namespace_limits_the_controller_to_one_namespace() {
     let _ = tokio::time::timeout(Duration::from_secs(15), running)
         .await
         .expect("stops");
+}
+
+#[tokio::test]
+async fn a_refused_child_watch_slows_reconciles_but_does_not_stop_them() {
+    // As with RBAC that lacks list and watch on PodDisruptionBudgets: that kind's cache never
+    // fills, so a reconcile waits for it at most cache::LIST_WAIT, then reads from the API.
+    let api = FakeApi::default();
+    api.refuse_list_and_watch("poddisruptionbudgets");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(controller::run(
+        api.client(),
+        config(0, false),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    api.create(
+        &app_path("team", "chat"),
+        json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp",
+               "metadata": {"name": "chat", "namespace": "team"}, "spec": {"replicas": 2}}),
+    );
+    let limit = chorus_operator::cache::LIST_WAIT + Duration::from_secs(10);
+    eventually("the app's children and status", limit, || {
+        api.get(&deployment_path("team", "chat")).is_some()
+            && api
+                .get("/apis/policy/v1/namespaces/team/poddisruptionbudgets/chat")
+                .is_some()
+            && api
+                .get(&app_path("team", "chat"))
+                .is_some_and(|a| a["status"]["observedGeneration"] == json!(1))
+    })
+    .await;
+
+    stop(stop_tx, running).await;
 }

@@ -90,6 +90,8 @@ struct State {
     events: Vec<Value>,
     /// (method, path substring, status code): the next matching request fails so.
     failures: VecDeque<(String, String, u16)>,
+    /// Resources whose LIST and WATCH requests are refused.
+    refused: Vec<String>,
     /// Requests that came through `client()` (not the test's own calls), by verb:
     /// GET, LIST, WATCH, POST, PUT, PATCH, DELETE; and GETs by resource ("GET secrets").
     verbs: BTreeMap<String, u64>,
@@ -131,7 +133,11 @@ impl FakeApi {
                             .or_default() += 1;
                     }
                 }
-                let resp = if watch {
+                let refused = locate(&path)
+                    .is_some_and(|l| (watch || list) && api.state().refused.contains(&l.resource));
+                let resp = if refused {
+                    json_response(403, &status(403, "Forbidden", "list and watch refused"))
+                } else if watch {
                     api.watch(&path, &query)
                 } else if list {
                     json_response(200, &api.list(&path, &query))
@@ -183,6 +189,11 @@ impl FakeApi {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses every LIST and WATCH of `resource` (403), as RBAC without those verbs would.
+    pub fn refuse_list_and_watch(&self, resource: &str) {
+        self.state().refused.push(resource.into());
     }
 
     /// Makes the next `method` request whose path contains `path_part` fail with `code`.
