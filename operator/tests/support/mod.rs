@@ -115,7 +115,8 @@ impl FakeApi {
                 let path = parts.uri.path().to_owned();
                 let query = parts.uri.query().unwrap_or("").to_owned();
                 let watch = parts.method == "GET" && query_param(&query, "watch") == Some("true");
-                let list = parts.method == "GET" && locate(&path).is_some_and(|l| l.name.is_none());
+                let loc = locate(&path);
+                let list = parts.method == "GET" && loc.as_ref().is_some_and(|l| l.name.is_none());
                 let verb = if watch {
                     "WATCH"
                 } else if list {
@@ -123,18 +124,15 @@ impl FakeApi {
                 } else {
                     parts.method.as_str()
                 };
-                {
+                let refused = {
                     let mut state = api.state();
                     *state.verbs.entry(verb.to_owned()).or_default() += 1;
-                    if let Some(loc) = locate(&path).filter(|_| verb == "GET") {
-                        *state
-                            .verbs
-                            .entry(format!("GET {}", loc.resource))
-                            .or_default() += 1;
+                    let resource = loc.map(|l| l.resource).unwrap_or_default();
+                    if verb == "GET" && !resource.is_empty() {
+                        *state.verbs.entry(format!("GET {resource}")).or_default() += 1;
                     }
-                }
-                let refused = locate(&path)
-                    .is_some_and(|l| (watch || list) && api.state().refused.contains(&l.resource));
+                    (watch || list) && state.refused.contains(&resource)
+                };
                 let resp = if refused {
                     json_response(403, &status(403, "Forbidden", "list and watch refused"))
                 } else if watch {
