@@ -29,7 +29,6 @@ use crate::{crd::RealtimeApp, resources::Child};
 pub const LIST_WAIT: Duration = Duration::from_secs(10);
 
 /// One store per kind of child.
-#[derive(Clone)]
 pub struct Caches {
     deployments: Store<Deployment>,
     statefulsets: Store<StatefulSet>,
@@ -135,7 +134,8 @@ impl Caches {
     }
 }
 
-/// The [`Api`] of a kind of child, namespaced or cluster-wide as the operator runs.
+/// The [`Api`] of a namespaced kind (a child, or the RealtimeApps themselves), in one
+/// namespace or in all, as the operator runs.
 pub fn api<K: Child>(client: &Client, namespace: Option<&str>) -> Api<K> {
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),

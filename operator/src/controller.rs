@@ -12,14 +12,14 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use futures::StreamExt;
 use kube::{
-    Api, Client,
+    Client,
     api::ListParams,
     runtime::{Controller, controller::Error as ControllerError, events::Recorder, watcher},
 };
 use tokio::sync::watch;
 
 use crate::{
-    cache::Caches,
+    cache::{self, Caches},
     crd::RealtimeApp,
     metrics::Metrics,
     reconcile::{Context, error_policy, reconcile},
@@ -81,10 +81,7 @@ pub async fn run(
     )
     .await?;
 
-    let apps: Api<RealtimeApp> = match &config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let apps = cache::api::<RealtimeApp>(&client, config.watch_namespace.as_deref());
     apps.list(&ListParams::default().limit(1))
         .await
         .map_err(RunError::Api)?;
