@@ -13,7 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
 
-command -v podman >/dev/null || { echo "SKIPPED: podman is not installed; the image test did not run"; exit 0; }
+. scripts/suite.sh
+for tool in podman node; do
+  command -v "$tool" >/dev/null || { cannot_run "container images" "$tool is not installed (.ci/run installs it)"; exit 0; }
+done
 
 work=$(mktemp -d)
 net=chorus-img-$$
@@ -36,6 +39,7 @@ export CONTAINERS_CONF=$work/containers.conf
 
 toolbox=localhost/chorus-toolbox:bookworm
 if ! podman image exists "$toolbox"; then
+  command -v debootstrap >/dev/null || { cannot_run "container images" "debootstrap is not installed (.ci/run installs it)"; exit 0; }
   mirror=$({ grep -shoE '^(URIs:|deb) +(\[[^]]*\] +)?https?://[^ ]+/debian/?( |$)' \
     /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list || true; } |
     grep -oE 'https?://[^ ]+' | grep -v -- '-security' | head -n 1)
