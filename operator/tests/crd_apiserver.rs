@@ -16,8 +16,12 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::Api;
 use serde_json::{Value, json};
 
+#[path = "common/cannot_run.rs"]
+mod cannot_run;
 #[path = "common/invalid_specs.rs"]
 mod invalid_specs;
+
+const SUITE: &str = "chorus-operator tests/crd_apiserver.rs";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -37,13 +41,19 @@ struct ApiServer {
 }
 
 impl ApiServer {
+    /// None when the tool or kubectl is missing (see [`cannot_run::cannot_run`]).
     fn start() -> Option<Self> {
         let start = tool_dir().join("start.sh");
         if !start.exists() {
-            eprintln!(
-                "SKIPPED: {} is not present; the CRD was not tested on a real API server",
-                start.display()
-            );
+            cannot_run::cannot_run(SUITE, &format!("{} not found", start.display()));
+            return None;
+        }
+        if Command::new("kubectl")
+            .args(["version", "--client"])
+            .output()
+            .is_err()
+        {
+            cannot_run::cannot_run(SUITE, "kubectl not found on PATH");
             return None;
         }
         let out = Command::new("bash")
