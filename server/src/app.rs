@@ -25,12 +25,13 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::{
     api,
     auth::Policy,
-    bus::{Bus, BusError, LinkState},
+    bus::{Adapter, Bus, BusError, LinkState},
     cluster::{CALL_TIMEOUT, Cluster},
-    config::{Config, Secret},
+    config::Config,
     metrics::Metrics,
     ops,
-    realtime::{self, Adapter, SocketCtx},
+    realtime::{self, SocketCtx},
+    state::AppState,
 };
 
 /// Room for the Socket.IO framing around a message of `max_payload` bytes, so that a message
@@ -41,16 +42,6 @@ const FRAME_SLACK: u64 = 64 * 1024;
 const WS_READ_BUFFER: usize = 1024;
 /// Longest wait for open HTTP requests after the sockets are closed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// What the HTTP handlers share.
-pub struct AppState {
-    pub io: SocketIo<Adapter>,
-    pub cluster: Arc<Cluster>,
-    pub bus: Bus,
-    pub metrics: Arc<Metrics>,
-    pub api_token: Option<Secret>,
-    pub draining: AtomicBool,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

@@ -21,10 +21,18 @@ use std::{
 };
 
 use redis::{AsyncCommands, FromRedisValue, PushInfo, PushKind, aio::ConnectionManager};
-use socketioxide_redis::drivers::{ChanItem, Driver, MessageStream};
+use socketioxide::adapter::Emitter;
+use socketioxide_redis::{
+    CustomRedisAdapter,
+    drivers::{ChanItem, Driver, MessageStream},
+};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::RedisUrl;
+
+/// The one Socket.IO adapter type: socketioxide-redis over [`Bus`] (Redis, or in-memory when
+/// single).
+pub type Adapter = CustomRedisAdapter<Emitter, Bus>;
 
 /// Upper bound on any single Redis command.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(2);

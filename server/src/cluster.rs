@@ -20,10 +20,7 @@ use serde::{Deserialize, Serialize};
 use socketioxide::{SocketIo, extract::SocketRef, socket::Sid};
 use tokio::sync::{OnceCell, mpsc};
 
-use crate::{
-    bus::{Bus, BusError},
-    realtime::Adapter,
-};
+use crate::bus::{Adapter, Bus, BusError};
 
 /// How long a caller waits for every replica's answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);

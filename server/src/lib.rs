@@ -2,6 +2,24 @@
 //!
 //! The binary (`main.rs`) only parses flags and calls [`app::run`]; tests and benchmarks
 //! drive the same library.
+//!
+//! Each module uses only modules listed above it (no cycles):
+//!
+//! | module | holds | uses |
+//! |---|---|---|
+//! | [`config`] | flags and environment | |
+//! | [`error`] | the contract's error codes, acks and error bodies | |
+//! | [`metrics`] | the Prometheus registry | |
+//! | [`validate`] | input rules for rooms, events, socket ids | error |
+//! | [`auth`] | the API token, socket JWTs, room patterns | config |
+//! | [`bus`] | the pub/sub link (Redis or memory) and the adapter type over it | config |
+//! | [`cluster`] | acknowledged calls to every replica | bus |
+//! | [`delivery`] | emitting to every replica, or locally when Redis is down | bus, error, metrics |
+//! | [`realtime`] | the Socket.IO handlers | auth, bus, delivery, error, metrics, validate |
+//! | [`state`] | what the HTTP handlers share | bus, cluster, config, metrics |
+//! | [`ops`] | health, readiness, metrics endpoints; request metrics | bus, metrics, state |
+//! | [`api`] | the `/v1` HTTP API and its OpenAPI description | auth, cluster, delivery, error, ops, state, validate |
+//! | [`app`] | wiring, serving and shutdown | api, auth, bus, cluster, config, metrics, ops, realtime, state |
 
 pub mod api;
 pub mod app;
@@ -9,8 +27,10 @@ pub mod auth;
 pub mod bus;
 pub mod cluster;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod metrics;
 pub mod ops;
 pub mod realtime;
+pub mod state;
 pub mod validate;

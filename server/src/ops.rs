@@ -1,4 +1,4 @@
-//! Operations endpoints: health, readiness, metrics, the OpenAPI description.
+//! Operations endpoints (health, readiness, metrics) and the request metrics of every route.
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -14,17 +14,12 @@ use axum::{
     routing::get,
 };
 use serde::Serialize;
-use utoipa::{
-    Modify, OpenApi, ToSchema,
-    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
-};
+use utoipa::ToSchema;
 
 use crate::{
-    api,
-    app::AppState,
     bus::LinkState,
-    error::{ErrorBody, ErrorCode},
     metrics::{RequestLabels, RouteLabels},
+    state::AppState,
 };
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -32,7 +27,6 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -85,32 +79,6 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         )],
         state.metrics.render(),
     )
-}
-
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
-}
-
-/// The OpenAPI 3 description, generated from the handlers' annotations.
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "chorus-server HTTP API", description = "Broadcast, membership and presence for a Chorus Socket.IO cluster."),
-    paths(api::broadcast, api::room_sockets, api::add_members, api::remove_members, api::disconnect, api::nodes),
-    components(schemas(ErrorBody, ErrorCode, Readiness)),
-    modifiers(&BearerAuth)
-)]
-pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
 }
 
 /// Counts and times every HTTP request by its route pattern (not the raw path, which would

@@ -6,24 +6,19 @@ use serde::Deserialize;
 use serde_json::Value;
 use socketioxide::{
     SocketIo,
-    adapter::Emitter,
     extract::{AckSender, SocketRef, State, TryData},
     handler::ConnectHandler,
-    operators::BroadcastOperators,
 };
-use socketioxide_core::adapter::errors::BroadcastError;
-use socketioxide_redis::CustomRedisAdapter;
 
 use crate::{
     auth::{AuthError, Grants, Policy, user_room},
-    bus::Bus,
+    bus::Adapter,
+    delivery::deliver,
     error::{Ack, ErrorCode, Failure},
-    metrics::Metrics,
+    metrics::{ErrorLabels, Metrics},
     validate,
 };
 
-/// The one adapter type: socketioxide-redis over [`Bus`] (Redis, or in-memory when single).
-pub type Adapter = CustomRedisAdapter<Emitter, Bus>;
 pub type Socket = SocketRef<Adapter>;
 
 /// What socket handlers share.
@@ -98,15 +93,12 @@ fn reply(ctx: &SocketCtx, ack: AckSender<Adapter>, result: Result<(), Failure>) 
     let _ = ack.send(&Ack::from(result));
 }
 
-pub fn count_refusal(metrics: &Metrics, code: ErrorCode) {
+fn count_refusal(metrics: &Metrics, code: ErrorCode) {
     let code = serde_json::to_value(code)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
-    metrics
-        .refused
-        .get_or_create(&crate::metrics::ErrorLabels { code })
-        .inc();
+    metrics.refused.get_or_create(&ErrorLabels { code }).inc();
 }
 
 fn room_arg(room: Result<Value, socketioxide::ParserError>) -> Result<String, Failure> {
@@ -206,40 +198,4 @@ async fn publish(
         ));
     }
     deliver(&ctx.metrics, || s.to(room.clone()), &event, &data).await
-}
-
-/// Emits through the adapter (every replica). If Redis fails, the message still reaches
-/// this replica's own sockets and the caller is told `cluster_unavailable`.
-pub async fn deliver(
-    metrics: &Metrics,
-    target: impl Fn() -> BroadcastOperators<Adapter>,
-    event: &str,
-    data: &Value,
-) -> Result<(), Failure> {
-    match target().emit(event, data).await {
-        Ok(()) => Ok(()),
-        Err(BroadcastError::Adapter(e)) => {
-            tracing::debug!("cluster broadcast failed, delivering locally: {e}");
-            if let Err(e) = target().local().emit(event, data).await {
-                count_socket_drops(metrics, &e);
-            }
-            metrics.local_only_deliveries.inc();
-            Err(Failure::cluster_unavailable(
-                "delivered to this replica's sockets only: the cluster link (Redis) is down",
-            ))
-        }
-        Err(e) => {
-            // Some local sockets could not take the message (closed or buffer full); the
-            // rest, and every other replica, got it.
-            count_socket_drops(metrics, &e);
-            Ok(())
-        }
-    }
-}
-
-fn count_socket_drops(metrics: &Metrics, e: &BroadcastError) {
-    if let BroadcastError::Socket(errors) = e {
-        metrics.socket_drops.inc_by(errors.len() as u64);
-    }
-    tracing::debug!("some sockets missed a message: {e}");
 }
