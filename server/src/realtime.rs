@@ -1,11 +1,11 @@
 //! The Socket.IO side: connection auth and the `join`, `leave` and `publish` events.
 
-use std::sync::Arc;
+use std::{io, sync::Arc};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use socketioxide::{
-    SocketIo,
+    ParserError, SocketIo,
     extract::{AckSender, SocketRef, State, TryData},
     handler::ConnectHandler,
 };
@@ -37,6 +37,12 @@ pub async fn register(io: &SocketIo<Adapter>) -> Result<(), String> {
         .map_err(|e| format!("cannot start the Socket.IO adapter: {e}"))
 }
 
+/// The connection's auth payload: `auth: {token}` in Socket.IO clients.
+#[derive(Deserialize)]
+struct ConnectAuth {
+    token: String,
+}
+
 /// Connect middleware: with a JWT secret, refuses sockets without a valid token
 /// (`connect_error` with message `unauthorized`); then sets the socket up.
 ///
@@ -48,11 +54,12 @@ pub async fn register(io: &SocketIo<Adapter>) -> Result<(), String> {
 async fn authenticate(
     s: Socket,
     State(ctx): Ctx,
-    TryData(auth): TryData<Value>,
+    TryData(auth): TryData<ConnectAuth>,
 ) -> Result<(), AuthError> {
     let token = if ctx.policy.requires_token() {
+        // An auth payload without a string `token` is no token: the query may carry one.
         auth.ok()
-            .and_then(|a| a.get("token").and_then(Value::as_str).map(str::to_owned))
+            .map(|a| a.token)
             .or_else(|| query_token(s.req_parts().uri.query()))
     } else {
         None
@@ -101,20 +108,16 @@ fn count_refusal(metrics: &Metrics, code: ErrorCode) {
     metrics.refused.get_or_create(&ErrorLabels { code }).inc();
 }
 
-fn room_arg(room: Result<Value, socketioxide::ParserError>) -> Result<String, Failure> {
-    match room {
-        Ok(Value::String(room)) => {
-            validate::room(&room)?;
-            Ok(room)
-        }
-        _ => Err(Failure::invalid("expected a room name (string)")),
-    }
+fn room_arg(room: Result<String, ParserError>) -> Result<String, Failure> {
+    let room = room.map_err(|_| Failure::invalid("expected a room name (string)"))?;
+    validate::room(&room)?;
+    Ok(room)
 }
 
 async fn on_join(
     s: Socket,
     State(ctx): Ctx,
-    TryData(room): TryData<Value>,
+    TryData(room): TryData<String>,
     ack: AckSender<Adapter>,
 ) {
     let result = room_arg(room).and_then(|room| {
@@ -135,14 +138,15 @@ async fn on_join(
 async fn on_leave(
     s: Socket,
     State(ctx): Ctx,
-    TryData(room): TryData<Value>,
+    TryData(room): TryData<String>,
     ack: AckSender<Adapter>,
 ) {
     let result = room_arg(room).map(|room| s.leave(room));
     reply(&ctx, ack, result);
 }
 
-#[derive(Deserialize)]
+/// A `publish` event's payload.
+#[derive(Deserialize, Serialize)]
 struct Publish {
     room: String,
     event: String,
@@ -153,7 +157,7 @@ struct Publish {
 async fn on_publish(
     s: Socket,
     State(ctx): Ctx,
-    TryData(body): TryData<Value>,
+    TryData(body): TryData<Publish>,
     ack: AckSender<Adapter>,
 ) {
     let result = publish(&s, &ctx, body).await;
@@ -170,12 +174,11 @@ async fn on_publish(
 async fn publish(
     s: &Socket,
     ctx: &SocketCtx,
-    body: Result<Value, socketioxide::ParserError>,
+    body: Result<Publish, ParserError>,
 ) -> Result<(), Failure> {
-    let body = body.map_err(|_| Failure::invalid("expected {room, event, data}"))?;
-    let size = serde_json::to_vec(&body)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
+    let body =
+        body.map_err(|e| Failure::invalid(format!("expected {{room, event, data}}: {e}")))?;
+    let size = json_len(&body);
     if size > ctx.max_payload {
         return Err(Failure::new(
             ErrorCode::PayloadTooLarge,
@@ -185,8 +188,7 @@ async fn publish(
             ),
         ));
     }
-    let Publish { room, event, data } = serde_json::from_value(body)
-        .map_err(|e| Failure::invalid(format!("expected {{room, event, data}}: {e}")))?;
+    let Publish { room, event, data } = body;
     validate::room(&room)?;
     validate::event(&event)?;
     let grants =
@@ -198,4 +200,24 @@ async fn publish(
         ));
     }
     deliver(&ctx.metrics, || s.to(room.clone()), &event, &data).await
+}
+
+/// The length of `value` as JSON, counted without building the text.
+fn json_len(value: &impl Serialize) -> usize {
+    struct Count(usize);
+    impl io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        // Not reachable for JSON that was just read; refuse rather than guess.
+        Err(_) => usize::MAX,
+    }
 }
