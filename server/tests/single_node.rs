@@ -2,12 +2,8 @@
 
 mod support;
 
-use std::time::Duration;
-
 use serde_json::{Value, json};
 use support::{Api, Client, EVENT_WAIT, Replica};
-
-const QUIET: Duration = Duration::from_millis(300);
 
 fn single(env: &[(&str, String)]) -> (Replica, Api) {
     let r = Replica::spawn("solo", env);
@@ -40,8 +36,8 @@ async fn single_node_is_ready_and_delivers() {
         .await;
     assert_eq!(ack, json!({"ok": true}));
     assert_eq!(b.expect("msg").await, json!({"text": "hi"}));
-    a.expect_silence(QUIET).await; // the sender is excluded
-    c.expect_silence(QUIET).await; // other rooms hear nothing
+    // One process delivers in order, so each socket's next event shows what it did not get:
+    // the sender is excluded (a's next is "list"), other rooms hear nothing (c's is "all").
 
     // An array stays one argument.
     let (status, body) = api
@@ -53,24 +49,26 @@ async fn single_node_is_ready_and_delivers() {
     assert_eq!((status, body), (202, json!({"ok": true})));
     assert_eq!(a.expect("list").await, json!([1, 2, 3]));
     assert_eq!(b.expect("list").await, json!([1, 2, 3]));
-    c.expect_silence(QUIET).await;
 
     // No rooms: every socket.
-    api.post("/v1/broadcast", json!({"event": "all", "data": null}))
-        .await;
+    let all = json!({"event": "all", "data": null});
+    assert_eq!(api.post("/v1/broadcast", all).await.0, 202);
     for client in [&a, &b, &c] {
         assert_eq!(client.expect("all").await, Value::Null);
     }
 
     // Leaving stops delivery.
     assert_eq!(b.ack("leave", json!("chat")).await, json!({"ok": true}));
-    api.post(
-        "/v1/broadcast",
-        json!({"rooms": ["chat"], "event": "after", "data": 1}),
-    )
-    .await;
+    let after = json!({"rooms": ["chat"], "event": "after", "data": 1});
+    assert_eq!(api.post("/v1/broadcast", after).await.0, 202);
     assert_eq!(a.expect("after").await, json!(1));
-    b.expect_silence(QUIET).await;
+    let end = json!({"event": "end", "data": 2});
+    assert_eq!(api.post("/v1/broadcast", end).await.0, 202);
+    assert_eq!(
+        b.expect("end").await,
+        json!(2),
+        "b heard nothing since it left"
+    );
 
     let (status, nodes) = api.get("/v1/nodes").await;
     assert_eq!(status, 200);
@@ -115,6 +113,23 @@ async fn bad_socket_input_is_refused_and_the_server_keeps_serving() {
         let ack = a.ack(event, data.clone()).await;
         assert_eq!(invalid(ack), "invalid_request", "{event} {data}");
     }
+    // The message says what was wrong.
+    for (event, data, message) in [
+        ("join", json!(42), "expected a room name (string)"),
+        (
+            "publish",
+            json!({"room": "room", "data": 1}),
+            "expected {room, event, data}: missing field `event` at line 1 column 35",
+        ),
+        (
+            "publish",
+            json!({"room": "room", "event": "chorus:x"}),
+            "the event name \"chorus:x\" is reserved",
+        ),
+    ] {
+        let ack = a.ack(event, data).await;
+        assert_eq!(ack["message"], json!(message), "{ack}");
+    }
     let big = "x".repeat(4096);
     let ack = a
         .ack(
@@ -123,9 +138,9 @@ async fn bad_socket_input_is_refused_and_the_server_keeps_serving() {
         )
         .await;
     assert_eq!(invalid(ack), "payload_too_large");
-    b.expect_silence(QUIET).await;
 
-    // Still serving, both over the socket and over HTTP.
+    // Still serving, both over the socket and over HTTP; and b's first event is this one,
+    // so none of the refused publishes reached it.
     let ack = a
         .ack("publish", json!({"room": "room", "event": "ok", "data": 1}))
         .await;
@@ -294,9 +309,7 @@ async fn bad_http_input_gets_the_contract_errors() {
             "{answer}"
         );
     }
-    b.expect_silence(QUIET).await;
-
-    // Still serving.
+    // Still serving; and b's first event is this one, so no refused broadcast reached it.
     let (status, _) = api
         .post(
             "/v1/broadcast",
@@ -329,35 +342,92 @@ async fn openapi_and_metrics_describe_the_server() {
 
     let a = Client::connect(&r.url()).await;
     a.join("m").await;
-    a.ack("publish", json!({"room": "m", "event": "e", "data": 1}))
+    let ack = a
+        .ack("publish", json!({"room": "m", "event": "e", "data": 1}))
         .await;
-    api.post("/v1/broadcast", json!({"event": "e"})).await;
-    let (status, text) = api.get("/metrics").await;
-    assert_eq!(status, 200);
-    let text = text.as_str().expect("text").to_owned();
-    for line in [
-        "chorus_sockets_connected 1",
-        "chorus_messages_published_total 1",
-        "chorus_broadcasts_total 1",
-        "chorus_redis_connected 0",
+    assert_eq!(ack, json!({"ok": true}));
+    assert_eq!(
+        api.post("/v1/broadcast", json!({"event": "e"})).await,
+        (202, json!({"ok": true}))
+    );
+    let metrics = api.metrics().await;
+    let broadcast = [("method", "POST"), ("route", "/v1/broadcast")];
+    for (name, labels, value) in [
+        ("chorus_sockets_connected", &[][..], 1.0),
+        ("chorus_messages_published_total", &[], 1.0),
+        ("chorus_broadcasts_total", &[], 1.0),
+        ("chorus_redis_connected", &[], 0.0),
         // a client that reads its messages loses none
-        "chorus_socket_drops_total 0",
+        ("chorus_socket_drops_total", &[], 0.0),
+        ("chorus_local_only_deliveries_total", &[], 0.0),
+        (
+            "chorus_http_requests_total",
+            &[broadcast[0], broadcast[1], ("status", "202")],
+            1.0,
+        ),
+        (
+            "chorus_http_request_duration_seconds_count",
+            &broadcast,
+            1.0,
+        ),
     ] {
-        assert!(text.contains(line), "{line:?} not in metrics:\n{text}");
+        assert_eq!(
+            metrics.get(name, labels),
+            Some(value),
+            "{name}{labels:?} in {metrics:?}"
+        );
     }
-    assert!(text.contains(
-        r#"chorus_http_requests_total{method="POST",route="/v1/broadcast",status="202"} 1"#
-    ));
-    assert!(text.contains("chorus_http_request_duration_seconds_bucket"));
 
     // The gauge follows disconnects.
     a.sio.disconnect().await.expect("disconnect");
     support::eventually("chorus_sockets_connected back to 0", EVENT_WAIT, || async {
-        let (_, text) = api.get("/metrics").await;
-        text.as_str()
-            .is_some_and(|t| t.contains("chorus_sockets_connected 0"))
+        api.metrics().await.get("chorus_sockets_connected", &[]) == Some(0.0)
     })
     .await;
+}
+
+#[tokio::test]
+async fn refused_socket_events_are_counted_by_code() {
+    let (r, api) = single(&[]);
+    let a = Client::connect(&r.url()).await;
+    for _ in 0..12 {
+        assert_eq!(
+            a.ack("join", json!("")).await["error"],
+            json!("invalid_request")
+        );
+    }
+    let ack = a
+        .ack("publish", json!({"room": "r", "event": "connect"}))
+        .await;
+    assert_eq!(ack["error"], json!("invalid_request"));
+    let metrics = api.metrics().await;
+    assert_eq!(
+        metrics.get("chorus_refused_total", &[("code", "invalid_request")]),
+        Some(13.0)
+    );
+    assert_eq!(
+        metrics.get("chorus_refused_total", &[("code", "forbidden")]),
+        None
+    );
+}
+
+/// The reader that the metric checks rely on tells `1` from `12` and labels apart.
+#[test]
+fn metrics_are_read_exactly() {
+    let text =
+        "# TYPE x counter\nx_total 12\nx_total{a=\"1\",b=\"q\\\"\"} 1\ny 0.5 1700000000\n# EOF\n";
+    let m = support::openmetrics::Samples::parse(text).expect("parses");
+    assert_eq!(m.get("x_total", &[]), Some(12.0));
+    assert_eq!(m.get("x_total", &[("b", "q\""), ("a", "1")]), Some(1.0));
+    assert_eq!(m.get("x_total", &[("a", "1")]), None);
+    assert_eq!(m.get("x", &[]), None);
+    assert_eq!(m.get("y", &[]), Some(0.5));
+    for bad in ["x_total", "x_total{a=\"1\" 1", "x_total one", "x 1 2 3"] {
+        assert!(
+            support::openmetrics::Samples::parse(bad).is_err(),
+            "{bad:?}"
+        );
+    }
 }
 
 #[test]

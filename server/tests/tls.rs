@@ -5,7 +5,7 @@ mod support;
 use std::{path::Path, process::Command, time::Duration};
 
 use serde_json::json;
-use support::{Api, Client, Replica, free_port};
+use support::{Api, Client, Redis, Replica, TempDir};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let status = Command::new("openssl")
@@ -14,7 +14,7 @@ fn openssl(dir: &Path, args: &[&str]) {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .expect("openssl must be installed (apt-get install openssl)");
+        .expect("openssl runs (tools_present checks it is installed)");
     assert!(status.success(), "openssl {args:?}");
 }
 
@@ -43,13 +43,17 @@ fn make_ca(dir: &Path, name: &str) {
 
 #[tokio::test]
 async fn rediss_url_connects_over_tls() {
-    let dir = std::env::temp_dir().join(format!("chorus-tls-{}", support::rand_u64()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    make_ca(&dir, "ca");
+    if !support::tools_present(&["redis-server", "openssl"]) {
+        return;
+    }
+    // Dropped last: the guards below (redis, replicas) stop their processes first.
+    let tmp = TempDir::new("chorus-tls");
+    let dir = tmp.0.as_path();
+    make_ca(dir, "ca");
     // a second CA that signed nothing here, for the replica that must refuse the server
-    make_ca(&dir, "other-ca");
+    make_ca(dir, "other-ca");
     openssl(
-        &dir,
+        dir,
         &[
             "req",
             "-newkey",
@@ -65,7 +69,7 @@ async fn rediss_url_connects_over_tls() {
     );
     std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext file");
     openssl(
-        &dir,
+        dir,
         &[
             "x509",
             "-req",
@@ -85,31 +89,9 @@ async fn rediss_url_connects_over_tls() {
         ],
     );
 
-    let port = free_port();
-    let mut redis = Command::new("redis-server")
-        .current_dir(&dir)
-        .args([
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .args([
-            "--tls-cert-file",
-            "redis.pem",
-            "--tls-key-file",
-            "redis.key",
-        ])
-        .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
-        .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server starts");
-
+    let redis = Redis::start_tls(dir);
     let ca = dir.join("ca.pem").to_string_lossy().into_owned();
-    let url = format!("rediss://127.0.0.1:{port}");
+    let url = redis.url();
     let replicas: Vec<Replica> = (0..2)
         .map(|i| {
             Replica::spawn(
@@ -152,8 +134,4 @@ async fn rediss_url_connects_over_tls() {
     });
     let (status, body) = Api::new(&untrusting.url(), None).get("/readyz").await;
     assert_eq!(status, 503, "{body}");
-
-    let _ = redis.kill();
-    let _ = redis.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }

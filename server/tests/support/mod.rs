@@ -2,15 +2,19 @@
 //! separate processes of the real binary, a real Rust Socket.IO client, and an HTTP client.
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod openmetrics;
+
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::Once,
     time::{Duration, Instant},
 };
 
 use futures_util::FutureExt;
+use openmetrics::Samples;
 use rust_socketio::{
     Event, Payload, TransportType,
     asynchronous::{Client as SioClient, ClientBuilder},
@@ -19,6 +23,71 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_chorus-server");
+
+/// Whether every program in `tools` is on PATH, for a test to return at once when not.
+///
+/// A missing one under `CI=true` fails the test with one line naming it: nothing may pass by
+/// not running. Elsewhere the suite is skipped: `SKIPPED: <suite>: <reason>` on stderr and
+/// `<suite>: <reason>` appended to `$CHORUS_SKIP_LOG` (if set), once per test binary, as
+/// scripts/suite.sh does for the other suites.
+pub fn tools_present(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let suite = format!("chorus-server tests/{}.rs", env!("CARGO_CRATE_NAME"));
+    let reason = format!("{} not found on PATH", missing.join(", "));
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{suite} cannot run under CI=true: {reason}");
+    }
+    static LOGGED: Once = Once::new();
+    LOGGED.call_once(|| {
+        eprintln!("SKIPPED: {suite}: {reason}");
+        let Some(log) = std::env::var_os("CHORUS_SKIP_LOG").filter(|l| !l.is_empty()) else {
+            return;
+        };
+        let written = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log)
+            .and_then(|mut f| writeln!(f, "{suite}: {reason}"));
+        if let Err(e) = written {
+            eprintln!(
+                "cannot append to CHORUS_SKIP_LOG {}: {e}",
+                Path::new(&log).display()
+            );
+        }
+    });
+    false
+}
+
+fn on_path(tool: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(paths) = std::env::var_os("PATH") else {
+        return false;
+    };
+    std::env::split_paths(&paths).any(|dir| {
+        std::fs::metadata(dir.join(tool))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// A fresh directory under the system temp dir, removed when dropped (also when a test fails).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{:016x}", rand_u64()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -61,10 +130,12 @@ pub fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     panic!("{what} did not happen within {limit:?}");
 }
 
-/// A real redis-server, started by the test on a free loopback port.
+/// A real redis-server, started by the test on a free loopback port; dropping it kills it.
 pub struct Redis {
     pub port: u16,
     password: Option<String>,
+    /// TLS only, with `redis.pem`, `redis.key` and `ca.pem` from this directory.
+    tls: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -75,9 +146,20 @@ impl Redis {
 
     /// A Redis that requires `password` (`--requirepass`).
     pub fn start_with(password: Option<&str>) -> Self {
+        Self::launch(password.map(str::to_owned), None)
+    }
+
+    /// A Redis that speaks TLS only, with the server certificate `redis.pem` (key
+    /// `redis.key`) signed by `ca.pem`, all three in `dir`.
+    pub fn start_tls(dir: &Path) -> Self {
+        Self::launch(None, Some(dir.to_owned()))
+    }
+
+    fn launch(password: Option<String>, tls: Option<PathBuf>) -> Self {
         let mut redis = Self {
             port: free_port(),
-            password: password.map(str::to_owned),
+            password,
+            tls,
             child: None,
         };
         redis.restart();
@@ -85,31 +167,68 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         match &self.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(p) => format!("{scheme}://:{p}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
         }
     }
 
     /// Starts (again) on the same port.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis is already running");
+        let port = self.port.to_string();
+        let log = log_dir().join(format!("redis-{port}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new("redis-server");
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
         }
+        match &self.tls {
+            None => cmd.args(["--port", &port]),
+            Some(dir) => cmd.current_dir(dir).args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                "redis.pem",
+                "--tls-key-file",
+                "redis.key",
+                "--tls-ca-cert-file",
+                "ca.pem",
+                "--tls-auth-clients",
+                "no",
+            ]),
+        };
         let child = cmd
-            .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--loglevel", "warning"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(out)
             .spawn()
-            .expect("redis-server must be installed (apt-get install redis-server)");
+            .expect("redis-server starts (tools_present checks it is installed)");
         self.child = Some(child);
-        let port = self.port;
-        wait_until("redis answering PING", Duration::from_secs(10), || {
-            redis_ping(port)
+        let (port, tls) = (self.port, self.tls.is_some());
+        wait_until("redis answering", Duration::from_secs(10), || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("redis-server exited at start ({status}):\n{text}");
+            }
+            // A TLS port does not answer a plaintext PING; accepting connections will do.
+            if tls {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            } else {
+                redis_ping(port)
+            }
         });
     }
 
@@ -328,6 +447,14 @@ impl Api {
     pub async fn delete(&self, path: &str, body: Value) -> (u16, Value) {
         self.send("DELETE", path, Some(body.to_string().into_bytes()))
             .await
+    }
+
+    /// One scrape of `/metrics`, read into exact samples.
+    pub async fn metrics(&self) -> Samples {
+        let (status, body) = self.get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        let text = body.as_str().expect("metrics are text");
+        Samples::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"))
     }
 
     /// Socket ids in a room, cluster-wide.
