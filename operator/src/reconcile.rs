@@ -31,13 +31,14 @@ use serde_json::json;
 
 use crate::{
     cache::{Cached, Caches},
+    conditions::{ConditionType, Reason},
     crd::{RealtimeApp, RealtimeAppStatus, SecretKeyRef},
     metrics::Metrics,
     resources::{
         self, App, BuildError, Inputs, MANAGER, OperatorConfig, digest,
         env::{RedisEndpoint, secret_refs},
     },
-    status::{self, Observed, Problem, READY},
+    status::{self, Observed, Problem},
 };
 
 /// The hash of what the operator last applied to a child; equal hash, nothing to apply.
@@ -68,7 +69,12 @@ pub struct Context {
     caches: Option<Caches>,
     /// Consecutive failures per app, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Stamps condition transitions.
+    clock: Clock,
 }
+
+/// Where condition times come from: [`now_seconds`], or a test's own clock.
+pub type Clock = Arc<dyn Fn() -> Time + Send + Sync>;
 
 impl Context {
     pub fn new(
@@ -84,7 +90,14 @@ impl Context {
             metrics,
             caches: None,
             failures: Mutex::new(HashMap::new()),
+            clock: Arc::new(now_seconds),
         }
+    }
+
+    /// Stamps condition transitions with `clock` instead of the system time.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Reads children from these caches instead of the API.
@@ -257,7 +270,7 @@ async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error
 async fn invalid_spec(app: &RealtimeApp, ctx: &Context, e: BuildError) -> Result<Action, Error> {
     let observed = Observed {
         problems: vec![Problem {
-            reason: "InvalidSpec",
+            reason: Reason::InvalidSpec,
             message: e.to_string(),
         }],
         ..Observed::default()
@@ -313,7 +326,7 @@ async fn check_secrets(
         let value = match cache.get(&r.name).and_then(Option::as_ref) {
             None => {
                 problems.push(Problem {
-                    reason: "SecretNotFound",
+                    reason: Reason::SecretNotFound,
                     message: format!("Secret {ns}/{} not found", r.name),
                 });
                 continue;
@@ -326,7 +339,7 @@ async fn check_secrets(
                 parts.push(v);
             }
             None => problems.push(Problem {
-                reason: "SecretKeyNotFound",
+                reason: Reason::SecretKeyNotFound,
                 message: format!("Secret {ns}/{} has no key {:?}", r.name, r.key),
             }),
         }
@@ -427,21 +440,16 @@ async fn write_status(
     observed: &Observed,
     ctx: &Context,
 ) -> Result<bool, Error> {
-    let now = now_seconds();
-    let new = status::status(app, observed, now);
-    let ready = status::condition(&new, READY).is_some_and(|c| c.status == "True");
+    let new = status::status(app, observed, (ctx.clock)());
+    let ready = status::is_ready(&new);
     if app.status.as_ref() == Some(&new) {
         return Ok(ready);
     }
-    let was_ready = app
-        .status
-        .as_ref()
-        .and_then(|s| status::condition(s, READY))
-        .map(|c| c.status == "True");
+    let was_ready = app.status.as_ref().map(status::is_ready);
     patch_status(&ctx.client, app, &new).await?;
     ctx.metrics.writes.inc();
     if was_ready != Some(ready) {
-        let note = status::condition(&new, READY)
+        let note = status::condition(&new, ConditionType::Ready)
             .map(|c| format!("{}: {}", c.reason, c.message))
             .unwrap_or_default();
         let (type_, reason) = if ready {

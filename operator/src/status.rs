@@ -5,19 +5,15 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
 };
 
-use crate::crd::{RealtimeApp, RealtimeAppStatus, RedisStatus};
-
-pub const READY: &str = "Ready";
-pub const REDIS_READY: &str = "RedisReady";
-pub const SERVERS_AVAILABLE: &str = "ServersAvailable";
-pub const PROGRESSING: &str = "Progressing";
-pub const DEGRADED: &str = "Degraded";
+use crate::{
+    conditions::{ConditionType, Reason},
+    crd::{RealtimeApp, RealtimeAppStatus, RedisStatus},
+};
 
 /// Something that keeps the app from working, as the Degraded condition reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// A CamelCase reason: `SecretNotFound`, `SecretKeyNotFound`, `InvalidSpec`, `ApplyFailed`.
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -31,14 +27,18 @@ pub struct Observed {
     pub problems: Vec<Problem>,
 }
 
-fn cond(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message,
-        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-        observed_generation: None,
+/// One condition before it is stamped with times and generation.
+struct Verdict {
+    ok: bool,
+    reason: Reason,
+    message: String,
+}
+
+fn verdict(ok: bool, reason: Reason, message: impl Into<String>) -> Verdict {
+    Verdict {
+        ok,
+        reason,
+        message: message.into(),
     }
 }
 
@@ -79,56 +79,43 @@ pub fn status(app: &RealtimeApp, seen: &Observed, now: Time) -> RealtimeAppStatu
                 >= 1
         }
     };
+    let endpoint = &seen.redis_endpoint;
     let redis_ready = match (&seen.redis, redis_up) {
-        (None, _) => cond(
-            REDIS_READY,
+        (None, _) => verdict(
             true,
-            "ExternalRedis",
-            format!(
-                "using the external Redis at {} (not probed)",
-                seen.redis_endpoint
-            ),
+            Reason::ExternalRedis,
+            format!("using the external Redis at {endpoint} (not probed)"),
         ),
-        (Some(_), true) => cond(
-            REDIS_READY,
+        (Some(_), true) => verdict(
             true,
-            "RedisReady",
-            format!("Redis at {} is ready", seen.redis_endpoint),
+            Reason::RedisReady,
+            format!("Redis at {endpoint} is ready"),
         ),
-        (Some(_), false) => cond(
-            REDIS_READY,
+        (Some(_), false) => verdict(
             false,
-            "RedisNotReady",
-            "waiting for the Redis pod to be ready".into(),
+            Reason::RedisNotReady,
+            "waiting for the Redis pod to be ready",
         ),
     };
 
     let servers = if seen.deployment.is_none() {
-        cond(
-            SERVERS_AVAILABLE,
+        verdict(
             false,
-            "DeploymentMissing",
-            "the server Deployment does not exist yet".into(),
+            Reason::DeploymentMissing,
+            "the server Deployment does not exist yet",
         )
     } else if desired == 0 {
-        cond(
-            SERVERS_AVAILABLE,
-            true,
-            "ScaledToZero",
-            "0 replicas wanted".into(),
-        )
+        verdict(true, Reason::ScaledToZero, "0 replicas wanted")
     } else if available >= 1 && ready >= 1 {
-        cond(
-            SERVERS_AVAILABLE,
+        verdict(
             true,
-            "ReplicasAvailable",
+            Reason::ReplicasAvailable,
             format!("{ready}/{desired} server replicas ready"),
         )
     } else {
-        cond(
-            SERVERS_AVAILABLE,
+        verdict(
             false,
-            "NoReplicasAvailable",
+            Reason::NoReplicasAvailable,
             format!("{ready}/{desired} server replicas ready"),
         )
     };
@@ -136,53 +123,38 @@ pub fn status(app: &RealtimeApp, seen: &Observed, now: Time) -> RealtimeAppStatu
     let rolling = seen.deployment.is_some()
         && (!deployment_current || updated < desired || replicas > updated || ready < desired);
     let progressing = if rolling {
-        cond(
-            PROGRESSING,
+        verdict(
             true,
-            "RollingOut",
+            Reason::RollingOut,
             format!("{updated}/{desired} replicas updated, {ready} ready"),
         )
     } else if seen.deployment.is_none() {
-        cond(
-            PROGRESSING,
-            false,
-            "Waiting",
-            "nothing to roll out yet".into(),
-        )
+        verdict(false, Reason::Waiting, "nothing to roll out yet")
     } else {
-        cond(
-            PROGRESSING,
+        verdict(
             false,
-            "RolloutComplete",
+            Reason::RolloutComplete,
             format!("{desired} replicas up to date"),
         )
     };
 
+    // Degraded is True for a problem; Ready is False with the first cause.
     let degraded = match seen.problems.first() {
-        Some(p) => cond(DEGRADED, true, p.reason, join(&seen.problems)),
-        None => cond(DEGRADED, false, "AsExpected", "no problems found".into()),
+        Some(p) => verdict(true, p.reason, join(&seen.problems)),
+        None => verdict(false, Reason::AsExpected, "no problems found"),
     };
-
-    let all_ok =
-        redis_ready.status == "True" && servers.status == "True" && seen.problems.is_empty();
-    let summary = if all_ok {
-        cond(
-            READY,
+    let summary = if let Some(p) = seen.problems.first() {
+        verdict(false, p.reason, join(&seen.problems))
+    } else if !redis_ready.ok {
+        verdict(false, redis_ready.reason, redis_ready.message.clone())
+    } else if !servers.ok {
+        verdict(false, servers.reason, servers.message.clone())
+    } else {
+        verdict(
             true,
-            "Ready",
+            Reason::Ready,
             format!("{ready}/{desired} server replicas ready, Redis ready"),
         )
-    } else if let Some(p) = seen.problems.first() {
-        cond(READY, false, p.reason, join(&seen.problems))
-    } else if redis_ready.status != "True" {
-        cond(
-            READY,
-            false,
-            &redis_ready.reason,
-            redis_ready.message.clone(),
-        )
-    } else {
-        cond(READY, false, &servers.reason, servers.message.clone())
     };
 
     let previous = app
@@ -190,17 +162,30 @@ pub fn status(app: &RealtimeApp, seen: &Observed, now: Time) -> RealtimeAppStatu
         .as_ref()
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
-    let conditions = [summary, redis_ready, servers, progressing, degraded]
-        .into_iter()
-        .map(|mut c| {
-            c.observed_generation = generation;
-            c.last_transition_time = previous
-                .iter()
-                .find(|p| p.type_ == c.type_ && p.status == c.status)
-                .map_or_else(|| now.clone(), |p| p.last_transition_time.clone());
-            c
-        })
-        .collect();
+    let conditions = [
+        (ConditionType::Ready, summary),
+        (ConditionType::RedisReady, redis_ready),
+        (ConditionType::ServersAvailable, servers),
+        (ConditionType::Progressing, progressing),
+        (ConditionType::Degraded, degraded),
+    ]
+    .into_iter()
+    .map(|(type_, v)| {
+        let status = if v.ok { "True" } else { "False" };
+        let last_transition_time = previous
+            .iter()
+            .find(|p| p.type_ == type_.as_str() && p.status == status)
+            .map_or_else(|| now.clone(), |p| p.last_transition_time.clone());
+        Condition {
+            type_: type_.as_str().into(),
+            status: status.into(),
+            reason: v.reason.as_str().into(),
+            message: v.message,
+            last_transition_time,
+            observed_generation: generation,
+        }
+    })
+    .collect();
 
     let ns = app.metadata.namespace.as_deref().unwrap_or("default");
     let name = app.metadata.name.as_deref().unwrap_or_default();
@@ -227,6 +212,11 @@ fn join(problems: &[Problem]) -> String {
 }
 
 /// The condition of a type, if present.
-pub fn condition<'a>(status: &'a RealtimeAppStatus, type_: &str) -> Option<&'a Condition> {
-    status.conditions.iter().find(|c| c.type_ == type_)
+pub fn condition(status: &RealtimeAppStatus, type_: ConditionType) -> Option<&Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_.as_str())
+}
+
+/// Whether the status says Ready=True.
+pub fn is_ready(status: &RealtimeAppStatus) -> bool {
+    condition(status, ConditionType::Ready).is_some_and(|c| c.status == "True")
 }

@@ -2,7 +2,13 @@
 
 mod support;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use chorus_operator::{
     crd::RealtimeApp,
@@ -10,6 +16,7 @@ use chorus_operator::{
     reconcile::{Context, Error, error_policy, reconcile},
     resources::{CHECKSUM_ANNOTATION, OperatorConfig},
 };
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::runtime::{controller::Action, events::Recorder};
 use serde_json::{Value, json};
 use support::{FakeApi, app_path, deployment_path, secret_path, statefulset_path};
@@ -19,6 +26,8 @@ const NS: &str = "team";
 struct World {
     api: FakeApi,
     ctx: Arc<Context>,
+    /// The reconciles' clock, in seconds since the epoch.
+    seconds: Arc<AtomicI64>,
 }
 
 impl World {
@@ -30,13 +39,24 @@ impl World {
             server_image: "chorus-server:test".into(),
             redis_image: "redis:test".into(),
         };
-        let ctx = Arc::new(Context::new(
-            client,
-            config,
-            recorder,
-            Arc::new(Metrics::new()),
-        ));
-        Self { api, ctx }
+        let seconds = Arc::new(AtomicI64::new(1_800_000_000));
+        let clock = seconds.clone();
+        let ctx = Context::new(client, config, recorder, Arc::new(Metrics::new())).with_clock(
+            Arc::new(move || {
+                let s = clock.load(Ordering::SeqCst);
+                Time(Timestamp::from_second(s).unwrap_or(Timestamp::UNIX_EPOCH))
+            }),
+        );
+        Self {
+            api,
+            ctx: Arc::new(ctx),
+            seconds,
+        }
+    }
+
+    /// Moves the reconciles' clock on.
+    fn advance(&self, seconds: i64) {
+        self.seconds.fetch_add(seconds, Ordering::SeqCst);
     }
 
     fn add_app(&self, name: &str, spec: Value) {
@@ -243,15 +263,22 @@ async fn deployment_becoming_available_turns_ready_true() {
     assert_eq!(not_ready["status"], json!("False"));
     let degraded_time = w.condition("chat", "Degraded")["lastTransitionTime"].clone();
 
-    tokio::time::sleep(Duration::from_millis(1100)).await; // condition times are in seconds
+    w.advance(7);
     w.pods_become_ready("chat", 2);
     w.reconcile("chat").await.expect("second");
     let ready = w.condition("chat", "Ready");
     assert_eq!(ready["status"], json!("True"), "{ready}");
     assert_eq!(ready["reason"], json!("Ready"));
-    assert_ne!(
-        ready["lastTransitionTime"], not_ready["lastTransitionTime"],
-        "Ready flipped"
+    assert_eq!(
+        (
+            &not_ready["lastTransitionTime"],
+            &ready["lastTransitionTime"]
+        ),
+        (
+            &json!("2027-01-15T08:00:00Z"),
+            &json!("2027-01-15T08:00:07Z")
+        ),
+        "Ready flipped: its time moved with the clock"
     );
     assert_eq!(
         w.condition("chat", "Degraded")["lastTransitionTime"],

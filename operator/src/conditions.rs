@@ -1,0 +1,80 @@
+//! The status conditions of a RealtimeApp: their types and every reason they can carry, in
+//! one place (docs/operator.md, "Status", lists the same).
+
+/// An enum of unit variants whose names are what the API shows, with `ALL` and `as_str`.
+macro_rules! names {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),*
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => stringify!($variant)),*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+names!(
+    /// The condition types, in the order the status lists them.
+    ConditionType {
+        /// Redis ready, servers available, and no problem.
+        Ready,
+        RedisReady,
+        ServersAvailable,
+        /// A rollout is under way.
+        Progressing,
+        /// Something needs a person.
+        Degraded,
+    }
+);
+
+names!(
+    /// Why a condition has its status.
+    Reason {
+        /// Ready is True.
+        Ready,
+        /// RedisReady: the managed Redis pod is ready.
+        RedisReady,
+        /// RedisReady: an external Redis, not probed.
+        ExternalRedis,
+        /// RedisReady is False (and so is Ready, when nothing worse is wrong).
+        RedisNotReady,
+        /// ServersAvailable: at least one server replica ready and available.
+        ReplicasAvailable,
+        /// ServersAvailable: 0 replicas wanted.
+        ScaledToZero,
+        /// ServersAvailable is False.
+        NoReplicasAvailable,
+        /// ServersAvailable is False: no server Deployment (yet).
+        DeploymentMissing,
+        /// Progressing is True.
+        RollingOut,
+        /// Progressing is False: every replica up to date.
+        RolloutComplete,
+        /// Progressing is False: nothing to roll out yet.
+        Waiting,
+        /// Degraded is False.
+        AsExpected,
+        /// A problem: a Secret the pods read does not exist.
+        SecretNotFound,
+        /// A problem: a Secret the pods read lacks the key.
+        SecretKeyNotFound,
+        /// A problem: a spec the API server should have refused (an older CRD).
+        InvalidSpec,
+    }
+);
