@@ -217,6 +217,7 @@ impl Options {
                 "--max-inflight, --http-conns and --connect-concurrency must be >= 1",
             ));
         }
+        crate::http::auth_header(&a.token)?;
         let gc_signal = match &a.gc_signal {
             None => None,
             Some(s) if s.is_empty() => None,
@@ -391,6 +392,7 @@ mod tests {
             &["--gc-signal", "SIGNOPE"],
             &["--clients", "0"],
             &["--unknown", "1"],
+            &["--token", "a\r\nX-Injected: 1"],
         ] {
             assert!(matches!(parse(bad), Err(Error::Usage(_))), "{bad:?}");
         }

@@ -25,6 +25,8 @@ pub enum Error {
     Protocol(String),
     #[error("http: {0}")]
     Http(String),
+    #[error("http: {0}")]
+    Hyper(#[from] hyper::Error),
     #[error("/proc: {0}")]
     Proc(String),
     #[error("histogram: {0}")]

@@ -1,14 +1,25 @@
-//! Minimal keep-alive HTTP/1.1 client for `POST /v1/broadcast`: a fixed pool of
-//! connections per replica, one request in flight per connection (no pipelining).
-//! Reads the status line, headers and a Content-Length (or small chunked) body;
-//! `Connection: close`, errors and timeouts reopen the connection.
+//! Keep-alive HTTP/1.1 publisher for `POST /v1/broadcast` on hyper's connection-level
+//! client: a fixed pool of connections per replica, one request in flight per connection
+//! (no pipelining). Errors, timeouts and `Connection: close` reopen the connection, up to
+//! a bound on reconnects per pool.
+//!
+//! Each pooled connection is one task that polls its hyper connection itself while a
+//! request is out, rather than a spawned connection task per socket: a request then
+//! costs no wakeups across tasks (this is the load generator, its CPU is measured).
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::future::{Either, select};
+use hyper::body::{Body as _, Incoming};
+use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Method, Request, Uri};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
 
@@ -18,137 +29,62 @@ use crate::schedule::SendState;
 /// A keep-alive connection idle longer than this is reopened instead of reused: a
 /// server closing idle connections could otherwise race with the next request.
 const MAX_IDLE: Duration = Duration::from_millis(2500);
-/// Reconnects per pool before every further request fails at once.
+/// Connections opened per pool (the first ones included) before every further request
+/// fails at once: a server that keeps refusing or dropping them ends the run's sending
+/// instead of being hammered.
 const MAX_RECONNECTS: u64 = 1000;
-const MAX_HEADERS: usize = 64;
-const MAX_RESPONSE: usize = 1 << 20;
+const PATH: &str = "/v1/broadcast";
 
-/// A complete response at the front of a buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Response {
-    pub status: u16,
-    /// bytes of the buffer this response took
-    pub consumed: usize,
-    /// the connection cannot be reused
-    pub close: bool,
+/// The `Authorization` header for `token` (none when empty); an error when the token
+/// cannot be sent in a header (the CLI checks `--token` with this).
+pub fn auth_header(token: &str) -> Result<Option<HeaderValue>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    HeaderValue::try_from(format!("Bearer {token}"))
+        .map(Some)
+        .map_err(|_| Error::Usage("--token: not a valid HTTP header value".into()))
 }
 
-/// Parses a response from `buf`: `Ok(None)` while incomplete. Without Content-Length
-/// or chunked framing the body runs to the end of the connection; only the status is
-/// needed, so the response counts as complete at the end of its headers and the
-/// connection as closed.
-pub fn parse_response(buf: &[u8]) -> Result<Option<Response>, Error> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut headers);
-    let head_len = match res.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(Error::Http(format!("bad response: {e}"))),
-    };
-    let status = res
-        .code
-        .ok_or_else(|| Error::Http("no status code".into()))?;
-    let mut close = res.version == Some(0);
-    let mut content_length = None;
-    let mut chunked = false;
-    for h in res.headers.iter() {
-        let value = std::str::from_utf8(h.value)
-            .map_err(|_| Error::Http("non-UTF-8 header".into()))?
-            .trim();
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let n = value
-                .parse::<usize>()
-                .map_err(|_| Error::Http(format!("bad Content-Length {value:?}")))?;
-            content_length = Some(n);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.to_ascii_lowercase().contains("chunked");
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            let v = value.to_ascii_lowercase();
-            if v.contains("close") {
-                close = true;
-            } else if v.contains("keep-alive") {
-                close = false;
-            }
+/// What every request of a pool carries besides its body.
+struct Template {
+    uri: Uri,
+    host: HeaderValue,
+    auth: Option<HeaderValue>,
+}
+
+impl Template {
+    fn request(&self, body: String) -> Request<String> {
+        let mut req = Request::new(body);
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.uri.clone();
+        let h = req.headers_mut();
+        h.insert(HOST, self.host.clone());
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(auth) = &self.auth {
+            h.insert(AUTHORIZATION, auth.clone());
         }
-    }
-    let body = &buf[head_len..];
-    if chunked {
-        return Ok(chunked_len(body)?.map(|n| Response {
-            status,
-            consumed: head_len + n,
-            close,
-        }));
-    }
-    match content_length {
-        Some(n) if body.len() < n => Ok(None),
-        Some(n) => Ok(Some(Response {
-            status,
-            consumed: head_len + n,
-            close,
-        })),
-        None if status == 204 || status == 304 || (100..200).contains(&status) => {
-            Ok(Some(Response {
-                status,
-                consumed: head_len,
-                close,
-            }))
-        }
-        None => Ok(Some(Response {
-            status,
-            consumed: buf.len(),
-            close: true,
-        })),
+        // Content-Length comes from the body's exact size.
+        req
     }
 }
 
-/// Length of a complete chunked body at the front of `b`, `None` while incomplete.
-fn chunked_len(b: &[u8]) -> Result<Option<usize>, Error> {
-    let mut pos = 0;
-    loop {
-        let Some(eol) = find(&b[pos..], b"\r\n") else {
-            return Ok(None);
-        };
-        let line = std::str::from_utf8(&b[pos..pos + eol])
-            .map_err(|_| Error::Http("bad chunk size".into()))?;
-        let size_hex = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .map_err(|_| Error::Http(format!("bad chunk size {size_hex:?}")))?;
-        pos += eol + 2;
-        if size == 0 {
-            // optional trailers, then an empty line
-            let rest = &b[pos..];
-            if rest.starts_with(b"\r\n") {
-                return Ok(Some(pos + 2));
-            }
-            return Ok(find(rest, b"\r\n\r\n").map(|k| pos + k + 4));
-        }
-        if b.len() < pos + size + 2 {
-            return Ok(None);
-        }
-        pos += size + 2;
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// One request: the raw bytes, and which broadcast it carries.
+/// One request: its JSON body, and which broadcast it carries.
 struct Job {
     seq: u64,
     t_send: f64,
-    raw: Vec<u8>,
+    body: String,
 }
 
 /// Keep-alive connections to one replica, fed from one queue.
 pub struct HttpPool {
     tx: Option<mpsc::UnboundedSender<Job>>,
-    head: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl HttpPool {
-    /// Opens `connections` connections to `addr`; results go to `sends`.
+    /// Opens `connections` connections to `addr` (`authority` is the Host header); each
+    /// request, its connect included, gets `timeout`. Results go to `sends`.
     pub fn new(
         addr: SocketAddr,
         authority: &str,
@@ -156,7 +92,13 @@ impl HttpPool {
         connections: usize,
         timeout: Duration,
         sends: Arc<SendState>,
-    ) -> Self {
+    ) -> Result<Self, Error> {
+        let template = Arc::new(Template {
+            uri: Uri::from_static(PATH),
+            host: HeaderValue::try_from(authority)
+                .map_err(|_| Error::Http(format!("host {authority:?} is not a header value")))?,
+            auth: auth_header(token)?,
+        });
         let (tx, rx) = mpsc::unbounded_channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let reconnects = Arc::new(AtomicU64::new(0));
@@ -165,39 +107,24 @@ impl HttpPool {
                 let conn = Conn {
                     addr,
                     timeout,
-                    stream: None,
-                    last_used: Instant::now(),
-                    buf: Vec::with_capacity(1024),
+                    open: None,
                     reconnects: reconnects.clone(),
+                    template: template.clone(),
                 };
                 tokio::spawn(conn.run(rx.clone(), sends.clone()))
             })
             .collect();
-        let auth = if token.is_empty() {
-            String::new()
-        } else {
-            format!("Authorization: Bearer {token}\r\n")
-        };
-        let head = format!(
-            "POST /v1/broadcast HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n{auth}Content-Length: "
-        );
-        Self {
+        Ok(Self {
             tx: Some(tx),
-            head,
             tasks,
-        }
+        })
     }
 
     /// Queues broadcast `seq` (already marked in flight) with its JSON body.
-    pub fn post(&self, seq: u64, t_send: f64, body: &str) -> bool {
-        let mut raw = Vec::with_capacity(self.head.len() + body.len() + 16);
-        raw.extend_from_slice(self.head.as_bytes());
-        raw.extend_from_slice(body.len().to_string().as_bytes());
-        raw.extend_from_slice(b"\r\n\r\n");
-        raw.extend_from_slice(body.as_bytes());
+    pub fn post(&self, seq: u64, t_send: f64, body: String) -> bool {
         self.tx
             .as_ref()
-            .is_some_and(|tx| tx.send(Job { seq, t_send, raw }).is_ok())
+            .is_some_and(|tx| tx.send(Job { seq, t_send, body }).is_ok())
     }
 
     /// Stops every connection; requests without an answer stay in flight for the
@@ -216,30 +143,59 @@ impl Drop for HttpPool {
     }
 }
 
+/// An open keep-alive connection: hyper's request handle and the connection itself,
+/// which is polled only while a request is out (between requests there is nothing to do).
+struct Open {
+    sender: SendRequest<String>,
+    conn: Pin<Box<Connection<TokioIo<TcpStream>, String>>>,
+    last_used: Instant,
+}
+
+/// Why a request got no status.
+enum Failure {
+    /// The connection closed before taking the request: nothing was sent, it may go
+    /// on another connection.
+    NotTaken(Request<String>),
+    Error(Error),
+}
+
+impl From<hyper::Error> for Failure {
+    fn from(e: hyper::Error) -> Self {
+        Self::Error(e.into())
+    }
+}
+
 struct Conn {
     addr: SocketAddr,
     timeout: Duration,
-    stream: Option<TcpStream>,
-    last_used: Instant,
-    buf: Vec<u8>,
+    open: Option<Open>,
     reconnects: Arc<AtomicU64>,
+    template: Arc<Template>,
 }
 
 impl Conn {
     async fn run(mut self, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>, sends: Arc<SendState>) {
         // open before the first request, so the send window does not pay for it
-        let _ = self.ensure_open().await;
+        if let Ok(Ok(open)) = tokio::time::timeout(self.timeout, self.connect()).await {
+            self.open = Some(open);
+        }
         loop {
             let job = {
                 let mut rx = rx.lock().await;
                 rx.recv().await
             };
             let Some(job) = job else { return };
-            match self.exchange(&job.raw).await {
+            let req = self.template.request(job.body);
+            let res = tokio::time::timeout(self.timeout, self.exchange(req))
+                .await
+                .unwrap_or(Err(Error::Timeout {
+                    what: "HTTP request",
+                }));
+            match res {
                 Ok(202) => sends.ok(job.seq, job.t_send),
                 Ok(code) => sends.fail(job.seq, format!("HTTP {code}")),
                 Err(e) => {
-                    self.stream = None;
+                    self.open = None;
                     sends.fail(job.seq, e.to_string());
                     if self.reconnects.load(Ordering::Relaxed) <= MAX_RECONNECTS {
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -249,157 +205,139 @@ impl Conn {
         }
     }
 
-    async fn ensure_open(&mut self) -> Result<(), Error> {
-        if self.stream.is_some() && self.last_used.elapsed() > MAX_IDLE {
-            self.stream = None;
-        }
-        if self.stream.is_some() {
-            return Ok(());
-        }
-        if self.reconnects.fetch_add(1, Ordering::Relaxed) > MAX_RECONNECTS {
+    async fn connect(&self) -> Result<Open, Error> {
+        if self.reconnects.fetch_add(1, Ordering::Relaxed) >= MAX_RECONNECTS {
             return Err(Error::Http("too many reconnects".into()));
         }
-        let s = tokio::time::timeout(self.timeout, TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "HTTP connect",
-            })??;
-        s.set_nodelay(true)?;
-        self.stream = Some(s);
-        self.buf.clear();
-        self.last_used = Instant::now();
-        Ok(())
+        let stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+        Ok(Open {
+            sender,
+            conn: Box::pin(conn),
+            last_used: Instant::now(),
+        })
     }
 
-    /// Sends one request and reads its response; returns the status.
-    async fn exchange(&mut self, raw: &[u8]) -> Result<u16, Error> {
-        self.ensure_open().await?;
-        let timeout = self.timeout;
-        let res = tokio::time::timeout(timeout, self.exchange_open(raw))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "HTTP request",
-            })?;
-        self.last_used = Instant::now();
-        res
-    }
-
-    async fn exchange_open(&mut self, raw: &[u8]) -> Result<u16, Error> {
-        let Some(stream) = self.stream.as_mut() else {
-            return Err(Error::Http("not connected".into()));
-        };
-        stream.write_all(raw).await?;
-        self.buf.clear();
-        loop {
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(Error::Http("connection closed".into()));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-            if let Some(r) = parse_response(&self.buf)? {
-                if r.close || r.consumed < self.buf.len() {
-                    // closing, or bytes we did not ask for: start afresh
-                    self.stream = None;
-                }
-                self.buf.clear();
-                return Ok(r.status);
-            }
-            if self.buf.len() > MAX_RESPONSE {
-                return Err(Error::Http("response too large".into()));
+    /// Sends one request and reads its response; returns the status. A request that a
+    /// closing connection did not take goes once more on a fresh one.
+    async fn exchange(&mut self, mut req: Request<String>) -> Result<u16, Error> {
+        for _ in 0..2 {
+            let open = match self.open.take() {
+                Some(o) if o.last_used.elapsed() <= MAX_IDLE && !o.sender.is_closed() => o,
+                _ => self.connect().await?,
+            };
+            let (res, reusable) = drive(open, req).await;
+            self.open = reusable;
+            match res {
+                Ok(status) => return Ok(status),
+                Err(Failure::Error(e)) => return Err(e),
+                Err(Failure::NotTaken(r)) => req = r,
             }
         }
+        Err(Error::Http("connection closed before the request".into()))
     }
+}
+
+/// Polls the request and its connection together until the request is settled; returns
+/// its outcome and the connection if it can take another request.
+async fn drive(open: Open, req: Request<String>) -> (Result<u16, Failure>, Option<Open>) {
+    let Open {
+        mut sender, conn, ..
+    } = open;
+    let work = pin!(async move {
+        let res = request(&mut sender, req).await;
+        (res, sender)
+    });
+    match select(work, conn).await {
+        Either::Left(((res, sender), conn)) => {
+            let reusable = (res.is_ok() && !sender.is_closed()).then(|| Open {
+                sender,
+                conn,
+                last_used: Instant::now(),
+            });
+            (res, reusable)
+        }
+        // The connection ended (closed or failed) and is dropped now, which settles the
+        // request: answered before the end, failed, or never taken.
+        Either::Right((_, work)) => (work.await.0, None),
+    }
+}
+
+async fn request(sender: &mut SendRequest<String>, req: Request<String>) -> Result<u16, Failure> {
+    if sender.ready().await.is_err() {
+        return Err(Failure::NotTaken(req));
+    }
+    let mut res = sender
+        .try_send_request(req)
+        .await
+        .map_err(|mut e| match e.take_message() {
+            Some(req) => Failure::NotTaken(req),
+            None => Failure::from(e.into_error()),
+        })?;
+    let status = res.status().as_u16();
+    // Only the status counts, but the body must be read for the connection to be reused.
+    let body: &mut Incoming = res.body_mut();
+    while let Some(frame) = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+        frame?;
+    }
+    Ok(status)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
 
-    #[test]
-    fn content_length_response() {
-        let raw = b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
-        assert_eq!(
-            parse_response(raw).expect("valid"),
-            Some(Response {
-                status: 202,
-                consumed: raw.len(),
-                close: false
-            })
-        );
-        // incomplete head, incomplete body
-        assert_eq!(parse_response(&raw[..20]).expect("valid"), None);
-        assert_eq!(parse_response(&raw[..raw.len() - 1]).expect("valid"), None);
+    /// What the test server saw: connections accepted and request heads, in order.
+    #[derive(Default)]
+    struct Seen {
+        connections: usize,
+        heads: Vec<String>,
     }
 
-    #[test]
-    fn connection_close_and_http10() {
-        let raw = b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
-        let r = parse_response(raw).expect("valid").expect("complete");
-        assert_eq!((r.status, r.close), (401, true));
-        let raw = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
-        assert!(parse_response(raw).expect("valid").expect("complete").close);
-        let raw = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok";
-        assert!(!parse_response(raw).expect("valid").expect("complete").close);
-    }
-
-    #[test]
-    fn chunked_response() {
-        let raw = b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\nb\r\n{\"ok\":true}\r\n0\r\n\r\n";
-        let r = parse_response(raw).expect("valid").expect("complete");
-        assert_eq!((r.status, r.consumed), (202, raw.len()));
-        assert_eq!(parse_response(&raw[..raw.len() - 2]).expect("valid"), None);
-        let bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
-        assert!(parse_response(bad).is_err());
-    }
-
-    #[test]
-    fn unframed_body_reads_to_close() {
-        let raw = b"HTTP/1.1 500 Internal Server Error\r\n\r\noops";
-        let r = parse_response(raw).expect("valid").expect("complete");
-        assert_eq!((r.status, r.close), (500, true));
-    }
-
-    #[test]
-    fn garbage_is_an_error() {
-        assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
-        assert!(parse_response(b"HTTP/1.1 202 OK\r\nContent-Length: x\r\n\r\n").is_err());
-    }
-
-    /// Against a real socket: keep-alive reuse, then a `Connection: close` answer.
-    #[tokio::test]
-    async fn pool_against_a_tiny_server() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+    /// A real HTTP/1.1 server on a loopback port: request `n` (counted over all
+    /// connections, from 0) is answered with `answer(n)`, or not at all if `None`.
+    /// Requests are a head and a `Content-Length` body.
+    async fn server(
+        answer: fn(usize) -> Option<&'static [u8]>,
+    ) -> (SocketAddr, Arc<std::sync::Mutex<Seen>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let seen2 = seen.clone();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
+                let seen = seen2.clone();
+                seen.lock().expect("lock").connections += 1;
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
-                    let mut n_req = 0;
                     loop {
                         let mut chunk = [0u8; 4096];
-                        let Ok(n) = s.read(&mut chunk).await else {
-                            return;
+                        let n = match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
                         };
-                        if n == 0 {
-                            return;
-                        }
                         buf.extend_from_slice(&chunk[..n]);
-                        // one request = head + "{}" body (Content-Length: 2)
-                        while let Some(h) = find(&buf, b"\r\n\r\n") {
-                            if buf.len() < h + 6 {
+                        while let Some(h) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..h]).to_lowercase();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if buf.len() < h + 4 + len {
                                 break;
                             }
-                            buf.drain(..h + 6);
-                            n_req += 1;
-                            let answer: &[u8] = if n_req == 2 {
-                                b"HTTP/1.1 202 Accepted\r\nConnection: close\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
-                            } else {
-                                b"HTTP/1.1 202 Accepted\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
+                            buf.drain(..h + 4 + len);
+                            let n_req = {
+                                let mut seen = seen.lock().expect("lock");
+                                seen.heads.push(head);
+                                seen.heads.len() - 1
                             };
-                            if s.write_all(answer).await.is_err() {
+                            let Some(a) = answer(n_req) else { continue };
+                            if s.write_all(a).await.is_err() {
                                 return;
                             }
                         }
@@ -407,24 +345,135 @@ mod tests {
                 });
             }
         });
-        let sends = Arc::new(SendState::new(5));
+        (addr, seen)
+    }
+
+    const ACCEPTED: &[u8] = b"HTTP/1.1 202 Accepted\r\nContent-Length: 11\r\n\r\n{\"ok\":true}";
+
+    /// Posts `n` broadcasts through a pool of `conns` and waits until each is settled
+    /// (the pool's own timeout bounds that).
+    async fn post_all(addr: SocketAddr, conns: usize, n: u64, timeout: Duration) -> Arc<SendState> {
+        let sends = Arc::new(SendState::new(n));
         let mut pool = HttpPool::new(
             addr,
             &addr.to_string(),
             "tok",
-            1,
-            Duration::from_secs(5),
+            conns,
+            timeout,
             sends.clone(),
-        );
-        for s in 0..5 {
+        )
+        .expect("pool");
+        for s in 0..n {
             sends.begin(s);
-            assert!(pool.post(s, crate::clock::now_ms(), "{}"));
+            assert!(pool.post(s, crate::clock::now_ms(), "{}".into()));
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while sends.inflight() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // each request is bounded by `timeout`; this bound only turns a bug into a failure
+        tokio::time::timeout(timeout * (n as u32 + 2), async {
+            while sends.inflight() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("every request settled");
         pool.close();
+        sends
+    }
+
+    /// Keep-alive reuse, then a `Connection: close` answer: 5 requests on 2 connections,
+    /// each with the request line and headers the server's API expects.
+    #[tokio::test]
+    async fn keep_alive_and_connection_close() {
+        let (addr, seen) = server(|n| {
+            Some(if n == 1 {
+                b"HTTP/1.1 202 Accepted\r\nConnection: close\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
+            } else {
+                ACCEPTED
+            })
+        })
+        .await;
+        let sends = post_all(addr, 1, 5, Duration::from_secs(10)).await;
         assert_eq!(sends.sent(), 5, "errors: {:?}", sends.samples());
+        let seen = seen.lock().expect("lock");
+        assert_eq!(seen.connections, 2);
+        assert_eq!(seen.heads.len(), 5);
+        let head = &seen.heads[0];
+        assert!(
+            head.starts_with("post /v1/broadcast http/1.1\r\n"),
+            "{head}"
+        );
+        for h in [
+            format!("host: {addr}"),
+            "content-type: application/json".into(),
+            "authorization: bearer tok".into(),
+            "content-length: 2".into(),
+        ] {
+            assert!(head.lines().any(|l| l == h), "no {h:?} in {head}");
+        }
+    }
+
+    /// Answers other than 202 count as failures with their status; a chunked answer is
+    /// read to its end and the connection reused.
+    #[tokio::test]
+    async fn statuses_other_than_202_fail() {
+        let (addr, seen) = server(|n| {
+            Some(match n % 2 {
+                0 => b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n",
+                _ => b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\nb\r\n{\"ok\":true}\r\n0\r\n\r\n",
+            })
+        })
+        .await;
+        let sends = post_all(addr, 1, 4, Duration::from_secs(10)).await;
+        assert_eq!((sends.sent(), sends.errors()), (2, 2));
+        assert_eq!(sends.samples(), ["HTTP 401", "HTTP 401"]);
+        assert_eq!(seen.lock().expect("lock").connections, 1);
+    }
+
+    /// A server that never answers: each request fails with a timeout, and the next
+    /// one goes on a fresh connection.
+    #[tokio::test]
+    async fn unanswered_requests_time_out() {
+        let (addr, seen) = server(|_| None).await;
+        let sends = post_all(addr, 1, 2, Duration::from_millis(300)).await;
+        assert_eq!((sends.sent(), sends.errors()), (0, 2));
+        assert_eq!(sends.samples()[0], "HTTP request timed out");
+        assert_eq!(seen.lock().expect("lock").connections, 2);
+    }
+
+    /// Garbage instead of a response, and a refused connection: failures, not hangs.
+    #[tokio::test]
+    async fn bad_answers_and_refused_connections_fail() {
+        let (addr, _) = server(|_| Some(b"SSH-2.0-OpenSSH\r\n\r\n")).await;
+        let sends = post_all(addr, 1, 2, Duration::from_secs(10)).await;
+        assert_eq!((sends.sent(), sends.errors()), (0, 2));
+        assert!(
+            sends.samples()[0].starts_with("http: "),
+            "{:?}",
+            sends.samples()
+        );
+
+        // a port that was free a moment ago: nothing listens there
+        let free = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = free.local_addr().expect("addr");
+        drop(free);
+        let sends = post_all(addr, 2, 3, Duration::from_secs(10)).await;
+        assert_eq!((sends.sent(), sends.errors()), (0, 3));
+        assert!(
+            sends.samples()[0].starts_with("i/o: "),
+            "{:?}",
+            sends.samples()
+        );
+    }
+
+    #[test]
+    fn tokens_that_cannot_be_sent_are_refused() {
+        assert_eq!(auth_header("").expect("empty is fine"), None);
+        assert_eq!(
+            auth_header("abc").expect("valid").expect("some"),
+            "Bearer abc"
+        );
+        assert!(matches!(
+            auth_header("a\r\nX-Evil: 1"),
+            Err(Error::Usage(_))
+        ));
     }
 }

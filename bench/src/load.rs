@@ -141,7 +141,7 @@ pub async fn run(o: &Options) -> Result<LoadReport, Error> {
         a.rate, a.via, a.duration
     );
     let sched = match a.via {
-        Via::Http => send_http(o, &resolved, &sends, t0).await,
+        Via::Http => send_http(o, &resolved, &sends, t0).await?,
         Via::Socket => {
             let out = run_schedule(
                 t0,
@@ -341,10 +341,10 @@ async fn send_http(
     resolved: &[(Target, SocketAddr)],
     sends: &Arc<SendState>,
     t0: f64,
-) -> ScheduleOutcome {
+) -> Result<ScheduleOutcome, Error> {
     let a = &o.args;
     let (k, m) = (a.rooms, a.broadcast_rooms);
-    let mut pools: Vec<HttpPool> = resolved
+    let mut pools = resolved
         .iter()
         .map(|(t, addr)| {
             HttpPool::new(
@@ -356,7 +356,7 @@ async fn send_http(
                 sends.clone(),
             )
         })
-        .collect();
+        .collect::<Result<Vec<HttpPool>, Error>>()?;
     let event = json_str(&a.event);
     let rooms_json: Vec<String> = (0..k)
         .map(|r| {
@@ -382,7 +382,7 @@ async fn send_http(
                 rooms_json[r]
             );
             sends.begin(s);
-            if !pools[(s % pools.len() as u64) as usize].post(s, t, &body) {
+            if !pools[(s % pools.len() as u64) as usize].post(s, t, body) {
                 sends.fail(s, "HTTP pool closed");
             }
         },
@@ -393,7 +393,7 @@ async fn send_http(
         p.close();
     }
     sends.abandon_inflight("no response before the end of the run");
-    out
+    Ok(out)
 }
 
 async fn wait_inflight(sends: &SendState, max_ms: f64) {
