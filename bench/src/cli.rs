@@ -363,7 +363,9 @@ mod tests {
         assert_eq!(o.extra_pids, vec![("redis".to_owned(), 13)]);
         assert_eq!(o.max_seq(), 10_000);
         assert_eq!(o.args.threads, 2);
-        assert!(o.hard_limit_s() > 20.0 + 10.0);
+        // the hard limit leaves room for every phase of the run
+        let a = &o.args;
+        assert!(o.hard_limit_s() > o.connect_budget_s() + a.duration + a.drain);
         let o = parse(&[
             "--idle-memory",
             "--clients=2000",
@@ -374,6 +376,8 @@ mod tests {
         ])
         .expect("valid");
         assert_eq!(o.max_seq(), 0);
+        let a = &o.args;
+        assert!(o.hard_limit_s() > 2.0 * o.connect_budget_s() + a.idle_wait + a.idle_baseline_wait);
         assert_eq!(o.gc_signal, Some(("SIGWINCH".to_owned(), libc::SIGWINCH)));
     }
 

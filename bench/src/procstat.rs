@@ -273,16 +273,102 @@ mod tests {
         assert!(parse_stat("12 (x) S 1 2 3 4 5 6 7 8 9 10 abc 0 0 0 0 0 0").is_err());
     }
 
+    /// CPU time of the calling thread (`CLOCK_THREAD_CPUTIME_ID`), seconds: a clock
+    /// independent of /proc to check its readings against.
+    fn thread_cpu_s() -> f64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec for the call to write.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime");
+        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    }
+
+    /// The process and machine CPU counters are seconds (clock ticks converted right) and
+    /// grow by what a busy loop of this thread burnt, as its own CPU clock says.
     #[test]
-    fn own_process_is_readable() {
+    fn cpu_counters_follow_a_busy_loop() {
         let pid = std::process::id();
-        assert!(cpu_split(pid).is_some());
-        let m = mem_kb(pid).expect("status readable");
-        assert!(m.rss_kb.unwrap_or(0) > 0);
-        assert!(m.hwm_kb.unwrap_or(0) >= m.rss_kb.unwrap_or(0));
-        assert!(machine_cpu().is_some());
-        assert!(cpus() >= 1);
-        assert!(clk_tck() > 0.0);
+        let (p0, m0) = (
+            cpu_split(pid).expect("own stat"),
+            machine_cpu().expect("stat"),
+        );
+        let (wall, t0) = (std::time::Instant::now(), thread_cpu_s());
+        // 0.3 s of this thread's CPU; a starved thread gives up after 60 s
+        let mut x = 0u64;
+        while thread_cpu_s() - t0 < 0.3 && wall.elapsed() < Duration::from_secs(60) {
+            for k in 0..10_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005) ^ k);
+            }
+        }
+        let burnt = thread_cpu_s() - t0;
+        let (p1, m1) = (
+            cpu_split(pid).expect("own stat"),
+            machine_cpu().expect("stat"),
+        );
+        let wall = wall.elapsed().as_secs_f64();
+        assert!(burnt >= 0.3, "only {burnt} s of CPU in {wall} s");
+        // /proc rounds each reading down to a tick; other tests' threads add to it
+        let slack = 3.0 / clk_tck();
+        let grew = p1.total() - p0.total();
+        assert!(
+            grew >= burnt - slack && grew <= wall * cpus() as f64 + slack,
+            "process CPU grew {grew} s; this thread burnt {burnt} s in {wall} s"
+        );
+        assert!(p1.user - p0.user >= burnt / 2.0, "{p0:?} -> {p1:?}");
+        let busy = m1.busy - m0.busy;
+        assert!(busy >= burnt - slack, "machine busy grew {busy} s");
+    }
+
+    /// VmRSS is this process's resident memory in KiB: plausible for a test process,
+    /// and grows by a buffer once its pages are written; the sampler keeps that peak.
+    #[tokio::test]
+    async fn rss_follows_touched_memory() {
+        const MIB: u64 = 64;
+        let pid = std::process::id();
+        let before = mem_kb(pid).and_then(|m| m.rss_kb).expect("VmRSS");
+        assert!((1024..4 << 20).contains(&before), "{before} KiB");
+        let sampler = RssSampler::start(&[Proc {
+            kind: "loadgen",
+            name: "self".into(),
+            pid,
+            url: None,
+        }]);
+        // written, so every page is resident (a zeroed buffer might not be)
+        let buf = std::hint::black_box(vec![1u8; (MIB << 20) as usize]);
+        let after = mem_kb(pid).expect("status");
+        let peaks = sampler.stop();
+        drop(buf);
+        let rss = after.rss_kb.expect("VmRSS");
+        let grew = rss.saturating_sub(before);
+        assert!(
+            grew >= (MIB - 8) * 1024,
+            "RSS grew {grew} KiB after touching {MIB} MiB"
+        );
+        assert!(after.hwm_kb.expect("VmHWM") >= rss);
+        assert!(peaks[0] >= before + (MIB - 8) * 1024, "{peaks:?}");
+    }
+
+    #[test]
+    fn online_cpus_are_those_in_proc_stat() {
+        let text = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+        let listed = text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix("cpu")
+                    .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .count();
+        assert_eq!(cpus(), listed);
+    }
+
+    #[test]
+    fn nice_is_the_scheduler_s() {
+        // SAFETY: getpriority has no preconditions; 0 is this process.
+        let prio = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        assert_eq!(nice_of(std::process::id()), Some(i64::from(prio)));
     }
 
     #[test]

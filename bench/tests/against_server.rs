@@ -103,7 +103,22 @@ fn assert_clean(r: &LoadReport, expected: u64) {
     assert_eq!(r.ack_ms.n, 50, "{line}");
     assert!(r.target_met, "{line}");
     assert_eq!(r.disconnects, 0, "{line}");
-    assert!(r.processes.iter().any(|p| p.kind == "loadgen"), "{line}");
+    // the loadgen row is this process, and the totals are its numbers
+    let me = r
+        .processes
+        .iter()
+        .find(|p| p.kind == "loadgen")
+        .unwrap_or_else(|| panic!("no loadgen row: {line}"));
+    assert_eq!(me.pid, std::process::id(), "{line}");
+    assert_eq!(Some(r.loadgen_cpu_s), me.cpu_s, "{line}");
+    assert!(me.rss_peak_mb <= own_mem_mb().1 + 0.1, "{line}");
+}
+
+/// This process's VmRSS and VmHWM now, MiB.
+fn own_mem_mb() -> (f64, f64) {
+    let m = chorus_bench::procstat::mem_kb(std::process::id()).expect("/proc/self/status");
+    let mb = |kb: Option<u64>| kb.expect("VmRSS and VmHWM") as f64 / 1024.0;
+    (mb(m.rss_kb), mb(m.hwm_kb))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,6 +170,7 @@ async fn load_and_idle_runs_against_chorus_server() {
         r.error_samples
     );
 
+    let rss_before_idle_mb = own_mem_mb().0;
     // idle memory, short waits, 500 clients that each join at once after connecting; no
     // server pid given (it is this process)
     let opts = options(
@@ -191,5 +207,13 @@ async fn load_and_idle_runs_against_chorus_server() {
         "{line}"
     );
     assert_eq!(r.base.mode, "idle-memory");
-    assert!(r.loadgen_rss_mb > 0.0);
+    // the generator's RSS is this process's, in MiB: no more than its peak, and not far
+    // below what it held before the run (500 more clients only add to that)
+    let (rss_after_mb, hwm_mb) = own_mem_mb();
+    assert!(
+        r.loadgen_rss_mb <= hwm_mb + 0.1 && r.loadgen_rss_mb >= rss_before_idle_mb / 2.0,
+        "loadgen_rss_mb {} vs this process: {rss_before_idle_mb} MiB before, \
+         {rss_after_mb} after, {hwm_mb} peak",
+        r.loadgen_rss_mb
+    );
 }
