@@ -76,5 +76,11 @@ names!(
         SecretKeyNotFound,
         /// A problem: a spec the API server should have refused (an older CRD).
         InvalidSpec,
+        /// A reconcile failed reading from the API.
+        ReadFailed,
+        /// A reconcile failed writing to the API (apply, create, status).
+        ApplyFailed,
+        /// A reconcile failed deleting a child no longer wanted.
+        DeleteFailed,
     }
 );

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use kube::{
     Client,
     api::ListParams,
-    runtime::{Controller, controller::Error as ControllerError, events::Recorder, watcher},
+    runtime::{Controller, controller::Error as ControllerError, watcher},
 };
 use tokio::sync::watch;
 
@@ -148,13 +148,7 @@ pub async fn run(
     let controller = Controller::new(apps, watcher::Config::default().any_semantic());
     let (controller, caches) = Caches::attach(controller, &client, ns.as_deref(), &owned);
     let ctx = Arc::new(
-        Context::new(
-            client.clone(),
-            config.operator.clone(),
-            Recorder::new(client.clone(), MANAGER.into()),
-            metrics,
-        )
-        .with_caches(caches),
+        Context::new(client.clone(), config.operator.clone(), metrics).with_caches(caches),
     );
     controller
         .graceful_shutdown_on(trigger)

@@ -3,15 +3,31 @@
 use std::time::Duration;
 
 use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, histogram::Histogram},
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
+
+use crate::{conditions::Reason, error::FAILURE_REASONS};
+
+/// The label of a failed reconcile: why it failed (`ReadFailed`, `ApplyFailed`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub reason: String,
+}
+
+impl FailureLabels {
+    fn of(reason: Reason) -> Self {
+        Self {
+            reason: reason.as_str().to_owned(),
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
     pub reconciles: Counter,
-    pub errors: Counter,
+    pub errors: Family<FailureLabels, Counter>,
     pub duration: Histogram,
     /// Writes to the Kubernetes API (applies, creates, deletes, status patches).
     pub writes: Counter,
@@ -21,7 +37,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let reconciles = Counter::default();
-        let errors = Counter::default();
+        let errors = Family::<FailureLabels, Counter>::default();
+        // Every reason from the start, at 0, so that rates and alerts see a series.
+        for reason in FAILURE_REASONS {
+            drop(errors.get_or_create(&FailureLabels::of(reason)));
+        }
         let writes = Counter::default();
         let duration = Histogram::new([
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -33,7 +53,7 @@ impl Metrics {
         );
         registry.register(
             "chorus_operator_reconcile_errors",
-            "Reconciles that failed",
+            "Reconciles that failed, by reason",
             errors.clone(),
         );
         registry.register(
@@ -55,10 +75,11 @@ impl Metrics {
         }
     }
 
-    pub fn observe_reconcile(&self, took: Duration, failed: bool) {
+    /// One reconcile that took `took`; `failed` says why it failed, if it did.
+    pub fn observe_reconcile(&self, took: Duration, failed: Option<Reason>) {
         self.reconciles.inc();
-        if failed {
-            self.errors.inc();
+        if let Some(reason) = failed {
+            self.errors.get_or_create(&FailureLabels::of(reason)).inc();
         }
         self.duration.observe(took.as_secs_f64());
     }

@@ -2,25 +2,14 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chorus_operator::{
     controller::{self, RunConfig},
     resources::OperatorConfig,
 };
 use serde_json::json;
-use support::{FakeApi, app_path, deployment_path};
-
-async fn eventually(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not within {limit:?}");
-}
+use support::{FakeApi, app_path, deployment_path, eventually};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -159,7 +148,8 @@ async fn with_leader_election_it_takes_the_lease_and_serves_metrics() {
     assert_eq!(code, 200);
     for name in [
         "chorus_operator_reconciles_total",
-        "chorus_operator_reconcile_errors_total",
+        // By reason, each at 0 from the start.
+        "chorus_operator_reconcile_errors_total{reason=\"ApplyFailed\"} 0",
         "chorus_operator_reconcile_duration_seconds_count",
         "chorus_operator_writes_total",
     ] {

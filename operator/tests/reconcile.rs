@@ -17,9 +17,11 @@ use chorus_operator::{
     resources::{CHECKSUM_ANNOTATION, OperatorConfig},
 };
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
-use kube::runtime::{controller::Action, events::Recorder};
+use kube::runtime::controller::Action;
 use serde_json::{Value, json};
-use support::{FakeApi, app_path, deployment_path, secret_path, statefulset_path};
+use support::{
+    FakeApi, app_path, deployment_path, eventually, logs::Logs, secret_path, statefulset_path,
+};
 
 const NS: &str = "team";
 
@@ -34,19 +36,18 @@ impl World {
     fn new() -> Self {
         let api = FakeApi::default();
         let client = api.client();
-        let recorder = Recorder::new(client.clone(), "chorus-operator".into());
         let config = OperatorConfig {
             server_image: "chorus-server:test".into(),
             redis_image: "redis:test".into(),
         };
         let seconds = Arc::new(AtomicI64::new(1_800_000_000));
         let clock = seconds.clone();
-        let ctx = Context::new(client, config, recorder, Arc::new(Metrics::new())).with_clock(
-            Arc::new(move || {
+        let ctx = Context::new(client, config, Arc::new(Metrics::new())).with_clock(Arc::new(
+            move || {
                 let s = clock.load(Ordering::SeqCst);
                 Time(Timestamp::from_second(s).unwrap_or(Timestamp::UNIX_EPOCH))
-            }),
-        );
+            },
+        ));
         Self {
             api,
             ctx: Arc::new(ctx),
@@ -427,5 +428,84 @@ async fn switching_to_external_redis_removes_the_managed_one() {
     assert_eq!(
         w.condition("chat", "RedisReady")["reason"],
         json!("ExternalRedis")
+    );
+}
+
+#[tokio::test]
+async fn a_failed_request_is_named_in_degraded_an_event_the_log_and_the_metric() {
+    let logs = Logs::capture();
+    let w = World::new();
+    w.add_app("broken", json!({}));
+    w.reconcile("broken").await.expect("first");
+    let jwt = json!({"auth": {"jwtSecretRef": {"name": "broken-jwt", "key": "key"}}});
+    // (what the API refuses, the spec that makes the reconcile ask, what the user reads)
+    let cases = [
+        (
+            ("PATCH", "/deployments/broken"),
+            json!({"replicas": 3}),
+            "ApplyFailed",
+            "applying Deployment team/broken: injected failure (500 InternalError)",
+        ),
+        (
+            ("GET", "/secrets/broken-jwt"),
+            jwt,
+            "ReadFailed",
+            "reading Secret team/broken-jwt: injected failure (500 InternalError)",
+        ),
+        (
+            ("DELETE", "/poddisruptionbudgets/broken"),
+            json!({"replicas": 1}),
+            "DeleteFailed",
+            "deleting PodDisruptionBudget team/broken: injected failure (500 InternalError)",
+        ),
+    ];
+    for ((method, path), spec, reason, message) in cases {
+        w.api
+            .edit(&app_path(NS, "broken"), |a| a["spec"] = spec.clone());
+        w.api.fail_next(method, path, 500);
+        let err = w.reconcile("broken").await.expect_err("the API failed");
+        assert_eq!(
+            (err.reason().as_str(), err.to_string().as_str()),
+            (reason, message)
+        );
+        for type_ in ["Degraded", "Ready"] {
+            let c = w.condition("broken", type_);
+            assert_eq!(
+                (&c["reason"], &c["message"]),
+                (&json!(reason), &json!(message)),
+                "{type_}"
+            );
+        }
+        // What the reconcile saw before it stopped still stands: the Deployment exists.
+        assert_eq!(
+            w.condition("broken", "ServersAvailable")["reason"],
+            json!("NoReplicasAvailable")
+        );
+        error_policy(Arc::new(w.app("broken")), &err, w.ctx.clone());
+        eventually("the ReconcileFailed event", Duration::from_secs(5), || {
+            w.api
+                .events()
+                .iter()
+                .any(|e| e["reason"] == json!("ReconcileFailed") && e["note"] == json!(message))
+        })
+        .await;
+        let line = format!("chorus_operator_reconcile_errors_total{{reason=\"{reason}\"}} 1");
+        assert!(w.ctx.metrics.render().contains(&line), "{line}");
+        // The log line of the failure is in the app's span.
+        let text = logs.text();
+        assert!(
+            text.lines()
+                .any(|l| l.contains("WARN reconcile{namespace=team name=broken}")
+                    && l.contains(&format!("reconcile failed: {message}"))),
+            "{text}"
+        );
+    }
+
+    // Once the API answers again, Degraded clears.
+    w.reconcile("broken").await.expect("recovers");
+    let degraded = w.condition("broken", "Degraded");
+    assert_eq!(
+        (&degraded["status"], &degraded["reason"]),
+        (&json!("False"), &json!("AsExpected"))
     );
 }

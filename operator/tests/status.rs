@@ -170,6 +170,9 @@ fn rows() -> Vec<Row> {
         Reason::SecretNotFound,
         Reason::SecretKeyNotFound,
         Reason::InvalidSpec,
+        Reason::ReadFailed,
+        Reason::ApplyFailed,
+        Reason::DeleteFailed,
     ] {
         rows.push(Row {
             what: "a problem",

@@ -13,10 +13,9 @@ use chorus_operator::{
     crd::RealtimeApp,
     metrics::Metrics,
     reconcile::{Context, reconcile},
-    resources::{MANAGER, OperatorConfig},
+    resources::OperatorConfig,
 };
 use futures::StreamExt;
-use kube::runtime::events::Recorder;
 use serde_json::{Value, json};
 
 use super::{FakeApi, app_path, secret_path};
@@ -207,12 +206,9 @@ pub fn touch_all(api: &FakeApi, apps: &[(String, String)], value: &str) {
 
 /// A reconcile context like the controller's, on the fake's client.
 pub fn context(api: &FakeApi) -> Arc<Context> {
-    let client = api.client();
-    let recorder = Recorder::new(client.clone(), MANAGER.into());
     Arc::new(Context::new(
-        client,
+        api.client(),
         OperatorConfig::default(),
-        recorder,
         Arc::new(Metrics::new()),
     ))
 }

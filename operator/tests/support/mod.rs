@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 pub mod fleet;
+pub mod logs;
 
 type RespBody = UnsyncBoxBody<Bytes, std::convert::Infallible>;
 type WatchTx = mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>;
@@ -525,6 +526,18 @@ fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// Waits for `ok` to hold, looking every 50 ms; fails the test after `limit`.
+pub async fn eventually(what: &str, limit: std::time::Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within {limit:?}");
 }
 
 pub fn secret_path(ns: &str, name: &str) -> String {
