@@ -2,21 +2,29 @@
 //! server-side apply of what changed (field manager `chorus-operator`, forced), deletion of
 //! what is no longer wanted. Each failure names its step and object.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::{
+    apps::v1::{Deployment, StatefulSet},
+    autoscaling::v2::HorizontalPodAutoscaler,
+    core::v1::{Secret, Service},
+    networking::v1::NetworkPolicy,
+    policy::v1::PodDisruptionBudget,
+};
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::events::EventType,
 };
 
 use crate::{
     cache::Cached,
+    conditions::Reason,
     crd::RealtimeApp,
     error::{Error, ObjectName},
     reconcile::Context,
-    resources::{MANAGER, digest},
+    resources::{Children, MANAGER, digest, is_owned_by},
+    status::Problem,
 };
 
 /// The hash of what the operator last applied to a child; equal hash, nothing to apply.
@@ -83,9 +91,22 @@ impl<'a> Applier<'a> {
         }
     }
 
+    /// The live child `name` if this app owns it; another's object of that name is none of
+    /// its business.
+    pub async fn live_owned<K: Cached>(&self, name: &str) -> Result<Option<K>, Error> {
+        let live = self.live::<K>(name).await?;
+        Ok(live.filter(|obj| is_owned_by(obj, &self.uid())))
+    }
+
     /// Applies `obj` unless the live object already carries the same applied hash. Returns
-    /// the live object, for its status (from the caches it has metadata and status only).
-    pub async fn apply<K: Cached>(&self, mut obj: K) -> Result<K, Error> {
+    /// the live object, for its status (from the caches it has metadata and status only);
+    /// None, and a problem in `problems`, when an object of that name that this app does
+    /// not own is in the way: it is left as it is.
+    pub async fn apply<K: Cached>(
+        &self,
+        mut obj: K,
+        problems: &mut Vec<Problem>,
+    ) -> Result<Option<K>, Error> {
         let name = obj.name_any();
         let hash = digest([serde_json::to_vec(&obj).unwrap_or_default().as_slice()]);
         obj.meta_mut()
@@ -93,10 +114,20 @@ impl<'a> Applier<'a> {
             .get_or_insert_with(BTreeMap::new)
             .insert(APPLIED_ANNOTATION.into(), hash.clone());
         let live = self.live::<K>(&name).await?;
-        if let Some(live) = live.as_ref()
-            && live.annotations().get(APPLIED_ANNOTATION) == Some(&hash)
-        {
-            return Ok(live.clone());
+        if let Some(live) = live.as_ref() {
+            if !is_owned_by(live, &self.uid()) {
+                problems.push(Problem {
+                    reason: Reason::NameInUse,
+                    message: format!(
+                        "{} exists and is not owned by this RealtimeApp: rename the app or remove it",
+                        self.object::<K>(&name)
+                    ),
+                });
+                return Ok(None);
+            }
+            if live.annotations().get(APPLIED_ANNOTATION) == Some(&hash) {
+                return Ok(Some(live.clone()));
+            }
         }
         let applied = self
             .api::<K>()
@@ -114,19 +145,58 @@ impl<'a> Applier<'a> {
         let verb = if live.is_some() { "Updated" } else { "Created" };
         self.event(verb, format!("{verb} {} {name}", K::kind(&())))
             .await;
-        Ok(applied)
+        Ok(Some(applied))
     }
 
-    /// Deletes a child this app owns and no longer wants.
-    pub async fn delete_owned<K: Cached>(&self, name: &str) -> Result<(), Error> {
-        let Some(live) = self.live::<K>(name).await? else {
-            return Ok(());
-        };
-        let uid = self.app.uid().unwrap_or_default();
-        if !live.owner_references().iter().any(|o| o.uid == uid) {
-            return Ok(()); // someone else's object of the same name: not ours to delete
+    /// The one pass that deletes what this app owns and no longer wants: every child of the
+    /// kinds the operator applies that is owned by this app and not among `wanted`'s. (The
+    /// generated Secrets are never deleted: the garbage collector takes them with the app.)
+    pub async fn delete_unwanted(&self, wanted: &Children) -> Result<(), Error> {
+        let wanted = wanted.names();
+        self.delete_unwanted_of::<NetworkPolicy>(&wanted).await?;
+        self.delete_unwanted_of::<StatefulSet>(&wanted).await?;
+        self.delete_unwanted_of::<Service>(&wanted).await?;
+        self.delete_unwanted_of::<Deployment>(&wanted).await?;
+        self.delete_unwanted_of::<HorizontalPodAutoscaler>(&wanted)
+            .await?;
+        self.delete_unwanted_of::<PodDisruptionBudget>(&wanted)
+            .await
+    }
+
+    async fn delete_unwanted_of<K: Cached>(
+        &self,
+        wanted: &BTreeSet<(String, String)>,
+    ) -> Result<(), Error> {
+        let kind = K::kind(&()).into_owned();
+        let owned = self
+            .ctx
+            .owned::<K>(&self.api(), &self.namespace, self.app)
+            .await
+            .map_err(|source| Error::List {
+                kind: kind.clone(),
+                app: ObjectName::of(self.app),
+                source,
+            })?;
+        for obj in owned {
+            let name = obj.name_any();
+            if !wanted.contains(&(kind.clone(), name.clone())) {
+                self.delete::<K>(&name, obj.uid()).await?;
+            }
         }
-        match self.api::<K>().delete(name, &DeleteParams::default()).await {
+        Ok(())
+    }
+
+    /// Deletes the child `name`, provided it is still the object `uid` (not one re-created
+    /// meanwhile by someone else).
+    async fn delete<K: Cached>(&self, name: &str, uid: Option<String>) -> Result<(), Error> {
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid,
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match self.api::<K>().delete(name, &params).await {
             Ok(_) => {
                 self.ctx.metrics.writes.inc();
                 self.event("Deleted", format!("deleted {} {name}", K::kind(&())))
@@ -139,6 +209,10 @@ impl<'a> Applier<'a> {
                 source,
             }),
         }
+    }
+
+    fn uid(&self) -> String {
+        self.app.uid().unwrap_or_default()
     }
 
     async fn event(&self, reason: &str, note: String) {

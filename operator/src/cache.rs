@@ -5,7 +5,12 @@
 //! children from memory: a periodic resync of an app that needs nothing then reads only the
 //! Secrets whose values it needs, instead of making one GET per child.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use futures::FutureExt;
 
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
@@ -23,25 +28,36 @@ use kube::{
     },
 };
 
-use crate::{crd::RealtimeApp, resources::Child};
+use crate::{
+    crd::RealtimeApp,
+    resources::{Child, is_owned_by},
+};
 
 /// How long a reconcile waits for a watch's first list before reading from the API.
 pub const LIST_WAIT: Duration = Duration::from_secs(10);
 
 /// One store per kind of child.
 pub struct Caches {
-    deployments: Store<Deployment>,
-    statefulsets: Store<StatefulSet>,
-    services: Store<Service>,
-    secrets: Store<Secret>,
-    hpas: Store<HorizontalPodAutoscaler>,
-    pdbs: Store<PodDisruptionBudget>,
-    network_policies: Store<NetworkPolicy>,
+    deployments: Kept<Deployment>,
+    statefulsets: Kept<StatefulSet>,
+    services: Kept<Service>,
+    secrets: Kept<Secret>,
+    hpas: Kept<HorizontalPodAutoscaler>,
+    pdbs: Kept<PodDisruptionBudget>,
+    network_policies: Kept<NetworkPolicy>,
+}
+
+/// A store, and whether a reconcile has waited [`LIST_WAIT`] for its first list in vain:
+/// later reconciles then only look whether it has listed since, so a refused watch slows
+/// one reconcile down, not every one (and not a graceful shutdown).
+pub struct Kept<K: Cached> {
+    store: Store<K>,
+    waited_in_vain: AtomicBool,
 }
 
 /// A kind of child that has a store in [`Caches`].
 pub trait Cached: Child {
-    fn store(caches: &Caches) -> &Store<Self>;
+    fn kept(caches: &Caches) -> &Kept<Self>;
 
     /// What the store keeps of an object: its metadata and status, which is all a reconcile
     /// reads of a live child (it compares the applied-hash annotation, the owner, and the
@@ -52,7 +68,7 @@ pub trait Cached: Child {
 macro_rules! cached {
     ($($kind:ty => $field:ident),* $(,)?) => {
         $(impl Cached for $kind {
-            fn store(caches: &Caches) -> &Store<Self> {
+            fn kept(caches: &Caches) -> &Kept<Self> {
                 &caches.$field
             }
 
@@ -73,7 +89,7 @@ cached!(
 );
 
 impl Cached for Secret {
-    fn store(caches: &Caches) -> &Store<Self> {
+    fn kept(caches: &Caches) -> &Kept<Self> {
         &caches.secrets
     }
 
@@ -124,13 +140,42 @@ impl Caches {
     /// not listed within [`LIST_WAIT`] (say, RBAC refuses it) or has ended: the caller then
     /// reads from the API, whose error then says what is wrong.
     pub async fn get<K: Cached>(&self, namespace: &str, name: &str) -> Option<Option<K>> {
-        let store = K::store(self);
-        tokio::time::timeout(LIST_WAIT, store.wait_until_ready())
-            .await
-            .ok()?
-            .ok()?;
+        let store = Self::listed::<K>(self).await?;
         let key = ObjectRef::new(name).within(namespace);
         Some(store.get(&key).map(|obj| K::clone(&obj)))
+    }
+
+    /// The cached children of kind `K` in `namespace` whose owner is the object `owner_uid`;
+    /// None as for [`Caches::get`].
+    pub async fn owned<K: Cached>(&self, namespace: &str, owner_uid: &str) -> Option<Vec<K>> {
+        let store = Self::listed::<K>(self).await?;
+        let owned = store
+            .state()
+            .into_iter()
+            .filter(|obj| {
+                obj.namespace().as_deref() == Some(namespace) && is_owned_by(&**obj, owner_uid)
+            })
+            .map(|obj| K::clone(&obj))
+            .collect();
+        Some(owned)
+    }
+
+    /// `K`'s store once its watch has listed.
+    async fn listed<K: Cached>(&self) -> Option<&Store<K>> {
+        let kept = K::kept(self);
+        let ready = kept.store.wait_until_ready();
+        let listed = if kept.waited_in_vain.load(Ordering::Relaxed) {
+            ready.now_or_never()
+        } else {
+            tokio::time::timeout(LIST_WAIT, ready).await.ok()
+        };
+        match listed {
+            Some(Ok(())) => Some(&kept.store),
+            _ => {
+                kept.waited_in_vain.store(true, Ordering::Relaxed);
+                None
+            }
+        }
     }
 }
 
@@ -155,12 +200,16 @@ impl Source<'_> {
     fn own<K: Cached>(
         &self,
         controller: Controller<RealtimeApp>,
-    ) -> (Controller<RealtimeApp>, Store<K>) {
+    ) -> (Controller<RealtimeApp>, Kept<K>) {
         let (reader, writer) = reflector::store();
         let events = watcher(api::<K>(self.client, self.namespace), self.config.clone())
             .default_backoff()
             .modify(K::trim);
         let feed = reflector::reflector(writer, events).touched_objects();
-        (controller.owns_stream(feed), reader)
+        let kept = Kept {
+            store: reader,
+            waited_in_vain: AtomicBool::new(false),
+        };
+        (controller.owns_stream(feed), kept)
     }
 }

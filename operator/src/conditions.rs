@@ -76,6 +76,8 @@ names!(
         SecretKeyNotFound,
         /// A problem: a spec the API server should have refused (an older CRD).
         InvalidSpec,
+        /// A problem: a child's name is taken by an object this app does not own.
+        NameInUse,
         /// A reconcile failed reading from the API.
         ReadFailed,
         /// A reconcile failed writing to the API (apply, create, status).

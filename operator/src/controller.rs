@@ -23,7 +23,7 @@ use crate::{
     crd::RealtimeApp,
     metrics::Metrics,
     reconcile::{Context, error_policy, reconcile},
-    resources::{MANAGER, OperatorConfig},
+    resources::{self, MANAGER, OperatorConfig},
 };
 
 /// Settings of `chorus-operator run`.
@@ -116,8 +116,7 @@ pub async fn run(
     }
 
     // Children carry the managed-by label: watch only those.
-    let owned =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let owned = watcher::Config::default().labels(&resources::managed_selector());
     let ns = config.watch_namespace.clone();
     let (lost_tx, lost_rx) = watch::channel(false);
     if let Some((mut is_leader, _)) = leader.take() {

@@ -9,19 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    api::{
-        apps::v1::StatefulSet,
-        autoscaling::v2::HorizontalPodAutoscaler,
-        core::v1::{Secret, Service},
-        networking::v1::NetworkPolicy,
-        policy::v1::PodDisruptionBudget,
-    },
-    apimachinery::pkg::apis::meta::v1::Time,
-};
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams},
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
@@ -98,7 +89,10 @@ impl Context {
         self
     }
 
-    /// The live child `name`, from the caches when there are any.
+    /// The live child `name`, from the caches when there are any and they have it. What
+    /// the caches lack is looked up in the API: they hold only objects with the operator's
+    /// label, and an object of the same name without it must not be taken for absent (and
+    /// overwritten).
     pub(crate) async fn live<K: Cached>(
         &self,
         api: &Api<K>,
@@ -106,11 +100,34 @@ impl Context {
         name: &str,
     ) -> Result<Option<K>, kube::Error> {
         if let Some(caches) = &self.caches
-            && let Some(cached) = caches.get(ns, name).await
+            && let Some(Some(cached)) = caches.get(ns, name).await
         {
-            return Ok(cached);
+            return Ok(Some(cached));
         }
         api.get_opt(name).await
+    }
+
+    /// The children of kind `K` in `ns` that `app` owns: from the caches when there are any,
+    /// else listed by the app's labels.
+    pub(crate) async fn owned<K: Cached>(
+        &self,
+        api: &Api<K>,
+        ns: &str,
+        app: &RealtimeApp,
+    ) -> Result<Vec<K>, kube::Error> {
+        let uid = app.uid().unwrap_or_default();
+        if let Some(caches) = &self.caches
+            && let Some(owned) = caches.owned(ns, &uid).await
+        {
+            return Ok(owned);
+        }
+        let params = ListParams::default().labels(&resources::children_selector(&app.name_any()));
+        let listed = api.list(&params).await?;
+        Ok(listed
+            .items
+            .into_iter()
+            .filter(|obj| resources::is_owned_by(obj, &uid))
+            .collect())
     }
 
     /// Records an event on `app`; failing to record one must not fail the reconcile.
@@ -207,9 +224,9 @@ async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error
     let secrets_to_create = [generated.redis_password, generated.api_token];
     let converged = async {
         // What runs now first: the status reports it even if a step below fails.
-        seen.deployment = applier.live(&app.name_any()).await?;
+        seen.deployment = applier.live_owned(&app.name_any()).await?;
         if let Some(name) = &redis_name {
-            seen.redis = Some(applier.live(name).await?);
+            seen.redis = Some(applier.live_owned(name).await?);
         }
         converge(&applier, secrets_to_create, &refs, &mut seen).await
     };
@@ -267,43 +284,29 @@ async fn converge(
         Ok(c) => c,
         Err(e) => return Ok(Converged::InvalidSpec(e)),
     };
-    let name = app.name_any();
-    let redis_name = format!("{name}-redis");
-    match &children.redis {
-        Some(redis) => {
-            seen.redis = Some(Some(applier.apply(redis.statefulset.clone()).await?));
-            applier.apply(redis.service.clone()).await?;
-            match &redis.network_policy {
-                Some(np) => drop(applier.apply(np.clone()).await?),
-                None => applier.delete_owned::<NetworkPolicy>(&redis_name).await?,
-            }
-        }
-        None => {
-            applier.delete_owned::<NetworkPolicy>(&redis_name).await?;
-            applier.delete_owned::<StatefulSet>(&redis_name).await?;
-            applier.delete_owned::<Service>(&redis_name).await?;
+    let problems = &mut seen.problems;
+    if let Some(redis) = &children.redis {
+        seen.redis = Some(applier.apply(redis.statefulset.clone(), problems).await?);
+        applier.apply(redis.service.clone(), problems).await?;
+        if let Some(np) = &redis.network_policy {
+            applier.apply(np.clone(), problems).await?;
         }
     }
     // With a referenced Secret missing, new pods could not start: leave the running
     // Deployment as it is until the Secret exists.
     if let (Some(d), true) = (&children.deployment, secrets_ok) {
-        seen.deployment = Some(applier.apply(d.clone()).await?);
+        seen.deployment = applier.apply(d.clone(), problems).await?;
     }
     if let Some(svc) = &children.service {
-        applier.apply(svc.clone()).await?;
+        applier.apply(svc.clone(), problems).await?;
     }
-    match &children.hpa {
-        Some(h) => drop(applier.apply(h.clone()).await?),
-        None => {
-            applier
-                .delete_owned::<HorizontalPodAutoscaler>(&name)
-                .await?
-        }
+    if let Some(h) = &children.hpa {
+        applier.apply(h.clone(), problems).await?;
     }
-    match &children.pdb {
-        Some(p) => drop(applier.apply(p.clone()).await?),
-        None => applier.delete_owned::<PodDisruptionBudget>(&name).await?,
+    if let Some(p) = &children.pdb {
+        applier.apply(p.clone(), problems).await?;
     }
+    applier.delete_unwanted(&children).await?;
     Ok(Converged::Done)
 }
 

@@ -8,6 +8,7 @@ use k8s_openapi::{
 use crate::{
     conditions::{ConditionType, Reason},
     crd::{RealtimeApp, RealtimeAppStatus, RedisStatus},
+    resources::{self, server},
 };
 
 /// Something that keeps the app from working, as the Degraded condition reports it.
@@ -44,10 +45,8 @@ fn verdict(ok: bool, reason: Reason, message: impl Into<String>) -> Verdict {
 
 /// The label selector string of the server pods (for the scale subresource).
 pub fn selector(app: &RealtimeApp) -> String {
-    format!(
-        "app.kubernetes.io/component=server,app.kubernetes.io/instance={}",
-        app.metadata.name.as_deref().unwrap_or_default()
-    )
+    let name = app.metadata.name.as_deref().unwrap_or_default();
+    resources::selector_string(&resources::selector(name, server::COMPONENT))
 }
 
 /// The whole status. `now` stamps conditions whose status flipped; the others keep their

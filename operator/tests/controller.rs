@@ -5,11 +5,11 @@ mod support;
 use std::time::Duration;
 
 use chorus_operator::{
-    controller::{self, RunConfig},
+    controller::{self, RunConfig, RunError},
     resources::OperatorConfig,
 };
 use serde_json::json;
-use support::{FakeApi, app_path, deployment_path, eventually};
+use support::{FakeApi, add_app, app_path, condition, deployment_path, eventually};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -29,17 +29,30 @@ fn config(port: u16, leader_elect: bool) -> RunConfig {
     }
 }
 
-/// Shuts the controller down and checks that it stopped cleanly.
-async fn stop(
+/// `controller::run` on `api`'s client, until [`Running::stop`].
+struct Running {
     stop_tx: tokio::sync::oneshot::Sender<()>,
-    running: tokio::task::JoinHandle<Result<(), controller::RunError>>,
-) {
-    stop_tx.send(()).expect("running");
-    let result = tokio::time::timeout(Duration::from_secs(15), running)
-        .await
-        .expect("the controller stops on shutdown")
-        .expect("task");
-    assert!(result.is_ok(), "{result:?}");
+    task: tokio::task::JoinHandle<Result<(), RunError>>,
+}
+
+impl Running {
+    fn start(api: &FakeApi, config: RunConfig) -> Self {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(controller::run(api.client(), config, async move {
+            let _ = stop_rx.await;
+        }));
+        Self { stop_tx, task }
+    }
+
+    /// Shuts the controller down and checks that it stopped cleanly.
+    async fn stop(self) {
+        self.stop_tx.send(()).expect("running");
+        let result = tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("the controller stops on shutdown")
+            .expect("task");
+        assert!(result.is_ok(), "{result:?}");
+    }
 }
 
 async fn http_get(port: u16, path: &str) -> (u16, String) {
@@ -63,18 +76,9 @@ async fn http_get(port: u16, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn the_controller_reconciles_new_apps_and_repairs_deleted_children() {
     let api = FakeApi::default();
-    let client = api.client();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let config = config(0, false);
-    let running = tokio::spawn(controller::run(client, config, async move {
-        let _ = stop_rx.await;
-    }));
+    let running = Running::start(&api, config(0, false));
 
-    api.create(
-        &app_path("team", "chat"),
-        json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp",
-               "metadata": {"name": "chat", "namespace": "team"}, "spec": {}}),
-    );
+    add_app(&api, "team", "chat", json!({}));
     let d = deployment_path("team", "chat");
     eventually("the new app's Deployment", Duration::from_secs(10), || {
         api.get(&d).is_some()
@@ -106,26 +110,15 @@ async fn the_controller_reconciles_new_apps_and_repairs_deleted_children() {
     })
     .await;
 
-    stop(stop_tx, running).await;
+    running.stop().await;
 }
 
 #[tokio::test]
 async fn with_leader_election_it_takes_the_lease_and_serves_metrics() {
     let api = FakeApi::default();
     let port = free_port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(controller::run(
-        api.client(),
-        config(port, true),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    api.create(
-        &app_path("team", "chat"),
-        json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp",
-               "metadata": {"name": "chat", "namespace": "team"}, "spec": {}}),
-    );
+    let running = Running::start(&api, config(port, true));
+    add_app(&api, "team", "chat", json!({}));
     let lease = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/chorus-operator-leader";
     eventually(
         "the lease held by this replica",
@@ -162,24 +155,17 @@ async fn with_leader_election_it_takes_the_lease_and_serves_metrics() {
         .unwrap_or(0.0);
     assert!(reconciles >= 1.0, "{metrics}");
 
-    stop(stop_tx, running).await;
+    running.stop().await;
 }
 
 #[tokio::test]
 async fn watch_namespace_limits_the_controller_to_one_namespace() {
     let api = FakeApi::default();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut cfg = config(0, false);
     cfg.watch_namespace = Some("team".into());
-    let running = tokio::spawn(controller::run(api.client(), cfg, async move {
-        let _ = stop_rx.await;
-    }));
+    let running = Running::start(&api, cfg);
     for ns in ["other", "team"] {
-        api.create(
-            &app_path(ns, "chat"),
-            json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp",
-                   "metadata": {"name": "chat", "namespace": ns}, "spec": {}}),
-        );
+        add_app(&api, ns, "chat", json!({}));
     }
     eventually(
         "the watched namespace's app reconciled",
@@ -193,33 +179,22 @@ async fn watch_namespace_limits_the_controller_to_one_namespace() {
         api.get(&app_path("other", "chat"))
             .is_some_and(|a| a.get("status").is_none())
     );
-    stop_tx.send(()).expect("running");
-    let _ = tokio::time::timeout(Duration::from_secs(15), running)
-        .await
-        .expect("stops");
+    running.stop().await;
 }
 
 #[tokio::test]
-async fn a_refused_child_watch_slows_reconciles_but_does_not_stop_them() {
+async fn a_refused_child_list_is_reported_after_every_child_is_applied() {
     // As with RBAC that lacks list and watch on PodDisruptionBudgets: that kind's cache never
-    // fills, so a reconcile waits for it at most cache::LIST_WAIT, then reads from the API.
+    // fills, so a reconcile waits for it at most cache::LIST_WAIT, then reads from the API;
+    // the children are applied, and the pass that deletes unwanted ones, which must list
+    // them, fails and says so.
     let api = FakeApi::default();
     api.refuse_list_and_watch("poddisruptionbudgets");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(controller::run(
-        api.client(),
-        config(0, false),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let running = Running::start(&api, config(0, false));
 
-    api.create(
-        &app_path("team", "chat"),
-        json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp",
-               "metadata": {"name": "chat", "namespace": "team"}, "spec": {"replicas": 2}}),
-    );
+    add_app(&api, "team", "chat", json!({"replicas": 2}));
     let limit = chorus_operator::cache::LIST_WAIT + Duration::from_secs(10);
+    let degraded = |a: &serde_json::Value| condition(a, "Degraded");
     eventually("the app's children and status", limit, || {
         api.get(&deployment_path("team", "chat")).is_some()
             && api
@@ -227,9 +202,42 @@ async fn a_refused_child_watch_slows_reconciles_but_does_not_stop_them() {
                 .is_some()
             && api
                 .get(&app_path("team", "chat"))
-                .is_some_and(|a| a["status"]["observedGeneration"] == json!(1))
+                .is_some_and(|a| degraded(&a)["reason"] == json!("ReadFailed"))
     })
     .await;
+    let app = api.get(&app_path("team", "chat")).expect("app");
+    assert_eq!(
+        degraded(&app)["message"],
+        json!(
+            "listing the PodDisruptionBudget objects of RealtimeApp team/chat: \
+             list and watch refused (403 Forbidden)"
+        )
+    );
 
-    stop(stop_tx, running).await;
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn an_object_without_the_operators_label_is_not_taken_for_absent() {
+    // The controller's caches hold only what carries the managed-by label; someone's Service
+    // of the app's name does not, and must be neither applied over nor deleted.
+    let api = FakeApi::default();
+    let service = "/api/v1/namespaces/team/services/chat";
+    api.create(
+        service,
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "chat", "namespace": "team"},
+               "spec": {"ports": [{"port": 8080}]}}),
+    );
+    let before = api.get(service);
+    let running = Running::start(&api, config(0, false));
+    add_app(&api, "team", "chat", json!({}));
+    eventually("Degraded, NameInUse", Duration::from_secs(10), || {
+        api.get(&app_path("team", "chat"))
+            .is_some_and(|a| condition(&a, "Degraded")["reason"] == json!("NameInUse"))
+    })
+    .await;
+    assert!(api.get(&deployment_path("team", "chat")).is_some());
+    assert_eq!(api.get(service), before);
+    running.stop().await;
 }

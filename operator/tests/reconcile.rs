@@ -20,7 +20,8 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use support::{
-    FakeApi, app_path, deployment_path, eventually, logs::Logs, secret_path, statefulset_path,
+    FakeApi, add_app, app_path, condition, deployment_path, eventually, logs::Logs, secret_path,
+    statefulset_path,
 };
 
 const NS: &str = "team";
@@ -61,11 +62,7 @@ impl World {
     }
 
     fn add_app(&self, name: &str, spec: Value) {
-        self.api.create(
-            &app_path(NS, name),
-            json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp",
-                   "metadata": {"name": name, "namespace": NS}, "spec": spec}),
-        );
+        add_app(&self.api, NS, name, spec);
     }
 
     fn app(&self, name: &str) -> RealtimeApp {
@@ -77,11 +74,7 @@ impl World {
     }
 
     fn condition(&self, name: &str, type_: &str) -> Value {
-        let app = self.api.get(&app_path(NS, name)).expect("app");
-        app["status"]["conditions"]
-            .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["type"] == json!(type_)).cloned())
-            .unwrap_or(Value::Null)
+        condition(&self.api.get(&app_path(NS, name)).expect("app"), type_)
     }
 
     fn checksum(&self, name: &str) -> String {
@@ -508,4 +501,44 @@ async fn a_failed_request_is_named_in_degraded_an_event_the_log_and_the_metric()
         (&degraded["status"], &degraded["reason"]),
         (&json!("False"), &json!("AsExpected"))
     );
+}
+
+#[tokio::test]
+async fn objects_of_a_childs_name_that_the_app_does_not_own_are_never_touched() {
+    let w = World::new();
+    // Someone's Service `chat`, and someone's PodDisruptionBudget `chat` (which the app, at
+    // one replica, would delete if it were its own).
+    let service = format!("/api/v1/namespaces/{NS}/services/chat");
+    let pdb = format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/chat");
+    w.api.create(
+        &service,
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "chat", "namespace": NS, "labels": {"team": "web"}},
+               "spec": {"ports": [{"port": 8080}]}}),
+    );
+    w.api.create(
+        &pdb,
+        json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+               "metadata": {"name": "chat", "namespace": NS}, "spec": {"maxUnavailable": 1}}),
+    );
+    let before = (w.api.get(&service), w.api.get(&pdb));
+    w.add_app("chat", json!({"replicas": 1}));
+    w.reconcile("chat").await.expect("reconciles");
+    w.api
+        .edit(&app_path(NS, "chat"), |a| a["spec"]["replicas"] = json!(3));
+    w.reconcile("chat").await.expect("reconciles again");
+
+    assert_eq!((w.api.get(&service), w.api.get(&pdb)), before, "untouched");
+    let degraded = w.condition("chat", "Degraded");
+    assert_eq!(degraded["reason"], json!("NameInUse"));
+    assert_eq!(
+        degraded["message"],
+        json!(
+            "Service team/chat exists and is not owned by this RealtimeApp: rename the app or remove it; \
+             PodDisruptionBudget team/chat exists and is not owned by this RealtimeApp: rename the app or remove it"
+        )
+    );
+    // The rest of the app is there.
+    assert!(w.api.get(&deployment_path(NS, "chat")).is_some());
+    assert!(w.api.get(&statefulset_path(NS, "chat-redis")).is_some());
 }

@@ -170,6 +170,7 @@ fn rows() -> Vec<Row> {
         Reason::SecretNotFound,
         Reason::SecretKeyNotFound,
         Reason::InvalidSpec,
+        Reason::NameInUse,
         Reason::ReadFailed,
         Reason::ApplyFailed,
         Reason::DeleteFailed,

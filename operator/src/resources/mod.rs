@@ -5,7 +5,7 @@ pub mod env;
 pub mod redis;
 pub mod server;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::{
     api::{
@@ -26,6 +26,11 @@ use crate::crd::{Flavor, RealtimeApp, RedisMode};
 
 /// The field manager of every server-side apply.
 pub const MANAGER: &str = "chorus-operator";
+/// The labels on every child; the instance and component labels select a component's pods.
+pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Pod-template annotation that changes when the injected configuration does.
 pub const CHECKSUM_ANNOTATION: &str = "chorus.rs/config-checksum";
 /// A pinned Redis 7 image for managed Redis.
@@ -73,6 +78,17 @@ pub struct Children {
 
 /// Objects serialized for `render` and for comparisons, in apply order.
 impl Children {
+    /// (kind, name) of every object, for the pass that deletes what is no longer wanted.
+    pub fn names(&self) -> BTreeSet<(String, String)> {
+        self.objects()
+            .iter()
+            .map(|o| {
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+                (text(&o["kind"]), text(&o["metadata"]["name"]))
+            })
+            .collect()
+    }
+
     pub fn objects(&self) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
         if let Some(r) = &self.redis {
@@ -161,20 +177,14 @@ impl<'a> App<'a> {
 
     /// The labels that select one component's pods.
     pub fn selector(&self, component: &str) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            ("app.kubernetes.io/instance".to_owned(), self.name.clone()),
-            (
-                "app.kubernetes.io/component".to_owned(),
-                component.to_owned(),
-            ),
-        ])
+        selector(&self.name, component)
     }
 
     /// The labels on everything: the selector plus name and managed-by.
     pub fn labels(&self, component: &str) -> BTreeMap<String, String> {
         let mut labels = self.selector(component);
-        labels.insert("app.kubernetes.io/name".into(), self.app_label().into());
-        labels.insert("app.kubernetes.io/managed-by".into(), MANAGER.into());
+        labels.insert(NAME_LABEL.into(), self.app_label().into());
+        labels.insert(MANAGED_BY_LABEL.into(), MANAGER.into());
         labels
     }
 
@@ -203,6 +213,45 @@ impl<'a> App<'a> {
             .port
             .unwrap_or_else(|| self.flavor().default_port())
     }
+}
+
+/// The labels that select the pods of one component of the app `name`.
+pub fn selector(name: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (INSTANCE_LABEL.to_owned(), name.to_owned()),
+        (COMPONENT_LABEL.to_owned(), component.to_owned()),
+    ])
+}
+
+/// Labels as a label selector string: `key=value,key=value`.
+pub fn selector_string(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Selects everything the operator manages (what the controller watches).
+pub fn managed_selector() -> String {
+    selector_string(&BTreeMap::from([(
+        MANAGED_BY_LABEL.to_owned(),
+        MANAGER.to_owned(),
+    )]))
+}
+
+/// Selects the children of the app `name` (with the owner check, what it may delete).
+pub fn children_selector(name: &str) -> String {
+    selector_string(&BTreeMap::from([
+        (INSTANCE_LABEL.to_owned(), name.to_owned()),
+        (MANAGED_BY_LABEL.to_owned(), MANAGER.to_owned()),
+    ]))
+}
+
+/// Whether `obj` has the object `owner_uid` among its owners: only then may the operator
+/// change or delete it.
+pub fn is_owned_by<K: Resource>(obj: &K, owner_uid: &str) -> bool {
+    obj.owner_references().iter().any(|o| o.uid == owner_uid)
 }
 
 /// Builds every child. Pure: the same inputs give the same objects.

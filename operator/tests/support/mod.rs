@@ -528,6 +528,23 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// Stores the RealtimeApp `ns/name` with `spec`, as `kubectl apply` would.
+pub fn add_app(api: &FakeApi, ns: &str, name: &str, spec: Value) {
+    api.create(
+        &app_path(ns, name),
+        json!({"apiVersion": "chorus.rs/v1alpha1", "kind": "RealtimeApp",
+               "metadata": {"name": name, "namespace": ns}, "spec": spec}),
+    );
+}
+
+/// The condition `type_` of a stored RealtimeApp (Null when it has none).
+pub fn condition(app: &Value, type_: &str) -> Value {
+    app["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == json!(type_)).cloned())
+        .unwrap_or(Value::Null)
+}
+
 /// Waits for `ok` to hold, looking every 50 ms; fails the test after `limit`.
 pub async fn eventually(what: &str, limit: std::time::Duration, mut ok: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + limit;
