@@ -542,3 +542,71 @@ async fn objects_of_a_childs_name_that_the_app_does_not_own_are_never_touched() 
     assert!(w.api.get(&deployment_path(NS, "chat")).is_some());
     assert!(w.api.get(&statefulset_path(NS, "chat-redis")).is_some());
 }
+
+#[tokio::test]
+async fn a_setting_removed_from_the_spec_is_removed_from_the_children() {
+    let w = World::new();
+    w.add_app(
+        "chat",
+        json!({"service": {"annotations": {"lb.example/idle-timeout": "3600"}},
+               "pod": {"nodeSelector": {"pool": "realtime"}}}),
+    );
+    w.reconcile("chat").await.expect("first");
+    let service = format!("/api/v1/namespaces/{NS}/services/chat");
+    // Someone else's annotation, set with kubectl: not the operator's to remove.
+    w.api.edit(&service, |s| {
+        s["metadata"]["annotations"]["team.example/owner"] = json!("web")
+    });
+    let annotations =
+        |w: &World| w.api.get(&service).expect("service")["metadata"]["annotations"].clone();
+    assert_eq!(annotations(&w)["lb.example/idle-timeout"], json!("3600"));
+
+    w.api.edit(&app_path(NS, "chat"), |a| {
+        a["spec"]["service"]["annotations"] = json!({});
+        a["spec"]["pod"] = json!({});
+    });
+    w.reconcile("chat").await.expect("settings removed");
+    let now = annotations(&w);
+    assert!(now.get("lb.example/idle-timeout").is_none(), "{now}");
+    assert_eq!(now["team.example/owner"], json!("web"));
+    let d = w.api.get(&deployment_path(NS, "chat")).expect("deployment");
+    assert!(
+        d["spec"]["template"]["spec"].get("nodeSelector").is_none(),
+        "{}",
+        d["spec"]["template"]["spec"]
+    );
+}
+
+#[tokio::test]
+async fn deleting_the_app_deletes_what_it_owns_and_nothing_else() {
+    let w = World::new();
+    let theirs = format!("/api/v1/namespaces/{NS}/services/chat");
+    w.api.create(
+        &theirs,
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "chat", "namespace": NS}, "spec": {"ports": [{"port": 8080}]}}),
+    );
+    w.add_app("chat", json!({"autoscaling": {"enabled": true}}));
+    w.reconcile("chat").await.expect("reconciles");
+    let owned = |w: &World| {
+        let uid = w
+            .api
+            .get(&app_path(NS, "chat"))
+            .map(|a| a["metadata"]["uid"].clone());
+        w.api.count(|_, o| {
+            o["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|refs| refs.iter().any(|r| Some(&r["uid"]) == uid.as_ref()))
+        })
+    };
+    // Secrets, Redis (StatefulSet, Service, NetworkPolicy), Deployment, HPA, PDB.
+    assert_eq!(owned(&w), 8);
+
+    w.api.delete(&app_path(NS, "chat"));
+    let left: Vec<String> = w.api.paths();
+    assert_eq!(
+        left,
+        [theirs],
+        "the garbage collector took the app's children only"
+    );
+}

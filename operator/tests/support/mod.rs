@@ -1,7 +1,10 @@
-//! An in-memory Kubernetes API for reconcile tests: objects kept by path, resourceVersion and
-//! generation, server-side apply of whole objects (the operator always applies complete
-//! objects with force), the status subresource, Secrets' stringData, Events, a request log,
-//! and injected failures. kube's real `Client` talks to it over a tower service.
+//! An in-memory Kubernetes API for the operator's tests: objects kept by path, with
+//! resourceVersion, generation and uid; server-side apply with field ownership (fields.rs: a
+//! field an applier stops sending goes away), merge patches, the status subresource, Secrets'
+//! stringData, delete preconditions, the garbage collector (deleting an owner deletes its
+//! dependents), watches, Events, a log of the requests as the authorizer sees them
+//! (requests.rs), and injected failures. kube's real `Client` talks to it over a tower
+//! service.
 #![allow(dead_code)]
 
 use std::{
@@ -17,8 +20,13 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use fields::Managers;
+use requests::ApiRequest;
+
+pub mod fields;
 pub mod fleet;
 pub mod logs;
+pub mod requests;
 
 type RespBody = UnsyncBoxBody<Bytes, std::convert::Infallible>;
 type WatchTx = mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>;
@@ -31,6 +39,7 @@ struct Loc {
     ns: Option<String>,
     resource: String,
     name: Option<String>,
+    subresource: Option<String>,
 }
 
 fn locate(path: &str) -> Option<Loc> {
@@ -51,6 +60,7 @@ fn locate(path: &str) -> Option<Loc> {
         ns,
         resource: rest.first()?.to_string(),
         name: rest.get(1).map(|n| n.to_string()),
+        subresource: rest.get(2).map(|n| n.to_string()),
     })
 }
 
@@ -81,11 +91,26 @@ pub struct Logged {
     pub path: String,
 }
 
+/// A stored object that changed, for the watches: (path, ADDED|MODIFIED|DELETED, object).
+type Change = (String, &'static str, Value);
+
+/// One write or read of an object, as the handler takes it.
+struct Req<'a> {
+    method: &'a str,
+    path: &'a str,
+    body: &'a [u8],
+    /// A server-side apply (`application/apply-patch+yaml`), not another kind of patch.
+    apply: bool,
+    /// `fieldManager`, or who wrote it when the test writes.
+    manager: &'a str,
+}
+
 #[derive(Default)]
 struct State {
     objects: BTreeMap<String, Value>,
+    /// Field managers, by object path.
+    managers: BTreeMap<String, Managers>,
     watchers: Vec<(Loc, Option<String>, WatchTx)>,
-    deleted: BTreeMap<String, Value>,
     rv: u64,
     log: Vec<Logged>,
     events: Vec<Value>,
@@ -96,6 +121,8 @@ struct State {
     /// Requests that came through `client()` (not the test's own calls), by verb:
     /// GET, LIST, WATCH, POST, PUT, PATCH, DELETE; and GETs by resource ("GET secrets").
     verbs: BTreeMap<String, u64>,
+    /// The same requests, as the authorizer sees them.
+    requests: Vec<ApiRequest>,
 }
 
 #[derive(Clone, Default)]
@@ -125,6 +152,7 @@ impl FakeApi {
                 } else {
                     parts.method.as_str()
                 };
+                let request = ApiRequest::of(parts.method.as_str(), &path, &query);
                 let refused = {
                     let mut state = api.state();
                     *state.verbs.entry(verb.to_owned()).or_default() += 1;
@@ -132,6 +160,7 @@ impl FakeApi {
                     if verb == "GET" && !resource.is_empty() {
                         *state.verbs.entry(format!("GET {resource}")).or_default() += 1;
                     }
+                    state.requests.extend(request.clone());
                     (watch || list) && state.refused.contains(&resource)
                 };
                 let resp = if refused {
@@ -141,7 +170,23 @@ impl FakeApi {
                 } else if list {
                     json_response(200, &api.list(&path, &query))
                 } else {
-                    let (code, value) = api.handle(parts.method.as_str(), &path, &bytes);
+                    let content_type = parts
+                        .headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    let req = Req {
+                        method: parts.method.as_str(),
+                        path: &path,
+                        body: &bytes,
+                        apply: content_type == "application/apply-patch+yaml",
+                        manager: query_param(&query, "fieldManager").unwrap_or("unknown"),
+                    };
+                    let (code, value) = api.handle(&req);
+                    // The authorizer also checks `create` when an apply creates the object.
+                    if let Some(r) = request.filter(|_| req.apply && code == 201) {
+                        api.state().requests.push(r.with_verb("create"));
+                    }
                     json_response(code, &value)
                 };
                 Ok::<_, std::convert::Infallible>(resp)
@@ -206,46 +251,48 @@ impl FakeApi {
         self.state().objects.get(path).cloned()
     }
 
+    /// What the test itself writes (as `kubectl` would, field manager `kubectl`).
+    fn write(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        self.handle(&Req {
+            method,
+            path,
+            body: &bytes,
+            apply: false,
+            manager: "kubectl",
+        })
+    }
+
     /// Stores an object as a client would create it.
     pub fn create(&self, path: &str, obj: Value) -> Value {
-        let (_, v) = self.handle(
-            "POST",
-            collection(path),
-            &serde_json::to_vec(&obj).unwrap_or_default(),
-        );
-        v
+        self.write("POST", collection(path), &obj).1
     }
 
     /// Replaces an object's status, as the controller that owns it would.
     pub fn set_status(&self, path: &str, status: Value) {
-        let body = serde_json::to_vec(&json!({"status": status})).unwrap_or_default();
-        let _ = self.handle("PATCH", &format!("{path}/status"), &body);
+        self.write(
+            "PATCH",
+            &format!("{path}/status"),
+            &json!({"status": status}),
+        );
     }
 
     /// Changes a stored object the way `kubectl edit` would (spec changes bump generation).
     pub fn edit(&self, path: &str, f: impl FnOnce(&mut Value)) {
-        let updated = {
-            let mut s = self.state();
-            s.rv += 1;
-            let rv = s.rv.to_string();
-            s.objects.get_mut(path).map(|obj| {
-                let before = obj["spec"].clone();
-                f(obj);
-                if obj["spec"] != before {
-                    let g = obj["metadata"]["generation"].as_i64().unwrap_or(1);
-                    obj["metadata"]["generation"] = json!(g + 1);
-                }
-                obj["metadata"]["resourceVersion"] = json!(rv);
-                obj.clone()
-            })
+        let Some(mut obj) = self.get(path) else {
+            return;
         };
-        if let Some(obj) = updated {
-            self.notify(path, "MODIFIED", obj);
-        }
+        f(&mut obj);
+        self.write("PUT", path, &obj);
     }
 
     pub fn delete(&self, path: &str) {
-        let _ = self.handle("DELETE", path, b"");
+        self.write("DELETE", path, &Value::Null);
+    }
+
+    /// The requests made through `client()` so far, as the authorizer sees them.
+    pub fn requests(&self) -> Vec<ApiRequest> {
+        self.state().requests.clone()
     }
 
     pub fn log_len(&self) -> usize {
@@ -294,40 +341,12 @@ impl FakeApi {
         self.state().objects.keys().cloned().collect()
     }
 
-    fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
-        let existed = self
-            .state()
-            .objects
-            .contains_key(path.trim_end_matches("/status"));
-        let (code, value) = self.apply_request(method, path, body);
-        if (200..300).contains(&code) && method != "GET" && !path.contains("/events.k8s.io/") {
-            let event = match method {
-                "DELETE" => "DELETED",
-                _ if existed => "MODIFIED",
-                _ => "ADDED",
-            };
-            let obj_path = if method == "POST" {
-                format!(
-                    "{path}/{}",
-                    value["metadata"]["name"].as_str().unwrap_or_default()
-                )
-            } else {
-                path.trim_end_matches("/status").to_owned()
-            };
-            let obj = if method == "DELETE" {
-                self.last_deleted(&obj_path)
-            } else {
-                self.get(&obj_path)
-            };
-            if let Some(obj) = obj {
-                self.notify(&obj_path, event, obj);
-            }
+    fn handle(&self, req: &Req<'_>) -> (u16, Value) {
+        let (code, value, changes) = self.state().apply_request(req);
+        for (path, event, obj) in changes {
+            self.notify(&path, event, obj);
         }
         (code, value)
-    }
-
-    fn last_deleted(&self, path: &str) -> Option<Value> {
-        self.state().deleted.get(path).cloned()
     }
 
     fn notify(&self, path: &str, event: &str, obj: Value) {
@@ -341,101 +360,156 @@ impl FakeApi {
             !matches || tx.send(Ok(Frame::data(Bytes::from(line.clone())))).is_ok()
         });
     }
+}
 
-    fn apply_request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
-        let mut s = self.state();
-        s.log.push(Logged {
+impl State {
+    /// Handles one request; returns the answer and what changed, for the watches.
+    fn apply_request(&mut self, req: &Req<'_>) -> (u16, Value, Vec<Change>) {
+        let (method, path) = (req.method, req.path);
+        self.log.push(Logged {
             method: method.into(),
             path: path.into(),
         });
-        if let Some(i) = s
+        if let Some(i) = self
             .failures
             .iter()
             .position(|(m, p, _)| m == method && path.contains(p.as_str()))
         {
-            let (_, _, code) = s.failures.remove(i).unwrap_or_default();
+            let (_, _, code) = self.failures.remove(i).unwrap_or_default();
             let reason = if code == 409 {
                 "Conflict"
             } else {
                 "InternalError"
             };
-            return (code, status(code, reason, "injected failure"));
+            return (code, status(code, reason, "injected failure"), vec![]);
         }
-        let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let body: Value = serde_json::from_slice(req.body).unwrap_or(Value::Null);
         if path.contains("/events.k8s.io/") {
-            s.events.push(body.clone());
-            return (201, body);
+            self.events.push(body.clone());
+            return (201, body, vec![]);
         }
         if let Some(obj_path) = path.strip_suffix("/status") {
             if method != "PATCH" {
                 return (
                     405,
                     status(405, "MethodNotAllowed", "status: PATCH only here"),
+                    vec![],
                 );
             }
-            s.rv += 1;
-            let rv = s.rv.to_string();
-            return match s.objects.get_mut(obj_path) {
+            self.rv += 1;
+            let rv = self.rv.to_string();
+            return match self.objects.get_mut(obj_path) {
                 Some(obj) => {
                     obj["status"] = body["status"].clone();
                     obj["metadata"]["resourceVersion"] = json!(rv);
-                    (200, obj.clone())
+                    let change = (obj_path.to_owned(), "MODIFIED", obj.clone());
+                    (200, obj.clone(), vec![change])
                 }
-                None => (404, status(404, "NotFound", "not found")),
+                None => (404, status(404, "NotFound", "not found"), vec![]),
             };
         }
+        let not_found = || status(404, "NotFound", &format!("{path} not found"));
         match method {
-            "GET" => match s.objects.get(path) {
-                Some(obj) => (200, obj.clone()),
-                None => (404, status(404, "NotFound", &format!("{path} not found"))),
+            "GET" => match self.objects.get(path) {
+                Some(obj) => (200, obj.clone(), vec![]),
+                None => (404, not_found(), vec![]),
             },
-            "DELETE" => match s.objects.remove(path) {
-                Some(old) => {
-                    s.deleted.insert(path.to_owned(), old);
-                    (
-                        200,
-                        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
-                    )
-                }
-                None => (404, status(404, "NotFound", "not found")),
-            },
-            "POST" => {
-                let name = body["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                let obj_path = format!("{path}/{name}");
-                if s.objects.contains_key(&obj_path) {
-                    return (409, status(409, "AlreadyExists", "already exists"));
-                }
-                let obj = s.stored(body, None);
-                s.objects.insert(obj_path, obj.clone());
-                (201, obj)
-            }
-            "PATCH" => {
-                // Server-side apply, strategic and merge patches are all taken as a JSON
-                // merge into the stored object: enough for whole-object applies and the
-                // partial patches of the lease manager.
-                let existing = s.objects.get(path).cloned();
-                let code = if existing.is_some() { 200 } else { 201 };
-                let merged = match &existing {
-                    Some(old) => {
-                        let mut merged = old.clone();
-                        merge(&mut merged, &body);
-                        merged
-                    }
-                    None => body,
+            "DELETE" => {
+                let Some(obj) = self.objects.get(path) else {
+                    return (404, not_found(), vec![]);
                 };
-                let obj = s.stored(merged, existing);
-                s.objects.insert(path.to_owned(), obj.clone());
-                (code, obj)
+                let want = &body["preconditions"]["uid"];
+                let uid = &obj["metadata"]["uid"];
+                if !want.is_null() && want != uid {
+                    let message = format!(
+                        "Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"
+                    );
+                    return (409, status(409, "Conflict", &message), vec![]);
+                }
+                let mut changes = self.remove(path).into_iter().collect();
+                self.collect_garbage(&mut changes);
+                let ok = json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
+                (200, ok, changes)
             }
-            _ => (405, status(405, "MethodNotAllowed", method)),
+            "POST" => {
+                let name = body["metadata"]["name"].as_str().unwrap_or_default();
+                let obj_path = format!("{path}/{name}");
+                if self.objects.contains_key(&obj_path) {
+                    return (409, status(409, "AlreadyExists", "already exists"), vec![]);
+                }
+                let obj = self.stored(body, None);
+                self.managers
+                    .entry(obj_path.clone())
+                    .or_default()
+                    .update(req.manager, None, &obj);
+                self.objects.insert(obj_path.clone(), obj.clone());
+                (201, obj.clone(), vec![(obj_path, "ADDED", obj)])
+            }
+            "PUT" | "PATCH" => {
+                let existing = self.objects.get(path).cloned();
+                if existing.is_none() && !req.apply {
+                    return (404, not_found(), vec![]);
+                }
+                let managers = self.managers.entry(path.to_owned()).or_default();
+                let merged = if req.apply {
+                    managers.apply(req.manager, existing.as_ref(), &body)
+                } else {
+                    let mut merged = existing.clone().unwrap_or_default();
+                    if method == "PUT" {
+                        merged = body;
+                    } else {
+                        merge(&mut merged, &body);
+                    }
+                    managers.update(req.manager, existing.as_ref(), &merged);
+                    merged
+                };
+                let (code, event) = if existing.is_some() {
+                    (200, "MODIFIED")
+                } else {
+                    (201, "ADDED")
+                };
+                let obj = self.stored(merged, existing);
+                self.objects.insert(path.to_owned(), obj.clone());
+                (code, obj.clone(), vec![(path.to_owned(), event, obj)])
+            }
+            _ => (405, status(405, "MethodNotAllowed", method), vec![]),
         }
     }
-}
 
-impl State {
+    /// Removes the object at `path` and its field managers.
+    fn remove(&mut self, path: &str) -> Option<Change> {
+        self.managers.remove(path);
+        let obj = self.objects.remove(path)?;
+        Some((path.to_owned(), "DELETED", obj))
+    }
+
+    /// The garbage collector, in the background mode: deletes every object whose owners
+    /// (ownerReferences, by uid) are all gone, until none is left.
+    fn collect_garbage(&mut self, changes: &mut Vec<Change>) {
+        loop {
+            let uid = |o: &Value| o["uid"].as_str().unwrap_or_default().to_owned();
+            let live: std::collections::BTreeSet<String> =
+                self.objects.values().map(|o| uid(&o["metadata"])).collect();
+            let orphans: Vec<String> = self
+                .objects
+                .iter()
+                .filter(|(_, o)| {
+                    let owners = o["metadata"]["ownerReferences"].as_array();
+                    owners.is_some_and(|owners| {
+                        !owners.is_empty() && owners.iter().all(|r| !live.contains(&uid(r)))
+                    })
+                })
+                .map(|(p, _)| p.clone())
+                .collect();
+            if orphans.is_empty() {
+                return;
+            }
+            for path in orphans {
+                changes.extend(self.remove(&path));
+            }
+        }
+    }
+
     /// What the API server would store for `body`, given the existing object.
     fn stored(&mut self, mut body: Value, existing: Option<Value>) -> Value {
         self.rv += 1;
