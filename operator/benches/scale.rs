@@ -154,6 +154,7 @@ async fn bench(args: Args) -> Result<bool, String> {
         leader_elect: false,
         lease_namespace: "ops".into(),
         identity: "bench".into(),
+        lease_duration_seconds: controller::LEASE_DURATION_SECONDS,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();

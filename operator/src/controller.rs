@@ -38,7 +38,13 @@ pub struct RunConfig {
     pub lease_namespace: String,
     /// This replica's name in the Lease.
     pub identity: String,
+    /// How long the Lease is valid without a renewal; the leader renews it a third of that
+    /// before it runs out, and notices then if another replica holds it.
+    pub lease_duration_seconds: u64,
 }
+
+/// The default of [`RunConfig::lease_duration_seconds`].
+pub const LEASE_DURATION_SECONDS: u64 = 15;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -94,8 +100,8 @@ pub async fn run(
             kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "chorus-operator-leader")
                 .with_namespace(config.lease_namespace.clone())
                 .with_identity(config.identity.clone())
-                .with_duration(15)
-                .with_grace(5)
+                .with_duration(config.lease_duration_seconds)
+                .with_grace((config.lease_duration_seconds / 3).max(1))
                 .with_field_manager(MANAGER)
                 .build()
                 .await

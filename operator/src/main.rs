@@ -84,6 +84,11 @@ struct Run {
     /// This replica's identity in the Lease (default: the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Seconds the leader Lease lasts without renewal (at least 2): a new leader takes over
+    /// at most this long after the old one stops renewing.
+    #[arg(long, env = "LEASE_DURATION", default_value_t = controller::LEASE_DURATION_SECONDS,
+          value_parser = clap::value_parser!(u64).range(2..))]
+    lease_duration: u64,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -125,6 +130,7 @@ fn run_controller(run: Run) -> ExitCode {
             .identity
             .filter(|i| !i.is_empty())
             .unwrap_or_else(hostname),
+        lease_duration_seconds: run.lease_duration,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -26,6 +26,7 @@ fn config(port: u16, leader_elect: bool) -> RunConfig {
         leader_elect,
         lease_namespace: "ops".into(),
         identity: "operator-0".into(),
+        lease_duration_seconds: controller::LEASE_DURATION_SECONDS,
     }
 }
 
@@ -170,10 +171,20 @@ async fn watch_namespace_limits_the_controller_to_one_namespace() {
     eventually(
         "the watched namespace's app reconciled",
         Duration::from_secs(10),
-        || api.get(&deployment_path("team", "chat")).is_some(),
+        || {
+            api.get(&app_path("team", "chat"))
+                .is_some_and(|a| a["status"]["observedGeneration"] == json!(1))
+        },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every request so far (the lists and watches that would have brought the other app
+    // included) stayed in the watched namespace: the other app cannot have been seen.
+    let outside: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.namespace.as_deref() != Some("team"))
+        .collect();
+    assert!(outside.is_empty(), "{outside:#?}");
     assert!(api.get(&deployment_path("other", "chat")).is_none());
     assert!(
         api.get(&app_path("other", "chat"))
@@ -240,4 +251,70 @@ async fn an_object_without_the_operators_label_is_not_taken_for_absent() {
     assert!(api.get(&deployment_path("team", "chat")).is_some());
     assert_eq!(api.get(service), before);
     running.stop().await;
+}
+
+#[tokio::test]
+async fn the_operator_exits_non_zero_when_another_replica_takes_the_lease() {
+    // The real binary, on the in-memory API served over HTTP.
+    let api = FakeApi::default();
+    let addr = api.serve_http().await;
+    let dir = std::env::temp_dir().join(format!("chorus-operator-lease-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: 'http://{addr}'}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus-operator"))
+        .args([
+            "run",
+            "--leader-elect",
+            "--metrics-port",
+            "0",
+            "--lease-duration",
+            "3",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAMESPACE", "ops")
+        .env("POD_NAME", "operator-0")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("chorus-operator starts");
+
+    let lease = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/chorus-operator-leader";
+    let holder = |api: &FakeApi| api.get(lease).map(|l| l["spec"]["holderIdentity"].clone());
+    eventually(
+        "the lease held by the operator",
+        Duration::from_secs(10),
+        || holder(&api) == Some(json!("operator-0")),
+    )
+    .await;
+    // Another replica holds it now (as after this one missed its renewals).
+    api.edit(lease, |l| l["spec"]["holderIdentity"] = json!("operator-1"));
+
+    let status = tokio::time::timeout(Duration::from_secs(10), operator.wait())
+        .await
+        .expect("the operator exits within a renewal period")
+        .expect("exit status");
+    let mut stderr = String::new();
+    if let Some(mut pipe) = operator.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        pipe.read_to_string(&mut stderr).await.expect("stderr");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("lost the leader lease"), "{stderr}");
+    assert_eq!(
+        holder(&api),
+        Some(json!("operator-1")),
+        "it did not take the lease back"
+    );
 }

@@ -27,6 +27,7 @@ async fn after_convergence_a_full_noop_reconcile_pass_writes_nothing() {
         leader_elect: false,
         lease_namespace: "ops".into(),
         identity: "operator-0".into(),
+        lease_duration_seconds: controller::LEASE_DURATION_SECONDS,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(controller::run(api.client(), config, async move {

@@ -137,62 +137,89 @@ impl FakeApi {
         let api = self.clone();
         let svc = tower::service_fn(move |req: Request<Body>| {
             let api = api.clone();
-            async move {
-                let (parts, body) = req.into_parts();
-                let bytes = body.collect_bytes().await.unwrap_or_default();
-                let path = parts.uri.path().to_owned();
-                let query = parts.uri.query().unwrap_or("").to_owned();
-                let watch = parts.method == "GET" && query_param(&query, "watch") == Some("true");
-                let loc = locate(&path);
-                let list = parts.method == "GET" && loc.as_ref().is_some_and(|l| l.name.is_none());
-                let verb = if watch {
-                    "WATCH"
-                } else if list {
-                    "LIST"
-                } else {
-                    parts.method.as_str()
-                };
-                let request = ApiRequest::of(parts.method.as_str(), &path, &query);
-                let refused = {
-                    let mut state = api.state();
-                    *state.verbs.entry(verb.to_owned()).or_default() += 1;
-                    let resource = loc.map(|l| l.resource).unwrap_or_default();
-                    if verb == "GET" && !resource.is_empty() {
-                        *state.verbs.entry(format!("GET {resource}")).or_default() += 1;
-                    }
-                    state.requests.extend(request.clone());
-                    (watch || list) && state.refused.contains(&resource)
-                };
-                let resp = if refused {
-                    json_response(403, &status(403, "Forbidden", "list and watch refused"))
-                } else if watch {
-                    api.watch(&path, &query)
-                } else if list {
-                    json_response(200, &api.list(&path, &query))
-                } else {
-                    let content_type = parts
-                        .headers
-                        .get("content-type")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    let req = Req {
-                        method: parts.method.as_str(),
-                        path: &path,
-                        body: &bytes,
-                        apply: content_type == "application/apply-patch+yaml",
-                        manager: query_param(&query, "fieldManager").unwrap_or("unknown"),
-                    };
-                    let (code, value) = api.handle(&req);
-                    // The authorizer also checks `create` when an apply creates the object.
-                    if let Some(r) = request.filter(|_| req.apply && code == 201) {
-                        api.state().requests.push(r.with_verb("create"));
-                    }
-                    json_response(code, &value)
-                };
-                Ok::<_, std::convert::Infallible>(resp)
-            }
+            async move { Ok::<_, std::convert::Infallible>(api.answer(req).await) }
         });
         kube::Client::new(svc, "default")
+    }
+
+    /// The same API over HTTP on a loopback port, for a `chorus-operator` process; serves
+    /// until the runtime ends.
+    pub async fn serve_http(&self) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let addr = listener.local_addr().expect("its address");
+        let api = self.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let api = api.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                let resp = api
+                    .answer(Request::from_parts(parts, Body::from(bytes)))
+                    .await;
+                resp.map(axum::body::Body::new)
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// Answers one request as the API server would.
+    async fn answer(&self, req: Request<Body>) -> Response<RespBody> {
+        let (parts, body) = req.into_parts();
+        let bytes = body.collect_bytes().await.unwrap_or_default();
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        let watch = parts.method == "GET" && query_param(&query, "watch") == Some("true");
+        let loc = locate(&path);
+        let list = parts.method == "GET" && loc.as_ref().is_some_and(|l| l.name.is_none());
+        let verb = if watch {
+            "WATCH"
+        } else if list {
+            "LIST"
+        } else {
+            parts.method.as_str()
+        };
+        let request = ApiRequest::of(parts.method.as_str(), &path, &query);
+        let refused = {
+            let mut state = self.state();
+            *state.verbs.entry(verb.to_owned()).or_default() += 1;
+            let resource = loc.map(|l| l.resource).unwrap_or_default();
+            if verb == "GET" && !resource.is_empty() {
+                *state.verbs.entry(format!("GET {resource}")).or_default() += 1;
+            }
+            state.requests.extend(request.clone());
+            (watch || list) && state.refused.contains(&resource)
+        };
+        if refused {
+            json_response(403, &status(403, "Forbidden", "list and watch refused"))
+        } else if watch {
+            self.watch(&path, &query)
+        } else if list {
+            json_response(200, &self.list(&path, &query))
+        } else {
+            let content_type = parts
+                .headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let req = Req {
+                method: parts.method.as_str(),
+                path: &path,
+                body: &bytes,
+                apply: content_type == "application/apply-patch+yaml",
+                manager: query_param(&query, "fieldManager").unwrap_or("unknown"),
+            };
+            let (code, value) = self.handle(&req);
+            // The authorizer also checks `create` when an apply creates the object.
+            if let Some(r) = request.filter(|_| req.apply && code == 201) {
+                self.state().requests.push(r.with_verb("create"));
+            }
+            json_response(code, &value)
+        }
     }
 
     fn list(&self, path: &str, query: &str) -> Value {
