@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::{
-    apps::v1::{Deployment, StatefulSet},
+    apps::v1::StatefulSet,
     autoscaling::v2::HorizontalPodAutoscaler,
     core::v1::{Secret, Service},
     networking::v1::NetworkPolicy,
@@ -23,7 +23,7 @@ use crate::{
     crd::RealtimeApp,
     error::{Error, ObjectName},
     reconcile::Context,
-    resources::{Children, MANAGER, digest, is_owned_by},
+    resources::{Child, Children, MANAGER, digest, is_owned_by},
     status::Problem,
 };
 
@@ -46,11 +46,11 @@ impl<'a> Applier<'a> {
         }
     }
 
-    pub fn api<K: Cached>(&self) -> Api<K> {
+    pub fn api<K: Child>(&self) -> Api<K> {
         Api::namespaced(self.ctx.client.clone(), &self.namespace)
     }
 
-    fn object<K: Cached>(&self, name: &str) -> ObjectName {
+    fn object<K: Child>(&self, name: &str) -> ObjectName {
         ObjectName::new(&K::kind(&()), &self.namespace, name)
     }
 
@@ -65,25 +65,25 @@ impl<'a> Applier<'a> {
             })
     }
 
-    /// Creates a generated Secret unless it exists; never updates it, so a value is never
-    /// rotated by accident.
-    pub async fn create_once(&self, secret: Secret) -> Result<(), Error> {
+    /// Creates a generated Secret (the caller found it missing) and returns it as stored;
+    /// one created meanwhile is read instead. It is never updated, so a value is never
+    /// rotated by accident; None if it vanished again.
+    pub async fn create_secret(&self, secret: Secret) -> Result<Option<Secret>, Error> {
         let name = secret.name_any();
-        if self.live::<Secret>(&name).await?.is_some() {
-            return Ok(());
-        }
-        match self
-            .api::<Secret>()
-            .create(&PostParams::default(), &secret)
-            .await
-        {
-            Ok(_) => {
+        let api = self.api::<Secret>();
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(created) => {
                 self.ctx.metrics.writes.inc();
                 self.event("SecretCreated", format!("created Secret {name}"))
                     .await;
-                Ok(())
+                Ok(Some(created))
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()), // created meanwhile
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                api.get_opt(&name).await.map_err(|source| Error::Read {
+                    object: self.object::<Secret>(&name),
+                    source,
+                })
+            }
             Err(source) => Err(Error::Create {
                 object: self.object::<Secret>(&name),
                 source,
@@ -149,14 +149,14 @@ impl<'a> Applier<'a> {
     }
 
     /// The one pass that deletes what this app owns and no longer wants: every child of the
-    /// kinds the operator applies that is owned by this app and not among `wanted`'s. (The
-    /// generated Secrets are never deleted: the garbage collector takes them with the app.)
+    /// kinds that can stop being wanted, owned by this app and not among `wanted`'s. (The
+    /// server Deployment is always wanted; the generated Secrets are never deleted: the
+    /// garbage collector takes them with the app. So RBAC need not allow deleting either.)
     pub async fn delete_unwanted(&self, wanted: &Children) -> Result<(), Error> {
         let wanted = wanted.names();
         self.delete_unwanted_of::<NetworkPolicy>(&wanted).await?;
         self.delete_unwanted_of::<StatefulSet>(&wanted).await?;
         self.delete_unwanted_of::<Service>(&wanted).await?;
-        self.delete_unwanted_of::<Deployment>(&wanted).await?;
         self.delete_unwanted_of::<HorizontalPodAutoscaler>(&wanted)
             .await?;
         self.delete_unwanted_of::<PodDisruptionBudget>(&wanted)

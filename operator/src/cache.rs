@@ -4,6 +4,10 @@
 //! changes); keeping what those watches see in stores lets a reconcile read the live
 //! children from memory: a periodic resync of an app that needs nothing then reads only the
 //! Secrets whose values it needs, instead of making one GET per child.
+//!
+//! Secrets are not watched: that would need `list` and `watch` on every Secret of the
+//! namespaces (RBAC cannot narrow those by label), and a reconcile reads the Secrets its
+//! pods use by name anyway, generated ones included.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -15,7 +19,7 @@ use futures::FutureExt;
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
     autoscaling::v2::HorizontalPodAutoscaler,
-    core::v1::{Secret, Service},
+    core::v1::Service,
     networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
 };
@@ -41,7 +45,6 @@ pub struct Caches {
     deployments: Kept<Deployment>,
     statefulsets: Kept<StatefulSet>,
     services: Kept<Service>,
-    secrets: Kept<Secret>,
     hpas: Kept<HorizontalPodAutoscaler>,
     pdbs: Kept<PodDisruptionBudget>,
     network_policies: Kept<NetworkPolicy>,
@@ -88,19 +91,6 @@ cached!(
     NetworkPolicy => network_policies,
 );
 
-impl Cached for Secret {
-    fn kept(caches: &Caches) -> &Kept<Self> {
-        &caches.secrets
-    }
-
-    /// A generated Secret is only ever checked for existence: its values stay out of memory.
-    fn trim(obj: &mut Self) {
-        obj.managed_fields_mut().clear();
-        obj.data = None;
-        obj.string_data = None;
-    }
-}
-
 impl Caches {
     /// Adds the watch of each kind of child to `controller` as a trigger, and keeps what
     /// the watches see in the returned caches. `namespace`: None watches every namespace;
@@ -119,7 +109,6 @@ impl Caches {
         let (controller, deployments) = source.own(controller);
         let (controller, statefulsets) = source.own(controller);
         let (controller, services) = source.own(controller);
-        let (controller, secrets) = source.own(controller);
         let (controller, hpas) = source.own(controller);
         let (controller, pdbs) = source.own(controller);
         let (controller, network_policies) = source.own(controller);
@@ -127,7 +116,6 @@ impl Caches {
             deployments,
             statefulsets,
             services,
-            secrets,
             hpas,
             pdbs,
             network_policies,

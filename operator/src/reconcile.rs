@@ -272,11 +272,17 @@ async fn converge(
     seen: &mut Observed,
 ) -> Result<Converged, Error> {
     let (app, ctx) = (applier.app, applier.ctx);
+    let ns = &applier.namespace;
+    // The generated Secrets are among those the pods read: those missing are created.
+    let mut read = secrets::read(&applier.api(), refs, ns).await?;
     for secret in secrets_to_create.into_iter().flatten() {
-        applier.create_once(secret).await?;
+        let name = secret.name_any();
+        if read.get(&name).is_none_or(Option::is_none) {
+            let created = applier.create_secret(secret).await?;
+            read.insert(name, created);
+        }
     }
-    let (secrets_digest, missing) =
-        secrets::check(&applier.api(), refs, &applier.namespace).await?;
+    let (secrets_digest, missing) = secrets::check(&read, refs, ns);
     let secrets_ok = missing.is_empty();
     seen.problems.extend(missing);
 

@@ -1,5 +1,6 @@
-//! The Secrets a RealtimeApp's pods read: the digest of their values (a changed value rolls
-//! the pods) and a problem for each one, or key, that is missing.
+//! The Secrets a RealtimeApp's pods read: read by name (never listed), the digest of their
+//! values (a changed value rolls the pods) and a problem for each one, or key, that is
+//! missing.
 
 use std::collections::BTreeMap;
 
@@ -14,24 +15,36 @@ use crate::{
     status::Problem,
 };
 
-/// Reads every referenced Secret once (always from the API: the caches keep no values).
-pub async fn check(
+/// Each Secret `refs` names, read once: None for one that does not exist.
+pub async fn read(
     api: &Api<Secret>,
     refs: &[SecretKeyRef],
     ns: &str,
-) -> Result<(String, Vec<Problem>), Error> {
-    let mut read: BTreeMap<&str, Option<Secret>> = BTreeMap::new();
+) -> Result<BTreeMap<String, Option<Secret>>, Error> {
+    let mut read = BTreeMap::new();
+    for r in refs {
+        if read.contains_key(&r.name) {
+            continue;
+        }
+        let secret = api.get_opt(&r.name).await.map_err(|source| Error::Read {
+            object: ObjectName::new("Secret", ns, &r.name),
+            source,
+        })?;
+        read.insert(r.name.clone(), secret);
+    }
+    Ok(read)
+}
+
+/// The digest of the values `refs` point at in `read`, and a problem for each missing one.
+pub fn check(
+    read: &BTreeMap<String, Option<Secret>>,
+    refs: &[SecretKeyRef],
+    ns: &str,
+) -> (String, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut parts: Vec<Vec<u8>> = Vec::new();
     for r in refs {
-        if !read.contains_key(r.name.as_str()) {
-            let secret = api.get_opt(&r.name).await.map_err(|source| Error::Read {
-                object: ObjectName::new("Secret", ns, &r.name),
-                source,
-            })?;
-            read.insert(&r.name, secret);
-        }
-        let Some(secret) = read.get(r.name.as_str()).and_then(Option::as_ref) else {
+        let Some(secret) = read.get(&r.name).and_then(Option::as_ref) else {
             problems.push(Problem {
                 reason: Reason::SecretNotFound,
                 message: format!("Secret {ns}/{} not found", r.name),
@@ -49,7 +62,7 @@ pub async fn check(
             }),
         }
     }
-    Ok((digest(parts.iter().map(Vec::as_slice)), problems))
+    (digest(parts.iter().map(Vec::as_slice)), problems)
 }
 
 fn value(secret: &Secret, key: &str) -> Option<Vec<u8>> {

@@ -4,56 +4,17 @@ mod support;
 
 use std::time::Duration;
 
-use chorus_operator::{
-    controller::{self, RunConfig, RunError},
-    resources::OperatorConfig,
-};
 use serde_json::json;
-use support::{FakeApi, add_app, app_path, condition, deployment_path, eventually};
+use support::{
+    FakeApi, add_app, app_path, condition, deployment_path, eventually,
+    running::{Running, config},
+};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
-}
-
-fn config(port: u16, leader_elect: bool) -> RunConfig {
-    RunConfig {
-        operator: OperatorConfig::default(),
-        watch_namespace: None,
-        metrics_port: port,
-        leader_elect,
-        lease_namespace: "ops".into(),
-        identity: "operator-0".into(),
-        lease_duration_seconds: controller::LEASE_DURATION_SECONDS,
-    }
-}
-
-/// `controller::run` on `api`'s client, until [`Running::stop`].
-struct Running {
-    stop_tx: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), RunError>>,
-}
-
-impl Running {
-    fn start(api: &FakeApi, config: RunConfig) -> Self {
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(controller::run(api.client(), config, async move {
-            let _ = stop_rx.await;
-        }));
-        Self { stop_tx, task }
-    }
-
-    /// Shuts the controller down and checks that it stopped cleanly.
-    async fn stop(self) {
-        self.stop_tx.send(()).expect("running");
-        let result = tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("the controller stops on shutdown")
-            .expect("task");
-        assert!(result.is_ok(), "{result:?}");
-    }
 }
 
 async fn http_get(port: u16, path: &str) -> (u16, String) {

@@ -8,11 +8,10 @@ mod support;
 
 use std::time::Duration;
 
-use chorus_operator::{
-    controller::{self, RunConfig},
-    resources::OperatorConfig,
+use support::{
+    FakeApi, fleet,
+    running::{Running, config},
 };
-use support::{FakeApi, fleet};
 
 const APPS: usize = 20;
 
@@ -20,19 +19,7 @@ const APPS: usize = 20;
 async fn after_convergence_a_full_noop_reconcile_pass_writes_nothing() {
     let api = FakeApi::default();
     let apps = fleet::create(&api, APPS, 3);
-    let config = RunConfig {
-        operator: OperatorConfig::default(),
-        watch_namespace: None,
-        metrics_port: 0,
-        leader_elect: false,
-        lease_namespace: "ops".into(),
-        identity: "operator-0".into(),
-        lease_duration_seconds: controller::LEASE_DURATION_SECONDS,
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(controller::run(api.client(), config, async move {
-        let _ = stop_rx.await;
-    }));
+    let running = Running::start(&api, config(0, false));
     let kubelet = fleet::spawn_kubelet(api.clone());
 
     fleet::wait_ready(&api, APPS, Duration::from_secs(30), |_, _| {})
@@ -71,11 +58,6 @@ async fn after_convergence_a_full_noop_reconcile_pass_writes_nothing() {
     assert_eq!(fleet::writes(&direct), 0, "{direct:?}");
     assert_eq!(fleet::ready(&api), APPS);
 
-    stop_tx.send(()).expect("running");
     kubelet.abort();
-    let result = tokio::time::timeout(Duration::from_secs(15), running)
-        .await
-        .expect("the controller stops")
-        .expect("task");
-    assert!(result.is_ok(), "{result:?}");
+    running.stop().await;
 }

@@ -20,8 +20,8 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use support::{
-    FakeApi, add_app, app_path, condition, deployment_path, eventually, logs::Logs, secret_path,
-    statefulset_path,
+    FakeApi, access, add_app, app_path, condition, deployment_path, eventually, logs::Logs,
+    secret_path, statefulset_path,
 };
 
 const NS: &str = "team";
@@ -31,6 +31,15 @@ struct World {
     ctx: Arc<Context>,
     /// The reconciles' clock, in seconds since the epoch.
     seconds: Arc<AtomicI64>,
+}
+
+/// Each test's requests stay within what the chart's RBAC is checked against.
+impl Drop for World {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            access::assert_within_committed(&self.api);
+        }
+    }
 }
 
 impl World {

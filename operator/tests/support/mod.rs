@@ -23,10 +23,12 @@ use tokio::sync::mpsc;
 use fields::Managers;
 use requests::ApiRequest;
 
+pub mod access;
 pub mod fields;
 pub mod fleet;
 pub mod logs;
 pub mod requests;
+pub mod running;
 
 type RespBody = UnsyncBoxBody<Bytes, std::convert::Infallible>;
 type WatchTx = mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>;
