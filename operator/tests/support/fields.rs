@@ -106,7 +106,7 @@ impl Managers {
             }
         }
         self.take(&key, &out, applied, &sent);
-        super::merge(&mut out, applied);
+        super::store::merge(&mut out, applied);
         self.0.insert(key, sent);
         out
     }
