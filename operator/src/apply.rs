@@ -19,7 +19,7 @@ use kube::{
 
 use crate::{
     cache::Cached,
-    conditions::Reason,
+    conditions::{EventReason, Reason},
     crd::RealtimeApp,
     error::{Error, ObjectName},
     reconcile::Context,
@@ -74,7 +74,7 @@ impl<'a> Applier<'a> {
         match api.create(&PostParams::default(), &secret).await {
             Ok(created) => {
                 self.ctx.metrics.writes.inc();
-                self.event("SecretCreated", format!("created Secret {name}"))
+                self.event(EventReason::SecretCreated, format!("created Secret {name}"))
                     .await;
                 Ok(Some(created))
             }
@@ -142,8 +142,12 @@ impl<'a> Applier<'a> {
                 source,
             })?;
         self.ctx.metrics.writes.inc();
-        let verb = if live.is_some() { "Updated" } else { "Created" };
-        self.event(verb, format!("{verb} {} {name}", K::kind(&())))
+        let reason = if live.is_some() {
+            EventReason::Updated
+        } else {
+            EventReason::Created
+        };
+        self.event(reason, format!("{reason} {} {name}", K::kind(&())))
             .await;
         Ok(Some(applied))
     }
@@ -199,8 +203,11 @@ impl<'a> Applier<'a> {
         match self.api::<K>().delete(name, &params).await {
             Ok(_) => {
                 self.ctx.metrics.writes.inc();
-                self.event("Deleted", format!("deleted {} {name}", K::kind(&())))
-                    .await;
+                self.event(
+                    EventReason::Deleted,
+                    format!("deleted {} {name}", K::kind(&())),
+                )
+                .await;
                 Ok(())
             }
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
@@ -215,7 +222,7 @@ impl<'a> Applier<'a> {
         self.app.uid().unwrap_or_default()
     }
 
-    async fn event(&self, reason: &str, note: String) {
+    async fn event(&self, reason: EventReason, note: String) {
         self.ctx
             .event(self.app, EventType::Normal, reason, note)
             .await;

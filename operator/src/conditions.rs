@@ -1,5 +1,6 @@
-//! The status conditions of a RealtimeApp: their types and every reason they can carry, in
-//! one place (docs/operator.md, "Status", lists the same).
+//! What the operator says about a RealtimeApp: its condition types, every reason a condition
+//! can carry, and the reasons of its events, in one place (docs/operator.md, "Status", lists
+//! the same).
 
 /// An enum of unit variants whose names are what the API shows, with `ALL` and `as_str`.
 macro_rules! names {
@@ -84,5 +85,25 @@ names!(
         ApplyFailed,
         /// A reconcile failed deleting a child no longer wanted.
         DeleteFailed,
+    }
+);
+
+names!(
+    /// The reason of an event on a RealtimeApp.
+    EventReason {
+        /// A generated Secret was created.
+        SecretCreated,
+        /// A child was created.
+        Created,
+        /// A child was changed.
+        Updated,
+        /// A child no longer wanted was deleted.
+        Deleted,
+        /// Ready turned True.
+        Ready,
+        /// Ready turned False.
+        NotReady,
+        /// A reconcile failed; the note says which step on which object.
+        ReconcileFailed,
     }
 );

@@ -25,7 +25,7 @@ pub use crate::error::Error;
 use crate::{
     apply::Applier,
     cache::{Cached, Caches},
-    conditions::{ConditionType, Reason},
+    conditions::{ConditionType, EventReason, Reason},
     crd::{RealtimeApp, RealtimeAppStatus, SecretKeyRef},
     error::ObjectName,
     metrics::Metrics,
@@ -139,12 +139,12 @@ impl Context {
         &self,
         app: &RealtimeApp,
         type_: EventType,
-        reason: &str,
+        reason: EventReason,
         note: String,
     ) {
         let event = Event {
             type_,
-            reason: reason.into(),
+            reason: reason.as_str().into(),
             note: Some(note),
             action: "Reconcile".into(),
             secondary: None,
@@ -199,7 +199,7 @@ pub fn error_policy(app: Arc<RealtimeApp>, error: &Error, ctx: Arc<Context>) -> 
     let note = error.to_string();
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        ctx.event(&app, EventType::Warning, "ReconcileFailed", note)
+        ctx.event(&app, EventType::Warning, EventReason::ReconcileFailed, note)
             .await;
     });
     Action::requeue(delay)
@@ -354,9 +354,9 @@ async fn write_status(
             .map(|c| format!("{}: {}", c.reason, c.message))
             .unwrap_or_default();
         let (type_, reason) = if ready {
-            (EventType::Normal, "Ready")
+            (EventType::Normal, EventReason::Ready)
         } else {
-            (EventType::Warning, "NotReady")
+            (EventType::Warning, EventReason::NotReady)
         };
         ctx.event(app, type_, reason, note).await;
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use chorus_operator::{
     conditions::{
         ConditionType::{self, Degraded, Progressing, Ready, RedisReady, ServersAvailable},
-        Reason,
+        EventReason, Reason,
     },
     crd::RealtimeApp,
     status::{self, Observed, Problem},
@@ -261,7 +261,7 @@ fn last_transition_time_moves_only_when_a_condition_flips() {
 }
 
 #[test]
-fn the_operator_guide_names_every_condition_and_reason() {
+fn the_operator_guide_names_every_condition_and_reason_and_event() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operator.md"))
         .expect("docs/operator.md");
     let status_section = doc
@@ -274,6 +274,7 @@ fn the_operator_guide_names_every_condition_and_reason() {
         .iter()
         .map(|t| t.as_str())
         .chain(Reason::ALL.iter().map(|r| r.as_str()))
+        .chain(EventReason::ALL.iter().map(|r| r.as_str()))
         .filter(|n| !named(n))
         .collect();
     assert!(
