@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::{
-    FakeApi, add_app, app_path, condition, deployment_path, eventually,
+    FakeApi, access, add_app, app_path, condition, deployment_path, eventually,
     running::{Running, config},
 };
 
@@ -278,4 +278,5 @@ async fn the_operator_exits_non_zero_when_another_replica_takes_the_lease() {
         Some(json!("operator-1")),
         "it did not take the lease back"
     );
+    access::assert_within_committed(&api);
 }
