@@ -1,4 +1,4 @@
-//! The `RealtimeApp` custom resource (REALTIMEAPP.md, "The resource").
+//! The `RealtimeApp` custom resource (docs/operator.md, "The resource, field by field").
 //!
 //! Defaults live in serde (`#[serde(default ...)]`), so the API server (through the generated
 //! schema) and `chorus-operator render` (through deserialization) default the same way.
@@ -340,7 +340,7 @@ fn default_true() -> bool {
     true
 }
 
-/// What the operator last saw and did (REALTIMEAPP.md, "Status").
+/// What the operator last saw and did.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RealtimeAppStatus {

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use crate::config::Secret;
 
-/// Claims of a socket's JWT (SERVER.md, "Authentication").
+/// Claims of a socket's JWT (docs/server.md, "Authentication").
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Claims {
     /// The user; the socket joins room `user:<sub>`.

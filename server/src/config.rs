@@ -1,4 +1,4 @@
-//! Command-line flags and environment variables (SERVER.md, "Configuration").
+//! Command-line flags and environment variables (docs/server.md, "Configuration").
 
 use std::fmt;
 

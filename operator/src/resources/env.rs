@@ -1,5 +1,5 @@
 //! The environment injected into the server container, per flavor
-//! (REALTIMEAPP.md, "Injected environment").
+//! (docs/operator.md, "Injected environment").
 
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, SecretKeySelector};
 

@@ -1,5 +1,5 @@
 //! Desired state: pure functions from a RealtimeApp (and the operator's configuration) to
-//! every object the operator applies (REALTIMEAPP.md, "What the operator creates").
+//! every object the operator applies (docs/operator.md, "What gets created").
 
 pub mod env;
 pub mod redis;

@@ -1,4 +1,4 @@
-//! The HTTP API under `/v1` (SERVER.md, "HTTP API") and its OpenAPI description.
+//! The HTTP API under `/v1` (docs/server.md, "HTTP API") and its OpenAPI description.
 //!
 //! Handlers: [`broadcast`] delivers messages; [`calls`] answers through the acknowledged
 //! cluster calls (membership, presence, disconnect, the node list).
