@@ -111,7 +111,15 @@ fn assert_clean(r: &LoadReport, expected: u64) {
         .unwrap_or_else(|| panic!("no loadgen row: {line}"));
     assert_eq!(me.pid, std::process::id(), "{line}");
     assert_eq!(Some(r.loadgen_cpu_s), me.cpu_s, "{line}");
-    assert!(me.rss_peak_mb <= own_mem_mb().1 + 0.1, "{line}");
+    // The kernel's RSS counters are per-CPU and read approximately (a few hundred KiB either
+    // way), so the sampled peak may exceed VmHWM slightly; a wrong unit or process would be
+    // off by far more.
+    let hwm = own_mem_mb().1;
+    assert!(
+        me.rss_peak_mb > 1.0 && me.rss_peak_mb <= hwm * 1.1 + 1.0,
+        "peak {} MiB against VmHWM {hwm} MiB: {line}",
+        me.rss_peak_mb
+    );
 }
 
 /// This process's VmRSS and VmHWM now, MiB.
@@ -207,11 +215,12 @@ async fn load_and_idle_runs_against_chorus_server() {
         "{line}"
     );
     assert_eq!(r.base.mode, "idle-memory");
-    // the generator's RSS is this process's, in MiB: no more than its peak, and not far
+    // the generator's RSS is this process's, in MiB: about its peak at most (the counters are
+    // approximate, see assert_clean), and not far
     // below what it held before the run (500 more clients only add to that)
     let (rss_after_mb, hwm_mb) = own_mem_mb();
     assert!(
-        r.loadgen_rss_mb <= hwm_mb + 0.1 && r.loadgen_rss_mb >= rss_before_idle_mb / 2.0,
+        r.loadgen_rss_mb <= hwm_mb * 1.1 + 1.0 && r.loadgen_rss_mb >= rss_before_idle_mb / 2.0,
         "loadgen_rss_mb {} vs this process: {rss_before_idle_mb} MiB before, \
          {rss_after_mb} after, {hwm_mb} peak",
         r.loadgen_rss_mb
