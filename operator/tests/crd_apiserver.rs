@@ -16,7 +16,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::Api;
 use serde_json::{Value, json};
 
-#[path = "common/cannot_run.rs"]
+#[path = "../../tests/rust/cannot_run.rs"]
 mod cannot_run;
 #[path = "common/invalid_specs.rs"]
 mod invalid_specs;

@@ -1,5 +1,5 @@
-//! What a suite does when a tool or data it needs is missing (as scripts/suite.sh does for
-//! the shell suites).
+//! What a Rust test suite does when a tool or data it needs is missing (as scripts/suite.sh
+//! does for the shell suites). Shared by the server and operator tests through `#[path]`.
 
 use std::io::Write;
 
