@@ -96,6 +96,30 @@ pub struct Config {
     /// Comma list of allowed CORS origins, `*` for any.
     #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
     pub cors_origins: Vec<String>,
+
+    /// Sockets this replica accepts; beyond it new handshakes get 503 `over_capacity`.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Rooms one socket may be in (its automatic `user:<sub>` room counts).
+    #[arg(long, env = "MAX_ROOMS_PER_SOCKET", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rooms_per_socket: u32,
+
+    /// Client events per second per socket (bursts of twice that).
+    #[arg(long, env = "SOCKET_RATE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub socket_rate: u32,
+
+    /// Bytes queued to one socket; a socket further behind is disconnected.
+    #[arg(long, env = "SOCKET_BUFFER_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub socket_buffer_bytes: u64,
+
+    /// When set, tokens must carry this `aud`.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// When set, tokens must carry this `iss`.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
 }
 
 /// A parsed Redis URL; Debug never shows the password.
@@ -212,6 +236,11 @@ mod tests {
         assert_eq!(c.drain_seconds, 5);
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.cors_origins, vec!["*"]);
+        assert_eq!(c.max_connections, 100_000);
+        assert_eq!(c.max_rooms_per_socket, 128);
+        assert_eq!(c.socket_rate, 100);
+        assert_eq!(c.socket_buffer_bytes, 1_048_576);
+        assert_eq!((c.jwt_audience, c.jwt_issuer), (None, None));
     }
 
     #[test]
@@ -222,6 +251,13 @@ mod tests {
             (&["--max-payload", "0"][..], "--max-payload"),
             (&["--log-format", "xml"][..], "--log-format"),
             (&["--channel-prefix", "a#b"][..], "--channel-prefix"),
+            (&["--max-connections", "0"][..], "--max-connections"),
+            (&["--max-rooms-per-socket=-1"][..], "--max-rooms-per-socket"),
+            (&["--socket-rate", "fast"][..], "--socket-rate"),
+            (
+                &["--socket-buffer-bytes", "10"][..],
+                "--socket-buffer-bytes",
+            ),
         ] {
             let err = parse(args).expect_err("must be refused");
             let first = err
