@@ -15,7 +15,6 @@ use axum::{
     extract::{DefaultBodyLimit, Request},
     http::{HeaderValue, Uri},
     middleware,
-    serve::ListenerExt,
 };
 use socketioxide::SocketIo;
 use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
@@ -28,15 +27,18 @@ use crate::{
     bus::{Adapter, Bus, BusError, LinkState},
     cluster::{CALL_TIMEOUT, Cluster},
     config::Config,
+    conn::{self, StreamLimits},
     metrics::Metrics,
     ops,
     realtime::{self, SocketCtx},
     state::AppState,
 };
 
-/// Room for the Socket.IO framing around a message of `max_payload` bytes, so that a message
-/// slightly over the limit is still read and refused with `payload_too_large`.
+/// What a websocket may buffer beyond `MAX_PAYLOAD` (the contract's bound): the limit on
+/// tungstenite's own reads, behind the exact check on frame headers in `conn`.
 const FRAME_SLACK: u64 = 64 * 1024;
+/// A session that does not connect to a namespace within this long is closed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer of each websocket: client messages are small (join, leave, publish), and a
 /// bigger one grows the buffer as needed.
 const WS_READ_BUFFER: usize = 1024;
@@ -64,6 +66,7 @@ pub struct Server {
     router: Router,
     state: Arc<AppState>,
     drain: Duration,
+    limits: StreamLimits,
 }
 
 impl Server {
@@ -91,8 +94,13 @@ impl Server {
                 .with_request_timeout(CALL_TIMEOUT)
                 .with_stream_buffer(4096),
         );
+        let ws_limit =
+            usize::try_from(config.max_payload.saturating_add(FRAME_SLACK)).unwrap_or(usize::MAX);
         let (layer, io) = SocketIo::builder()
-            .max_payload(config.max_payload.saturating_add(FRAME_SLACK))
+            .max_payload(config.max_payload)
+            .ws_max_frame_size(ws_limit)
+            .ws_max_message_size(ws_limit)
+            .connect_timeout(CONNECT_TIMEOUT)
             .max_buffer_size(1024)
             .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(socket_ctx)
@@ -135,6 +143,10 @@ impl Server {
             router,
             state,
             drain: Duration::from_secs(config.drain_seconds),
+            limits: StreamLimits {
+                ws_message: config.max_payload,
+                socket_buffer: usize::try_from(config.socket_buffer_bytes).unwrap_or(usize::MAX),
+            },
         })
     }
 
@@ -153,9 +165,10 @@ impl Server {
             router,
             state,
             drain,
+            limits,
             ..
         } = self;
-        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let drain_state = state.clone();
         tokio::spawn(async move {
             shutdown.await;
@@ -167,33 +180,19 @@ impl Server {
             tokio::time::sleep(drain).await;
             tracing::info!("closing sockets");
             drain_state.io.close().await;
-            let _ = closed_tx.send(());
+            let _ = stop_tx.send(true);
         });
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        // Realtime frames are small: without TCP_NODELAY, Nagle's algorithm holds a frame back
-        // until the client acknowledges the previous one, which a delayed ACK can make 40 ms.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "could not set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-        });
-        let mut server = std::pin::pin!(server.into_future());
-        tokio::select! {
-            result = &mut server => return result.map_err(ServerError::Serve),
-            _ = closed_rx => {}
-        }
-        let _ = stop_tx.send(());
         // Long-polling requests and slow clients get a bounded grace period.
-        match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-            Ok(result) => result.map_err(ServerError::Serve),
-            Err(_) => {
-                tracing::warn!("connections still open after the grace period; exiting");
-                Ok(())
-            }
-        }
+        conn::serve(
+            listener,
+            router,
+            limits,
+            state.metrics.clone(),
+            stop_rx,
+            SHUTDOWN_GRACE,
+        )
+        .await;
+        Ok(())
     }
 }
 
@@ -260,6 +259,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     if config.jwt_secret.is_none() {
         tracing::warn!("JWT_SECRET is not set: any socket may join and publish anywhere");
     }
+    conn::raise_nofile_limit();
     let server = Server::bind(&config).await?;
     tracing::info!(
         addr = %server.addr,

@@ -16,7 +16,10 @@ pub enum ErrorCode {
     Forbidden,
     NotFound,
     PayloadTooLarge,
+    LimitExceeded,
+    RateLimited,
     ClusterUnavailable,
+    OverCapacity,
 }
 
 impl ErrorCode {
@@ -27,7 +30,11 @@ impl ErrorCode {
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::ClusterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::LimitExceeded => StatusCode::BAD_REQUEST,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::ClusterUnavailable | ErrorCode::OverCapacity => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }

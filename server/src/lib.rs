@@ -10,6 +10,7 @@
 //! | [`config`] | flags and environment | |
 //! | [`error`] | the contract's error codes, acks and error bodies | |
 //! | [`metrics`] | the Prometheus registry | |
+//! | [`conn`] | accepting connections, HTTP timeouts, websocket size and backlog limits | metrics |
 //! | [`validate`] | input rules for rooms, events, socket ids | error |
 //! | [`auth`] | the API token, socket JWTs, room patterns | config |
 //! | [`bus`] | the pub/sub link (Redis or memory) and the adapter type over it | config |
@@ -19,7 +20,7 @@
 //! | [`state`] | what the HTTP handlers share | bus, cluster, config, metrics |
 //! | [`ops`] | health, readiness, metrics endpoints; request metrics | bus, metrics, state |
 //! | [`api`] | the `/v1` HTTP API and its OpenAPI description | auth, cluster, delivery, error, ops, state, validate |
-//! | [`app`] | wiring, serving and shutdown | api, auth, bus, cluster, config, metrics, ops, realtime, state |
+//! | [`app`] | wiring, serving and shutdown | api, auth, bus, cluster, config, conn, metrics, ops, realtime, state |
 
 pub mod api;
 pub mod app;
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod bus;
 pub mod cluster;
 pub mod config;
+pub mod conn;
 pub mod delivery;
 pub mod error;
 pub mod metrics;

@@ -1,7 +1,7 @@
 //! Prometheus metrics (`GET /metrics`).
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -24,6 +24,25 @@ pub struct ErrorLabels {
     pub code: String,
 }
 
+/// The limits of docs/security.md, one label value each.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the label values of the contract
+pub enum Limit {
+    max_payload,
+    max_connections,
+    max_rooms_per_socket,
+    socket_rate,
+    socket_buffer_bytes,
+    header_timeout,
+    body_timeout,
+    idle_timeout,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: Limit,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub sockets_connected: Gauge,
@@ -35,6 +54,8 @@ pub struct Metrics {
     pub refused: Family<ErrorLabels, Counter>,
     pub local_only_deliveries: Counter,
     pub socket_drops: Counter,
+    pub limit_refusals: Family<LimitLabels, Counter>,
+    pub slow_socket_disconnects: Counter,
 }
 
 impl Metrics {
@@ -53,6 +74,8 @@ impl Metrics {
         let refused = Family::<ErrorLabels, Counter>::default();
         let local_only_deliveries = Counter::default();
         let socket_drops = Counter::default();
+        let limit_refusals = Family::<LimitLabels, Counter>::default();
+        let slow_socket_disconnects = Counter::default();
         registry.register(
             "chorus_sockets_connected",
             "Sockets connected to this replica",
@@ -99,6 +122,16 @@ impl Metrics {
              not take (send buffer full: a client that does not keep up; or socket closing)",
             socket_drops.clone(),
         );
+        registry.register(
+            "chorus_limit_refusals",
+            "Requests, messages and connections refused or closed by a limit, by limit",
+            limit_refusals.clone(),
+        );
+        registry.register(
+            "chorus_slow_socket_disconnects",
+            "Sockets disconnected because more than SOCKET_BUFFER_BYTES waited for them",
+            slow_socket_disconnects.clone(),
+        );
         Self {
             registry,
             sockets_connected,
@@ -110,7 +143,16 @@ impl Metrics {
             refused,
             local_only_deliveries,
             socket_drops,
+            limit_refusals,
+            slow_socket_disconnects,
         }
+    }
+
+    /// Counts one refusal or closing by `limit`.
+    pub fn limit_hit(&self, limit: Limit) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels { limit })
+            .inc();
     }
 
     pub fn render(&self) -> String {
