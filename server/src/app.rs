@@ -15,6 +15,7 @@ use axum::{
     extract::{DefaultBodyLimit, Request},
     http::{HeaderValue, Uri},
     middleware,
+    response::IntoResponse,
 };
 use socketioxide::SocketIo;
 use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
@@ -28,7 +29,9 @@ use crate::{
     cluster::{CALL_TIMEOUT, Cluster},
     config::Config,
     conn::{self, StreamLimits},
-    metrics::Metrics,
+    error::{ErrorCode, Failure},
+    limits::{Capacity, SocketLimitConfig},
+    metrics::{Limit, Metrics},
     ops,
     realtime::{self, SocketCtx},
     state::AppState,
@@ -82,10 +85,16 @@ impl Server {
         tokio::spawn(track_link(bus.state(), metrics.clone()));
 
         let max_payload = usize::try_from(config.max_payload).unwrap_or(usize::MAX);
+        let capacity = Capacity::new(config.max_connections as usize);
         let socket_ctx = Arc::new(SocketCtx {
             policy: Policy::new(config.jwt_secret.as_ref(), config.public_rooms.clone()),
             metrics: metrics.clone(),
             max_payload,
+            limits: SocketLimitConfig {
+                rate: config.socket_rate,
+                max_rooms: config.max_rooms_per_socket as usize,
+            },
+            capacity: capacity.clone(),
         });
         let adapter = RedisAdapterCtr::new_with_driver(
             bus.clone(),
@@ -127,6 +136,10 @@ impl Server {
             .layer(DefaultBodyLimit::max(max_payload))
             .layer(middleware::from_fn_with_state(state.clone(), ops::track))
             .layer(layer)
+            .layer(middleware::from_fn_with_state(
+                (capacity, state.metrics.clone()),
+                refuse_over_capacity,
+            ))
             .layer(middleware::map_request(detach_request_head))
             // Outermost, so long-polling requests from browsers get CORS answers too.
             .layer(cors(&config.cors_origins)?)
@@ -194,6 +207,29 @@ impl Server {
         .await;
         Ok(())
     }
+}
+
+/// Answers a new Socket.IO session (a handshake: no `sid` yet) with 503 `over_capacity` while
+/// the replica holds MAX_CONNECTIONS sockets, before any session state is made.
+async fn refuse_over_capacity(
+    axum::extract::State((capacity, metrics)): axum::extract::State<(Capacity, Arc<Metrics>)>,
+    req: Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let handshake = req.uri().path().starts_with("/socket.io")
+        && !req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("sid=")));
+    if handshake && !capacity.has_room() {
+        metrics.limit_hit(Limit::max_connections);
+        return Failure::new(
+            ErrorCode::OverCapacity,
+            "this replica holds MAX_CONNECTIONS sockets; try again later",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// Copies the URI and header values of Socket.IO requests out of the connection's read buffer.

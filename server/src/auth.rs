@@ -31,6 +31,9 @@ pub enum Grants {
 pub enum AuthError {
     #[error("unauthorized")]
     Unauthorized,
+    /// MAX_CONNECTIONS reached (the `connect_error` message is the error code).
+    #[error("over_capacity")]
+    OverCapacity,
 }
 
 /// Socket access policy: the JWT key and the public room patterns.

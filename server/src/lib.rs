@@ -11,6 +11,7 @@
 //! | [`error`] | the contract's error codes, acks and error bodies | |
 //! | [`metrics`] | the Prometheus registry | |
 //! | [`conn`] | accepting connections, HTTP timeouts, websocket size and backlog limits | metrics |
+//! | [`limits`] | per-socket event rate and room limits, the replica's socket count | |
 //! | [`validate`] | input rules for rooms, events, socket ids | error |
 //! | [`auth`] | the API token, socket JWTs, room patterns | config |
 //! | [`bus`] | the pub/sub link (Redis or memory) and the adapter type over it | config |
@@ -31,6 +32,7 @@ pub mod config;
 pub mod conn;
 pub mod delivery;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod ops;
 pub mod realtime;

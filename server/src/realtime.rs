@@ -1,12 +1,12 @@
 //! The Socket.IO side: connection auth and the `join`, `leave` and `publish` events.
 
-use std::{io, sync::Arc};
+use std::{io, sync::Arc, time::Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use socketioxide::{
     ParserError, SocketIo,
-    extract::{AckSender, SocketRef, State, TryData},
+    extract::{AckSender, Event, SocketRef, State, TryData},
     handler::ConnectHandler,
 };
 
@@ -15,7 +15,8 @@ use crate::{
     bus::Adapter,
     delivery::deliver,
     error::{Ack, ErrorCode, Failure},
-    metrics::{ErrorLabels, Metrics},
+    limits::{Admit, Capacity, SocketLimitConfig, SocketLimits},
+    metrics::{ErrorLabels, Limit, Metrics},
     validate,
 };
 
@@ -26,6 +27,8 @@ pub struct SocketCtx {
     pub policy: Policy,
     pub metrics: Arc<Metrics>,
     pub max_payload: usize,
+    pub limits: SocketLimitConfig,
+    pub capacity: Capacity,
 }
 
 type Ctx = State<Arc<SocketCtx>>;
@@ -56,6 +59,11 @@ async fn authenticate(
     State(ctx): Ctx,
     TryData(auth): TryData<ConnectAuth>,
 ) -> Result<(), AuthError> {
+    // Counted here too, not only at the HTTP handshake: handshakes can race past that check.
+    let Some(admission) = ctx.capacity.admit() else {
+        ctx.metrics.limit_hit(Limit::max_connections);
+        return Err(AuthError::OverCapacity);
+    };
     let token = if ctx.policy.requires_token() {
         // An auth payload without a string `token` is no token: the query may carry one.
         auth.ok()
@@ -65,16 +73,21 @@ async fn authenticate(
         None
     };
     let grants = ctx.policy.authenticate(token.as_deref())?;
+    let limits = SocketLimits::new(ctx.limits, Instant::now(), Some(admission));
     s.join(validate::socket_room(s.id));
     if let Grants::Token(claims) = &grants
         && let Some(sub) = &claims.sub
     {
-        s.join(user_room(sub));
+        let room = user_room(sub);
+        limits.enter(&room);
+        s.join(room);
     }
     s.extensions.insert(Arc::new(grants));
+    s.extensions.insert(Arc::new(limits));
     s.on("join", on_join);
     s.on("leave", on_leave);
     s.on("publish", on_publish);
+    s.on_fallback(on_unknown);
     Ok(())
 }
 
@@ -92,12 +105,67 @@ fn grants(s: &Socket) -> Option<Arc<Grants>> {
     s.extensions.get::<Arc<Grants>>()
 }
 
-fn reply(ctx: &SocketCtx, ack: AckSender<Adapter>, result: Result<(), Failure>) {
+/// Charges one event to the socket's rate. Over the rate the event is refused; a socket that
+/// stays over it for 10 s is disconnected.
+fn admit(s: &Socket, ctx: &SocketCtx) -> Result<(), Failure> {
+    let Some(limits) = s.extensions.get::<Arc<SocketLimits>>() else {
+        return Err(Failure::new(ErrorCode::Forbidden, "not authenticated"));
+    };
+    match limits.admit(Instant::now()) {
+        Admit::Yes => Ok(()),
+        verdict => {
+            ctx.metrics.limit_hit(Limit::socket_rate);
+            if verdict == Admit::Disconnect {
+                tracing::debug!(socket = %s.id, "over SOCKET_RATE for 10 s: disconnecting");
+                close(s.clone());
+            }
+            Err(Failure::new(
+                ErrorCode::RateLimited,
+                "too many events: slow down (SOCKET_RATE)",
+            ))
+        }
+    }
+}
+
+/// Disconnects a socket, also when its send buffer is full (then the disconnect packet has
+/// to wait for room, and the client's heartbeat ends the session if it never reads).
+fn close(s: Socket) {
+    if s.clone().disconnect().is_ok() {
+        return;
+    }
+    tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if !s.connected() || s.clone().disconnect().is_ok() {
+                return;
+            }
+        }
+    });
+}
+
+/// Sends the event's one ack. An ack that cannot be queued (the client does not read what it
+/// is sent) is not dropped silently: the socket is disconnected, and the client can resume.
+fn reply(s: &Socket, ctx: &SocketCtx, ack: AckSender<Adapter>, result: Result<(), Failure>) {
     if let Err(f) = &result {
         count_refusal(&ctx.metrics, f.code);
     }
     // A client that sent no ack callback gets nothing; that is its choice.
-    let _ = ack.send(&Ack::from(result));
+    if let Err(e) = ack.send(&Ack::from(result)) {
+        tracing::debug!(socket = %s.id, "ack not sent ({e}): disconnecting");
+        ctx.metrics.limit_hit(Limit::socket_buffer_bytes);
+        close(s.clone());
+    }
+}
+
+/// Events with no handler: charged to the rate, and refused when they carry an ack.
+async fn on_unknown(s: Socket, State(ctx): Ctx, Event(event): Event, ack: AckSender<Adapter>) {
+    let result = admit(&s, &ctx).and_then(|()| {
+        Err(Failure::invalid(format!(
+            "unknown event {:?}",
+            event.chars().take(64).collect::<String>()
+        )))
+    });
+    reply(&s, &ctx, ack, result);
 }
 
 fn count_refusal(metrics: &Metrics, code: ErrorCode) {
@@ -120,19 +188,35 @@ async fn on_join(
     TryData(room): TryData<String>,
     ack: AckSender<Adapter>,
 ) {
-    let result = room_arg(room).and_then(|room| {
-        let grants =
-            grants(&s).ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
-        if !ctx.policy.may_join(&grants, &room) {
-            return Err(Failure::new(
-                ErrorCode::Forbidden,
-                format!("not allowed to join {room:?}"),
-            ));
-        }
-        s.join(room);
-        Ok(())
-    });
-    reply(&ctx, ack, result);
+    let result = admit(&s, &ctx)
+        .and_then(|()| room_arg(room))
+        .and_then(|room| {
+            let grants = grants(&s)
+                .ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
+            if !ctx.policy.may_join(&grants, &room) {
+                return Err(Failure::new(
+                    ErrorCode::Forbidden,
+                    format!("not allowed to join {room:?}"),
+                ));
+            }
+            let limits = s
+                .extensions
+                .get::<Arc<SocketLimits>>()
+                .ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
+            if !limits.enter(&room) {
+                ctx.metrics.limit_hit(Limit::max_rooms_per_socket);
+                return Err(Failure::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "a socket may be in {} rooms (MAX_ROOMS_PER_SOCKET)",
+                        ctx.limits.max_rooms
+                    ),
+                ));
+            }
+            s.join(room);
+            Ok(())
+        });
+    reply(&s, &ctx, ack, result);
 }
 
 async fn on_leave(
@@ -141,8 +225,13 @@ async fn on_leave(
     TryData(room): TryData<String>,
     ack: AckSender<Adapter>,
 ) {
-    let result = room_arg(room).map(|room| s.leave(room));
-    reply(&ctx, ack, result);
+    let result = admit(&s, &ctx).and_then(|()| room_arg(room)).map(|room| {
+        if let Some(limits) = s.extensions.get::<Arc<SocketLimits>>() {
+            limits.exit(&room);
+        }
+        s.leave(room)
+    });
+    reply(&s, &ctx, ack, result);
 }
 
 /// A `publish` event's payload.
@@ -160,7 +249,10 @@ async fn on_publish(
     TryData(body): TryData<Publish>,
     ack: AckSender<Adapter>,
 ) {
-    let result = publish(&s, &ctx, body).await;
+    let result = match admit(&s, &ctx) {
+        Ok(()) => publish(&s, &ctx, body).await,
+        Err(f) => Err(f),
+    };
     if result.is_ok()
         || result
             .as_ref()
@@ -168,7 +260,7 @@ async fn on_publish(
     {
         ctx.metrics.messages_published.inc();
     }
-    reply(&ctx, ack, result);
+    reply(&s, &ctx, ack, result);
 }
 
 async fn publish(
