@@ -40,6 +40,8 @@ use crate::{
 /// What a websocket may buffer beyond `MAX_PAYLOAD` (the contract's bound): the limit on
 /// tungstenite's own reads, behind the exact check on frame headers in `conn`.
 const FRAME_SLACK: u64 = 64 * 1024;
+/// See `max_buffer_size` below.
+const SOCKET_QUEUE: usize = 8192;
 /// A session that does not connect to a namespace within this long is closed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer of each websocket: client messages are small (join, leave, publish), and a
@@ -110,7 +112,11 @@ impl Server {
             .ws_max_frame_size(ws_limit)
             .ws_max_message_size(ws_limit)
             .connect_timeout(CONNECT_TIMEOUT)
-            .max_buffer_size(1024)
+            // Packets queued per socket before a send fails. A websocket's queue drains into
+            // its connection at once (bounded there by SOCKET_BUFFER_BYTES), so this only has to
+            // absorb bursts, such as the acks of thousands of events sent back to back while
+            // the socket's writer waits for a busy CPU.
+            .max_buffer_size(SOCKET_QUEUE)
             .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(socket_ctx)
             .with_adapter::<Adapter>(adapter)

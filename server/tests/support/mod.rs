@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses part of the harness
 
 pub mod openmetrics;
+pub mod rawws;
 
 use std::{
     io::{Read, Write},
