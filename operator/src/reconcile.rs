@@ -221,7 +221,7 @@ async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error
         ..Observed::default()
     };
     let applier = Applier::new(app, ctx);
-    let secrets_to_create = [generated.redis_password, generated.api_token];
+    let secrets_to_create: Vec<Secret> = generated.secrets().collect();
     let converged = async {
         // What runs now first: the status reports it even if a step below fails.
         seen.deployment = applier.live_owned(&app.name_any()).await?;
@@ -267,7 +267,7 @@ enum Converged {
 /// records in `seen` what it finds on the way (so that a failure part-way still reports it).
 async fn converge(
     applier: &Applier<'_>,
-    secrets_to_create: [Option<Secret>; 2],
+    secrets_to_create: Vec<Secret>,
     refs: &[SecretKeyRef],
     seen: &mut Observed,
 ) -> Result<Converged, Error> {
@@ -275,7 +275,7 @@ async fn converge(
     let ns = &applier.namespace;
     // The generated Secrets are among those the pods read: those missing are created.
     let mut read = secrets::read(&applier.api(), refs, ns).await?;
-    for secret in secrets_to_create.into_iter().flatten() {
+    for secret in secrets_to_create {
         let name = secret.name_any();
         if read.get(&name).is_none_or(Option::is_none) {
             let created = applier.create_secret(secret).await?;

@@ -66,9 +66,8 @@ pub fn render(input: &str, config: &OperatorConfig) -> Result<String, RenderErro
             serde_json::from_value(value).map_err(|e| RenderError::Parse(e.to_string()))?;
         let generated = resources::generated(&app, config)?;
         let children = resources::build(&app, config, &Inputs::default())?;
-        let secrets = [generated.redis_password, generated.api_token]
-            .into_iter()
-            .flatten()
+        let secrets = generated
+            .secrets()
             .map(|s| serde_json::to_value(s).unwrap_or_default());
         for obj in secrets.chain(children.objects()) {
             docs.push(serde_saphyr::to_string(&obj).map_err(|e| RenderError::Yaml(e.to_string()))?);

@@ -158,8 +158,18 @@ fn chorus_default_gets_every_child_with_labels_owner_and_restricted_pods() {
         .as_ref()
         .and_then(|d| d.get("token"))
         .expect("token");
+    let jwt = generated.jwt.expect("JWT secret");
+    assert_eq!(jwt.metadata.name.as_deref(), Some("chat-jwt"));
+    let jwt_value = jwt
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get("secret"))
+        .expect("secret");
+    assert!(jwt_value.len() >= 64 && jwt_value.chars().all(|c| c.is_ascii_alphanumeric()));
     let everything = serde_json::to_string(&objects).expect("json");
-    assert!(!everything.contains(password.as_str()) && !everything.contains(token_value.as_str()));
+    for value in [password, token_value, jwt_value] {
+        assert!(!everything.contains(value.as_str()));
+    }
 }
 
 #[test]
@@ -179,6 +189,7 @@ fn chorus_env_and_probes() {
             "POD_NAMESPACE",
             "PORT",
             "API_TOKEN",
+            "JWT_SECRET",
             "REDIS_CHANNEL_PREFIX"
         ]
     );
@@ -195,8 +206,24 @@ fn chorus_env_and_probes() {
         secret_ref(&env, "API_TOKEN"),
         Some(("chat-api-token".into(), "token".into()))
     );
+    // Clients need a JWT unless the app says otherwise.
+    assert_eq!(
+        secret_ref(&env, "JWT_SECRET"),
+        Some(("chat-jwt".into(), "secret".into()))
+    );
     assert_eq!(value(&env, "REDIS_CHANNEL_PREFIX"), Some("team.chat"));
     assert_eq!(value(&env, "PORT"), Some("3000"));
+    // No list, no limit: the server's defaults.
+    for name in [
+        "PUBLIC_ROOMS",
+        "CORS_ORIGINS",
+        "MAX_CONNECTIONS",
+        "MAX_ROOMS_PER_SOCKET",
+        "SOCKET_RATE",
+        "MAX_PAYLOAD",
+    ] {
+        assert!(env.iter().all(|e| e.name != name), "{name} injected");
+    }
     let d = children.deployment.as_ref().expect("deployment");
     let c = &d
         .spec
@@ -224,6 +251,53 @@ fn chorus_env_and_probes() {
 }
 
 #[test]
+fn auth_settings_and_limits_reach_the_chorus_environment() {
+    let spec = json!({
+        "auth": {"publicRooms": ["lobby", "news:*"], "corsOrigins": ["https://a.example", "https://b.example"]},
+        "limits": {"maxConnections": 5000, "socketRate": 20, "maxPayload": 65536},
+    });
+    let env = env_of(&build(spec.clone()));
+    assert_eq!(value(&env, "PUBLIC_ROOMS"), Some("lobby,news:*"));
+    assert_eq!(
+        value(&env, "CORS_ORIGINS"),
+        Some("https://a.example,https://b.example")
+    );
+    assert_eq!(value(&env, "MAX_CONNECTIONS"), Some("5000"));
+    assert_eq!(value(&env, "SOCKET_RATE"), Some("20"));
+    assert_eq!(value(&env, "MAX_PAYLOAD"), Some("65536"));
+    assert!(
+        env.iter().all(|e| e.name != "MAX_ROOMS_PER_SOCKET"),
+        "an omitted limit is the server's default"
+    );
+    assert_eq!(
+        secret_ref(&env, "JWT_SECRET"),
+        Some(("chat-jwt".into(), "secret".into())),
+        "public rooms do not turn JWTs off"
+    );
+
+    // Anonymous: no JWT_SECRET, and no JWT Secret generated.
+    let spec = json!({"auth": {"anonymous": true}});
+    let env = env_of(&build(spec.clone()));
+    assert!(env.iter().all(|e| e.name != "JWT_SECRET"));
+    assert!(
+        secret_ref(&env, "API_TOKEN").is_some(),
+        "the API keeps its token"
+    );
+    let generated = resources::generated(&app(spec), &config()).expect("generated");
+    assert!(generated.jwt.is_none() && generated.api_token.is_some());
+
+    // A referenced key: used as it is, nothing generated.
+    let spec = json!({"auth": {"jwtSecretRef": {"name": "keys", "key": "hs256"}}});
+    let env = env_of(&build(spec.clone()));
+    assert_eq!(
+        secret_ref(&env, "JWT_SECRET"),
+        Some(("keys".into(), "hs256".into()))
+    );
+    let generated = resources::generated(&app(spec), &config()).expect("generated");
+    assert!(generated.jwt.is_none());
+}
+
+#[test]
 fn sails_gets_the_sails_sockets_settings() {
     let children = build(json!({"flavor": "sails", "image": "acme/sails:1"}));
     let env = env_of(&children);
@@ -246,7 +320,9 @@ fn sails_gets_the_sails_sockets_settings() {
     assert_eq!(value(&env, "PORT"), Some("1337"));
     assert!(value(&env, "REDIS_URL").is_some());
     assert!(
-        secret_ref(&env, "API_TOKEN").is_none() && value(&env, "REDIS_CHANNEL_PREFIX").is_none()
+        secret_ref(&env, "API_TOKEN").is_none()
+            && secret_ref(&env, "JWT_SECRET").is_none()
+            && value(&env, "REDIS_CHANNEL_PREFIX").is_none()
     );
     let objects = all_objects(&children);
     assert!(
@@ -256,7 +332,10 @@ fn sails_gets_the_sails_sockets_settings() {
     );
     let generated = resources::generated(&app(json!({"flavor": "sails", "image": "x"})), &config())
         .expect("ok");
-    assert!(generated.api_token.is_none(), "no API token for sails");
+    assert!(
+        generated.api_token.is_none() && generated.jwt.is_none(),
+        "no API token or JWT key for sails"
+    );
 }
 
 #[test]
@@ -328,7 +407,11 @@ fn external_redis_with_tls_password_and_jwt() {
         Some(("jwt".into(), "k".into()))
     );
     let generated = resources::generated(&app(spec), &config()).expect("ok");
-    assert!(generated.redis_password.is_none() && generated.api_token.is_none());
+    assert!(
+        generated.redis_password.is_none()
+            && generated.api_token.is_none()
+            && generated.jwt.is_none()
+    );
 
     let no_password = build(json!({"redis": {"mode": "External", "external": {"host": "r"}}}));
     let env = env_of(&no_password);

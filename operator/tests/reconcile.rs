@@ -127,6 +127,7 @@ async fn a_new_app_gets_every_child_then_its_status() {
     for expected in [
         secret_path(NS, "chat-redis"),
         secret_path(NS, "chat-api-token"),
+        secret_path(NS, "chat-jwt"),
         statefulset_path(NS, "chat-redis"),
         format!("/api/v1/namespaces/{NS}/services/chat-redis"),
         format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/chat-redis"),
@@ -315,7 +316,7 @@ async fn a_missing_secret_is_reported_and_breaks_nothing_until_it_appears() {
     let deployment_before = w.api.get(&deployment_path(NS, "chat")).expect("deployment");
 
     w.api.edit(&app_path(NS, "chat"), |a| {
-        a["spec"]["auth"] = json!({"jwtSecretRef": {"name": "chat-jwt", "key": "key"}})
+        a["spec"]["auth"] = json!({"jwtSecretRef": {"name": "team-jwt", "key": "key"}})
     });
     let action = w.reconcile("chat").await.expect("reconciles");
     assert_eq!(action, Action::requeue(Duration::from_secs(15)));
@@ -327,7 +328,7 @@ async fn a_missing_secret_is_reported_and_breaks_nothing_until_it_appears() {
     assert!(
         ready["message"]
             .as_str()
-            .is_some_and(|m| m.contains("team/chat-jwt")),
+            .is_some_and(|m| m.contains("team/team-jwt")),
         "{ready}"
     );
     assert_eq!(w.condition("chat", "Degraded")["status"], json!("True"));
@@ -342,9 +343,9 @@ async fn a_missing_secret_is_reported_and_breaks_nothing_until_it_appears() {
 
     // The Secret exists but lacks the key.
     w.api.create(
-        &secret_path(NS, "chat-jwt"),
+        &secret_path(NS, "team-jwt"),
         json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "chat-jwt", "namespace": NS}, "data": {"other": "eA=="}}),
+        "metadata": {"name": "team-jwt", "namespace": NS}, "data": {"other": "eA=="}}),
     );
     w.reconcile("chat").await.expect("reconciles");
     let ready = w.condition("chat", "Ready");
@@ -357,7 +358,7 @@ async fn a_missing_secret_is_reported_and_breaks_nothing_until_it_appears() {
     );
 
     // Fixed by the user: the pods get the new configuration, nothing restarts by hand.
-    w.api.edit(&secret_path(NS, "chat-jwt"), |s| {
+    w.api.edit(&secret_path(NS, "team-jwt"), |s| {
         s["data"]["key"] = json!("c2VjcmV0")
     });
     w.reconcile("chat").await.expect("reconciles");
@@ -439,7 +440,7 @@ async fn a_failed_request_is_named_in_degraded_an_event_the_log_and_the_metric()
     let w = World::new();
     w.add_app("broken", json!({}));
     w.reconcile("broken").await.expect("first");
-    let jwt = json!({"auth": {"jwtSecretRef": {"name": "broken-jwt", "key": "key"}}});
+    let jwt = json!({"auth": {"jwtSecretRef": {"name": "team-jwt", "key": "key"}}});
     // (what the API refuses, the spec that makes the reconcile ask, what the user reads)
     let cases = [
         (
@@ -449,10 +450,10 @@ async fn a_failed_request_is_named_in_degraded_an_event_the_log_and_the_metric()
             "applying Deployment team/broken: injected failure (500 InternalError)",
         ),
         (
-            ("GET", "/secrets/broken-jwt"),
+            ("GET", "/secrets/team-jwt"),
             jwt,
             "ReadFailed",
-            "reading Secret team/broken-jwt: injected failure (500 InternalError)",
+            "reading Secret team/team-jwt: injected failure (500 InternalError)",
         ),
         (
             ("DELETE", "/poddisruptionbudgets/broken"),
@@ -608,8 +609,9 @@ async fn deleting_the_app_deletes_what_it_owns_and_nothing_else() {
                 .is_some_and(|refs| refs.iter().any(|r| Some(&r["uid"]) == uid.as_ref()))
         })
     };
-    // Secrets, Redis (StatefulSet, Service, NetworkPolicy), Deployment, HPA, PDB.
-    assert_eq!(owned(&w), 8);
+    // Secrets (Redis password, API token, JWT key), Redis (StatefulSet, Service,
+    // NetworkPolicy), Deployment, HPA, PDB (the Service `chat` is theirs).
+    assert_eq!(owned(&w), 9);
 
     w.api.delete(&app_path(NS, "chat"));
     let left: Vec<String> = w.api.paths();

@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, SecretKeySelector};
 
 use super::{App, BuildError};
-use crate::crd::{Flavor, RedisMode, SecretKeyRef};
+use crate::crd::{AuthSpec, Flavor, RedisMode, SecretKeyRef};
 
 /// Where the app's Redis is and how to authenticate.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,15 +93,31 @@ pub fn api_token_ref(a: &App<'_>) -> Option<SecretKeyRef> {
     }))
 }
 
+/// The auth settings of a chorus app (all defaults when `spec.auth` is omitted); None for
+/// the other flavors.
+fn auth<'s>(a: &'s App<'_>) -> Option<std::borrow::Cow<'s, AuthSpec>> {
+    (a.flavor() == Flavor::Chorus).then(|| match &a.app.spec.auth {
+        Some(auth) => std::borrow::Cow::Borrowed(auth),
+        None => std::borrow::Cow::Owned(AuthSpec::default()),
+    })
+}
+
+/// Flavor chorus, not anonymous, with no `auth.jwtSecretRef`: the operator generates
+/// `<name>-jwt`.
+pub fn generated_jwt(a: &App<'_>) -> bool {
+    auth(a).is_some_and(|auth| !auth.anonymous && auth.jwt_secret_ref.is_none())
+}
+
+/// The JWT key the chorus pods read: None when anonymous (sockets need no token).
 pub fn jwt_ref(a: &App<'_>) -> Option<SecretKeyRef> {
-    if a.flavor() != Flavor::Chorus {
+    let auth = auth(a)?;
+    if auth.anonymous {
         return None;
     }
-    a.app
-        .spec
-        .auth
-        .as_ref()
-        .and_then(|auth| auth.jwt_secret_ref.clone())
+    Some(auth.jwt_secret_ref.clone().unwrap_or_else(|| SecretKeyRef {
+        name: a.jwt_name(),
+        key: "secret".into(),
+    }))
 }
 
 /// Every Secret key the server pods read, for existence checks and the config checksum.
@@ -179,6 +195,32 @@ pub fn container_env(a: &App<'_>, redis: &RedisEndpoint) -> Vec<EnvVar> {
                 env.push(from_secret("JWT_SECRET", &r));
             }
             env.push(plain("REDIS_CHANNEL_PREFIX", key));
+            // Empty lists are left out: the server's own defaults (no public room, any
+            // origin) apply, and an empty value would read as one empty entry.
+            if let Some(auth) = auth(a) {
+                if !auth.public_rooms.is_empty() {
+                    env.push(plain("PUBLIC_ROOMS", auth.public_rooms.join(",")));
+                }
+                if !auth.cors_origins.is_empty() {
+                    env.push(plain("CORS_ORIGINS", auth.cors_origins.join(",")));
+                }
+            }
+            if let Some(limits) = &a.app.spec.limits {
+                let set = [
+                    ("MAX_CONNECTIONS", limits.max_connections.map(i64::from)),
+                    (
+                        "MAX_ROOMS_PER_SOCKET",
+                        limits.max_rooms_per_socket.map(i64::from),
+                    ),
+                    ("SOCKET_RATE", limits.socket_rate.map(i64::from)),
+                    ("MAX_PAYLOAD", limits.max_payload),
+                ];
+                for (name, v) in set {
+                    if let Some(v) = v {
+                        env.push(plain(name, v.to_string()));
+                    }
+                }
+            }
         }
         Flavor::Sails => {
             env.push(plain("sails_sockets__adapter", "@sailshq/socket.io-redis"));

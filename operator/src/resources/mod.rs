@@ -126,6 +126,16 @@ fn to_value<T: Serialize>(obj: &T) -> serde_json::Value {
 pub struct Generated {
     pub redis_password: Option<Secret>,
     pub api_token: Option<Secret>,
+    pub jwt: Option<Secret>,
+}
+
+impl Generated {
+    /// Every generated Secret wanted, in creation order.
+    pub fn secrets(self) -> impl Iterator<Item = Secret> {
+        [self.redis_password, self.api_token, self.jwt]
+            .into_iter()
+            .flatten()
+    }
 }
 
 /// What the desired state needs besides the RealtimeApp and the operator configuration.
@@ -207,6 +217,10 @@ impl<'a> App<'a> {
         format!("{}-api-token", self.name)
     }
 
+    pub fn jwt_name(&self) -> String {
+        format!("{}-jwt", self.name)
+    }
+
     pub fn container_port(&self) -> i32 {
         self.app
             .spec
@@ -284,6 +298,7 @@ pub fn generated(app: &RealtimeApp, config: &OperatorConfig) -> Result<Generated
         redis_password: (app.spec.redis.mode == RedisMode::Managed)
             .then(|| redis::password_secret(&a)),
         api_token: env::generated_api_token(&a).then(|| server::api_token_secret(&a)),
+        jwt: env::generated_jwt(&a).then(|| server::jwt_secret(&a)),
     })
 }
 

@@ -1,5 +1,5 @@
 //! The server side: Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, and
-//! the generated API-token Secret.
+//! the generated API-token and JWT Secrets.
 
 use std::collections::BTreeMap;
 
@@ -42,6 +42,17 @@ pub fn api_token_secret(a: &App<'_>) -> Secret {
         metadata: a.meta(a.api_token_name(), COMPONENT),
         type_: Some("Opaque".into()),
         string_data: Some(BTreeMap::from([("token".into(), random_token(40))])),
+        ..Secret::default()
+    }
+}
+
+/// `<name>-jwt` with key `secret`: a random HS256 key (64 letters and digits, about 380
+/// bits), created once.
+pub fn jwt_secret(a: &App<'_>) -> Secret {
+    Secret {
+        metadata: a.meta(a.jwt_name(), COMPONENT),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([("secret".into(), random_token(64))])),
         ..Secret::default()
     }
 }
