@@ -1,11 +1,19 @@
 //! The pure desired-state functions: every child, per flavor and option.
 
+use std::collections::BTreeMap;
+
 use chorus_operator::{
-    crd::RealtimeApp,
+    crd::{RealtimeApp, SecretKeyRef},
     resources::{self, BuildError, CHECKSUM_ANNOTATION, Children, Inputs, OperatorConfig},
+    secrets,
 };
-use k8s_openapi::api::core::v1::{EnvVar, PodSpec};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{EnvVar, PodSpec, Secret},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 fn app(spec: Value) -> RealtimeApp {
     serde_json::from_value(json!({
@@ -195,8 +203,8 @@ fn chorus_env_and_probes() {
     );
     assert_eq!(value(&env, "REDIS_HOST"), Some("chat-redis.team.svc"));
     assert_eq!(
-        value(&env, "REDIS_URL"),
-        Some("redis://:$(REDIS_PASSWORD)@chat-redis.team.svc:6379/0")
+        secret_ref(&env, "REDIS_URL"),
+        Some(("chat-redis-url".into(), "url".into()))
     );
     assert_eq!(
         secret_ref(&env, "REDIS_PASSWORD"),
@@ -318,7 +326,10 @@ fn sails_gets_the_sails_sockets_settings() {
     assert_eq!(value(&env, "sails_sockets__key"), Some("team.chat"));
     assert_eq!(value(&env, "sails_port"), Some("1337"));
     assert_eq!(value(&env, "PORT"), Some("1337"));
-    assert!(value(&env, "REDIS_URL").is_some());
+    assert_eq!(
+        secret_ref(&env, "REDIS_URL"),
+        Some(("chat-redis-url".into(), "url".into()))
+    );
     assert!(
         secret_ref(&env, "API_TOKEN").is_none()
             && secret_ref(&env, "JWT_SECRET").is_none()
@@ -391,9 +402,11 @@ fn external_redis_with_tls_password_and_jwt() {
     assert!(children.redis.is_none(), "no managed Redis objects");
     let env = env_of(&children);
     assert_eq!(
-        value(&env, "REDIS_URL"),
-        Some("rediss://:$(REDIS_PASSWORD)@redis.shared.svc:6380/2")
+        secret_ref(&env, "REDIS_URL"),
+        Some(("chat-redis-url".into(), "url".into()))
     );
+    let url = redis_url(&spec, Some(b"pw"));
+    assert_eq!(url, "rediss://:pw@redis.shared.svc:6380/2");
     assert_eq!(
         secret_ref(&env, "REDIS_PASSWORD"),
         Some(("shared-redis".into(), "pw".into()))
@@ -413,10 +426,67 @@ fn external_redis_with_tls_password_and_jwt() {
             && generated.jwt.is_none()
     );
 
-    let no_password = build(json!({"redis": {"mode": "External", "external": {"host": "r"}}}));
-    let env = env_of(&no_password);
-    assert_eq!(value(&env, "REDIS_URL"), Some("redis://r:6379/0"));
+    let spec = json!({"redis": {"mode": "External", "external": {"host": "r"}}});
+    let env = env_of(&build(spec.clone()));
+    assert_eq!(redis_url(&spec, None), "redis://r:6379/0");
     assert!(env.iter().all(|e| e.name != "REDIS_PASSWORD"));
+}
+
+/// The URL of the `<name>-redis-url` Secret for `spec` and this password.
+fn redis_url(spec: &Value, password: Option<&[u8]>) -> String {
+    let secret = resources::redis_url_secret(&app(spec.clone()), &config(), password)
+        .expect("REDIS_URL Secret");
+    assert_eq!(secret.metadata.name.as_deref(), Some("chat-redis-url"));
+    assert!(secret.string_data.is_none(), "data only: what SSA tracks");
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("url"))
+        .expect("key url")
+        .0
+        .clone();
+    String::from_utf8(bytes).expect("a URL is text")
+}
+
+#[test]
+fn a_redis_password_with_url_characters_round_trips_through_the_url() {
+    let spec = json!({"redis": {"mode": "External", "external": {"host": "redis.shared.svc", "port": 6380, "db": 2}}});
+    for password in [
+        "p@ss/w#rd:1%2?x",
+        "@",
+        "/",
+        "#",
+        ":",
+        "%",
+        "?",
+        "%40",
+        "a b+c&d=e",
+        "ünïcödé",
+        "-._~AZaz09",
+    ] {
+        let url = redis_url(&spec, Some(password.as_bytes()));
+        // As a client parses it: the password ends where it should, host, port and db intact.
+        let parsed = url::Url::parse(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(parsed.scheme(), "redis");
+        assert_eq!(parsed.username(), "");
+        assert_eq!(parsed.host_str(), Some("redis.shared.svc"), "{url}");
+        assert_eq!(parsed.port(), Some(6380), "{url}");
+        assert_eq!(parsed.path(), "/2", "{url}");
+        assert!(
+            parsed.query().is_none() && parsed.fragment().is_none(),
+            "{url}"
+        );
+        let encoded = parsed.password().expect("a password");
+        let decoded = percent_encoding::percent_decode_str(encoded)
+            .decode_utf8()
+            .expect("utf-8");
+        assert_eq!(decoded, password, "{url}");
+    }
+    // Unreserved characters stay as they are; the rest is encoded.
+    assert_eq!(
+        redis_url(&spec, Some(b"a-b.c_d~e@f")),
+        "redis://:a-b.c_d~e%40f@redis.shared.svc:6380/2"
+    );
 }
 
 #[test]
@@ -600,5 +670,89 @@ fn render_without_uid_omits_owner_references() {
         c.objects()
             .iter()
             .all(|o| o["metadata"].get("ownerReferences").is_none())
+    );
+}
+
+fn secret_with(name: &str, key: &str, value: &str) -> Option<Secret> {
+    Some(Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            key.to_owned(),
+            ByteString(value.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    })
+}
+
+#[test]
+fn the_secrets_checksum_is_keyed_not_a_plain_hash_of_the_values() {
+    let password = SecretKeyRef {
+        name: "chat-redis".into(),
+        key: "password".into(),
+    };
+    let key = SecretKeyRef {
+        name: "chat-checksum-key".into(),
+        key: "key".into(),
+    };
+    let read = |value: &str, k: &str| {
+        BTreeMap::from([
+            (
+                password.name.clone(),
+                secret_with(&password.name, "password", value),
+            ),
+            (key.name.clone(), secret_with(&key.name, "key", k)),
+        ])
+    };
+    let refs = [password.clone()];
+    let checked = secrets::check(&read("hunter2", "k1"), &refs, &key, "team");
+    assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+    let digest = checked.digest;
+    assert_eq!(digest.len(), 64, "{digest}");
+    // What an offline guesser would compare a guess against: plain hashes of the value.
+    let sha256 = |parts: &[&[u8]]| {
+        let mut h = Sha256::new();
+        for p in parts {
+            h.update(p);
+        }
+        format!("{:x}", h.finalize())
+    };
+    for plain in [
+        sha256(&[b"hunter2"]),
+        sha256(&[b"chat-redis/password", b"hunter2"]),
+        resources::digest([b"hunter2".as_slice()]),
+        resources::digest([b"chat-redis/password".as_slice(), b"hunter2".as_slice()]),
+    ] {
+        assert_ne!(digest, plain, "the checksum is a plain hash of the value");
+    }
+    // The key decides it: same inputs, same digest; another key, another digest.
+    let again = secrets::check(&read("hunter2", "k1"), &refs, &key, "team").digest;
+    assert_eq!(digest, again);
+    let other_key = secrets::check(&read("hunter2", "k2"), &refs, &key, "team").digest;
+    assert_ne!(digest, other_key);
+    // And a changed value still changes it.
+    let other_value = secrets::check(&read("hunter3", "k1"), &refs, &key, "team").digest;
+    assert_ne!(digest, other_value);
+    assert_eq!(
+        secrets::check(&read("hunter2", "k1"), &refs, &key, "team")
+            .values
+            .get(&(password.name.clone(), password.key.clone()))
+            .map(Vec::as_slice),
+        Some(b"hunter2".as_slice())
+    );
+
+    // Without its key there is no checksum, and the status says which Secret is missing.
+    let mut no_key = read("hunter2", "k1");
+    no_key.insert(key.name.clone(), None);
+    let checked = secrets::check(&no_key, &refs, &key, "team");
+    assert_eq!(
+        checked
+            .problems
+            .iter()
+            .map(|p| p.message.as_str())
+            .collect::<Vec<_>>(),
+        ["Secret team/chat-checksum-key not found"]
     );
 }

@@ -2,6 +2,7 @@
 //! (docs/operator.md, "Injected environment").
 
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, SecretKeySelector};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
 
 use super::{App, BuildError};
 use crate::crd::{AuthSpec, Flavor, RedisMode, SecretKeyRef};
@@ -52,18 +53,27 @@ impl RedisEndpoint {
         format!("{}:{}", self.host, self.port)
     }
 
-    /// The URL with the password left as `$(REDIS_PASSWORD)`, which Kubernetes expands in
-    /// the container, so the password never appears in the pod spec.
-    pub fn url(&self) -> String {
+    /// The URL with `password` percent-encoded: a password may hold any byte, and
+    /// `@ / # : % ?` would otherwise end the userinfo early (clients percent-decode it).
+    pub fn url(&self, password: Option<&[u8]>) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
-        let auth = if self.password.is_some() {
-            ":$(REDIS_PASSWORD)@"
-        } else {
-            ""
+        let auth = match password {
+            Some(p) => format!(":{}@", percent_encode(p, USERINFO)),
+            None => String::new(),
         };
         format!("{scheme}://{auth}{}:{}/{}", self.host, self.port, self.db)
     }
 }
+
+/// Everything but RFC 3986's unreserved characters is encoded in the password.
+const USERINFO: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The key of the REDIS_URL Secret (`<name>-redis-url`).
+pub const REDIS_URL_KEY: &str = "url";
 
 /// Flavor chorus with no `auth.apiTokenSecretRef`: the operator generates `<name>-api-token`.
 pub fn generated_api_token(a: &App<'_>) -> bool {
@@ -120,7 +130,8 @@ pub fn jwt_ref(a: &App<'_>) -> Option<SecretKeyRef> {
     }))
 }
 
-/// Every Secret key the server pods read, for existence checks and the config checksum.
+/// Every Secret key the server pods read, for existence checks and the config checksum
+/// (but the REDIS_URL one, which the operator writes from these).
 pub fn secret_refs(a: &App<'_>, redis: &RedisEndpoint) -> Vec<SecretKeyRef> {
     redis
         .password
@@ -182,7 +193,15 @@ pub fn container_env(a: &App<'_>, redis: &RedisEndpoint) -> Vec<EnvVar> {
     if let Some(p) = &redis.password {
         env.push(from_secret("REDIS_PASSWORD", p));
     }
-    env.push(plain("REDIS_URL", redis.url()));
+    // The URL holds the password percent-encoded, which `$(VAR)` expansion cannot do: the
+    // operator writes it to a Secret of its own.
+    env.push(from_secret(
+        "REDIS_URL",
+        &SecretKeyRef {
+            name: a.redis_url_name(),
+            key: REDIS_URL_KEY.into(),
+        },
+    ));
     env.push(from_field("POD_NAME", "metadata.name"));
     env.push(from_field("POD_NAMESPACE", "metadata.namespace"));
     env.push(plain("PORT", port.clone()));

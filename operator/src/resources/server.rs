@@ -57,6 +57,18 @@ pub fn jwt_secret(a: &App<'_>) -> Secret {
     }
 }
 
+/// `<name>-checksum-key` with key `key`: the random key of the pod template's checksum
+/// (src/secrets.rs), created once.
+pub fn checksum_key_secret(a: &App<'_>) -> Secret {
+    let key = a.checksum_key_ref();
+    Secret {
+        metadata: a.meta(key.name, COMPONENT),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([(key.key, random_token(43))])),
+        ..Secret::default()
+    }
+}
+
 fn image(a: &App<'_>) -> Result<String, BuildError> {
     match a.app.spec.image.as_deref().filter(|i| !i.is_empty()) {
         Some(image) => Ok(image.to_owned()),
