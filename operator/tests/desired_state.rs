@@ -605,9 +605,111 @@ fn network_policy_and_service_options() {
             "--save",
             "",
             "--appendonly",
-            "no"
+            "no",
+            "--maxmemory",
+            "214748320",
+            "--maxmemory-policy",
+            "allkeys-lru"
         ])
     );
+}
+
+/// The Redis container of a managed Redis: (resources, args).
+fn redis_container(spec: Value) -> (Value, Vec<String>) {
+    let c = build(spec);
+    let sts = serde_json::to_value(&c.redis.expect("managed redis").statefulset).expect("json");
+    let container = &sts["spec"]["template"]["spec"]["containers"][0];
+    let args = serde_json::from_value(container["args"].clone()).expect("args");
+    (container["resources"].clone(), args)
+}
+
+fn maxmemory_of(args: &[String]) -> Option<u64> {
+    let i = args.iter().position(|a| a == "--maxmemory")?;
+    args.get(i + 1)?.parse().ok()
+}
+
+#[test]
+fn managed_redis_has_a_memory_limit_and_maxmemory_under_it() {
+    let (resources, args) = redis_container(json!({}));
+    assert_eq!(
+        resources,
+        json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
+    );
+    let max = maxmemory_of(&args).expect("--maxmemory");
+    assert!(
+        (200 * 1024 * 1024..256 * 1024 * 1024).contains(&max),
+        "{max}: about 80 % of 256Mi"
+    );
+    let policy = args.iter().position(|a| a == "--maxmemory-policy");
+    assert_eq!(
+        policy.and_then(|i| args.get(i + 1)).map(String::as_str),
+        Some("allkeys-lru")
+    );
+
+    // Given resources replace the defaults; maxmemory follows their memory limit.
+    for (limit, bytes) in [
+        ("1Gi", 1u64 << 30),
+        ("512M", 512_000_000),
+        ("1.5Gi", 3 << 29),
+        ("2e9", 2_000_000_000),
+        ("1073741824", 1 << 30),
+    ] {
+        let given = json!({"requests": {"memory": "100Mi"}, "limits": {"memory": limit}});
+        let (resources, args) = redis_container(json!({"redis": {"resources": given.clone()}}));
+        assert_eq!(resources, given);
+        let max = maxmemory_of(&args).expect("--maxmemory");
+        assert_eq!(max, bytes / 100 * 80, "{limit}");
+    }
+    // Without a memory limit there is nothing to stay under: no maxmemory.
+    let (_, args) =
+        redis_container(json!({"redis": {"resources": {"requests": {"memory": "1Gi"}}}}));
+    assert!(
+        !args.iter().any(|a| a.starts_with("--maxmemory")),
+        "{args:?}"
+    );
+
+    // What the API server would refuse, render refuses with the field's name.
+    let err = resources::build(
+        &app(json!({"redis": {"resources": {"limits": {"memory": "lots"}}}})),
+        &config(),
+        &Inputs::default(),
+    )
+    .err()
+    .map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some("spec.redis.resources.limits.memory: not a quantity: \"lots\"")
+    );
+}
+
+fn deployment_spec(spec: Value) -> Value {
+    let c = build(spec);
+    serde_json::to_value(c.deployment.expect("deployment")).expect("json")["spec"].clone()
+}
+
+#[test]
+fn server_pods_roll_one_extra_at_a_time_and_outlive_their_drain() {
+    let d = deployment_spec(json!({}));
+    assert_eq!(
+        d["strategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}})
+    );
+    // chorus-server drains 5 s by default, then takes up to 5 s to close its sockets.
+    assert_eq!(
+        d["template"]["spec"]["terminationGracePeriodSeconds"],
+        json!(20)
+    );
+    let longer = deployment_spec(json!({"env": [{"name": "DRAIN_SECONDS", "value": "30"}]}));
+    assert_eq!(
+        longer["template"]["spec"]["terminationGracePeriodSeconds"],
+        json!(45)
+    );
+    let sails = deployment_spec(json!({"flavor": "sails", "image": "s"}));
+    assert_eq!(
+        sails["template"]["spec"]["terminationGracePeriodSeconds"],
+        json!(30)
+    );
+    assert_eq!(sails["strategy"], d["strategy"]);
 }
 
 fn checksum(spec: Value, secrets: &str) -> String {

@@ -62,6 +62,8 @@ pub enum BuildError {
     MissingImage(&'static str),
     #[error("spec.redis.external.host is required when spec.redis.mode is External")]
     MissingExternalHost,
+    #[error("{field}: not a quantity: {value:?}")]
+    InvalidQuantity { field: &'static str, value: String },
 }
 
 /// Every object for one RealtimeApp. Generated Secrets appear only in [`Generated`]: they are
@@ -319,7 +321,7 @@ pub fn build(
 ) -> Result<Children, BuildError> {
     let a = App::new(app, config)?;
     let redis = match app.spec.redis.mode {
-        RedisMode::Managed => Some(redis::managed(&a)),
+        RedisMode::Managed => Some(redis::managed(&a)?),
         RedisMode::External => None,
     };
     let endpoint = env::RedisEndpoint::of(&a)?;

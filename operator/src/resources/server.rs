@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        apps::v1::{Deployment, DeploymentSpec},
+        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
         autoscaling::v2::{
             CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
             MetricSpec, MetricTarget, ResourceMetricSource,
@@ -165,8 +165,7 @@ pub fn deployment(
         image_pull_secrets: (!pod.image_pull_secrets.is_empty()).then_some(pod.image_pull_secrets),
         service_account_name: pod.service_account_name,
         automount_service_account_token: Some(false),
-        // chorus-server drains for DRAIN_SECONDS (5) before closing sockets.
-        termination_grace_period_seconds: Some(30),
+        termination_grace_period_seconds: Some(grace_period(a)),
         ..PodSpec::default()
     };
     Ok(Deployment {
@@ -185,10 +184,47 @@ pub fn deployment(
                 }),
                 spec: Some(pod_spec),
             },
+            // A new pod is ready before an old one stops taking sockets: capacity never
+            // drops during a rollout, and one extra pod at a time keeps the surge small.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
     })
+}
+
+/// chorus-server's drain when DRAIN_SECONDS is not set.
+pub const DEFAULT_DRAIN_SECONDS: i64 = 5;
+/// After the drain, chorus-server closes its sockets (up to 5 s); the rest is margin.
+pub const GRACE_AFTER_DRAIN: i64 = 15;
+/// The other flavors: Kubernetes' default.
+const OTHER_GRACE_SECONDS: i64 = 30;
+
+/// The termination grace period: for chorus-server, its drain (DRAIN_SECONDS from
+/// `spec.env` when set there as a number) plus [`GRACE_AFTER_DRAIN`], so that the kubelet
+/// never kills a pod still draining.
+pub fn grace_period(a: &App<'_>) -> i64 {
+    if a.flavor() != Flavor::Chorus {
+        return OTHER_GRACE_SECONDS;
+    }
+    let drain = a
+        .app
+        .spec
+        .env
+        .iter()
+        .rev()
+        .find(|e| e.name == "DRAIN_SECONDS")
+        .and_then(|e| e.value.as_deref())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|d| *d >= 0)
+        .unwrap_or(DEFAULT_DRAIN_SECONDS);
+    drain.saturating_add(GRACE_AFTER_DRAIN)
 }
 
 pub fn service(a: &App<'_>) -> Service {
