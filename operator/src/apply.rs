@@ -24,6 +24,7 @@ use crate::{
     error::{Error, ObjectName},
     reconcile::Context,
     resources::{Child, Children, MANAGER, digest, is_owned_by},
+    secrets,
     status::Problem,
 };
 
@@ -89,6 +90,56 @@ impl<'a> Applier<'a> {
                 source,
             }),
         }
+    }
+
+    /// Writes a Secret the operator derives (the REDIS_URL one) when the value of `key` in
+    /// the `live` one differs, by server-side apply. No hash annotation: the values are
+    /// compared directly, so nothing derived from the secret value is written beside it.
+    /// Returns false, with a problem in `problems`, when a Secret of that name that this
+    /// app does not own is in the way: it is left as it is.
+    pub async fn apply_secret(
+        &self,
+        secret: Secret,
+        live: Option<&Secret>,
+        key: &str,
+        problems: &mut Vec<Problem>,
+    ) -> Result<bool, Error> {
+        let name = secret.name_any();
+        if let Some(live) = live {
+            if !is_owned_by(live, &self.uid()) {
+                problems.push(Problem {
+                    reason: Reason::NameInUse,
+                    message: format!(
+                        "{} exists and is not owned by this RealtimeApp: rename the app or remove it",
+                        self.object::<Secret>(&name)
+                    ),
+                });
+                return Ok(false);
+            }
+            let current = secrets::value(live, key);
+            if current.is_some() && current == secrets::value(&secret, key) {
+                return Ok(true);
+            }
+        }
+        self.api::<Secret>()
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .map_err(|source| Error::Apply {
+                object: self.object::<Secret>(&name),
+                source,
+            })?;
+        self.ctx.metrics.writes.inc();
+        let reason = if live.is_some() {
+            EventReason::Updated
+        } else {
+            EventReason::Created
+        };
+        self.event(reason, format!("{reason} Secret {name}")).await;
+        Ok(true)
     }
 
     /// The live child `name` if this app owns it; another's object of that name is none of

@@ -53,6 +53,8 @@ pub const GROUP: &str = "chorus.rs";
     .message("spec.image is required when spec.flavor is sails or socketio"))]
 #[x_kube(validation = Rule::new("self.flavor == 'chorus' || !has(self.auth)")
     .message("spec.auth applies to flavor chorus only"))]
+#[x_kube(validation = Rule::new("self.flavor == 'chorus' || !has(self.limits)")
+    .message("spec.limits applies to flavor chorus only"))]
 #[x_kube(validation = Rule::new("self.redis.mode != 'External' || (has(self.redis.external) && self.redis.external.host != '')")
     .message("spec.redis.external.host is required when spec.redis.mode is External"))]
 #[x_kube(validation = Rule::new("self.autoscaling.minReplicas <= self.autoscaling.maxReplicas")
@@ -84,9 +86,12 @@ pub struct RealtimeAppSpec {
     pub pod: Option<PodOptions>,
     #[serde(default)]
     pub redis: RedisSpec,
-    /// Secrets of flavor chorus.
+    /// Client and API authentication of flavor chorus (omitted: the defaults below).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
+    /// Per-replica limits of flavor chorus; each omitted one is the server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
     #[serde(default)]
     pub service: ServiceSpec,
     #[serde(default)]
@@ -205,15 +210,50 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!(has(self.anonymous) && self.anonymous && has(self.jwtSecretRef))")
+    .message("spec.auth.jwtSecretRef and spec.auth.anonymous: true exclude each other"))]
 #[serde(rename_all = "camelCase")]
 pub struct AuthSpec {
     /// Bearer token of the HTTP API; default: a generated Secret `<name>-api-token`, key `token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_token_secret_ref: Option<SecretKeyRef>,
-    /// HS256 key for socket JWTs; unset = sockets need no token.
+    /// HS256 key for socket JWTs; default: a generated Secret `<name>-jwt`, key `secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_secret_ref: Option<SecretKeyRef>,
+    /// true: sockets need no token (development); no JWT_SECRET reaches the pods.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Room patterns (`*` glob) anyone may join even with JWTs required.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[^,]+$")))]
+    pub public_rooms: Vec<String>,
+    /// Browser origins allowed (CORS); empty = any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[^,]+$")))]
+    pub cors_origins: Vec<String>,
+}
+
+/// Per-replica limits of chorus-server; each omitted one is the server's default.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Sockets one replica accepts (`MAX_CONNECTIONS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_connections: Option<i32>,
+    /// Rooms one socket may be in (`MAX_ROOMS_PER_SOCKET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_rooms_per_socket: Option<i32>,
+    /// Client events per second per socket (`SOCKET_RATE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub socket_rate: Option<i32>,
+    /// Largest socket message or HTTP body, in bytes (`MAX_PAYLOAD`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_payload: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

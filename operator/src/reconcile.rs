@@ -31,7 +31,7 @@ use crate::{
     metrics::Metrics,
     resources::{
         self, App, BuildError, Inputs, MANAGER, OperatorConfig,
-        env::{RedisEndpoint, secret_refs},
+        env::{REDIS_URL_KEY, RedisEndpoint, secret_refs},
     },
     secrets,
     status::{self, Observed, Problem},
@@ -205,30 +205,52 @@ pub fn error_policy(app: Arc<RealtimeApp>, error: &Error, ctx: Arc<Context>) -> 
     Action::requeue(delay)
 }
 
+/// The Secrets one reconcile deals with, derived from the spec.
+struct SecretPlan {
+    /// Generated Secrets, created when missing.
+    to_create: Vec<Secret>,
+    /// Every key the server pods read (the REDIS_URL Secret aside).
+    refs: Vec<SecretKeyRef>,
+    /// The key of the pod template's checksum.
+    checksum_key: SecretKeyRef,
+    /// The REDIS_URL Secret the operator writes.
+    redis_url: SecretKeyRef,
+    endpoint: RedisEndpoint,
+}
+
 async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error> {
     let built = resources::generated(app, &ctx.config).and_then(|generated| {
         let a = App::new(app, &ctx.config)?;
         let endpoint = RedisEndpoint::of(&a)?;
         let redis_name = generated.redis_password.is_some().then(|| a.redis_name());
-        Ok((generated, secret_refs(&a, &endpoint), endpoint, redis_name))
+        let plan = SecretPlan {
+            to_create: generated.secrets().collect(),
+            refs: secret_refs(&a, &endpoint),
+            checksum_key: a.checksum_key_ref(),
+            redis_url: SecretKeyRef {
+                name: a.redis_url_name(),
+                key: REDIS_URL_KEY.into(),
+            },
+            endpoint,
+        };
+        Ok((plan, redis_name))
     });
-    let (generated, refs, endpoint, redis_name) = match built {
+    let (plan, redis_name) = match built {
         Ok(b) => b,
         Err(e) => return invalid_spec(app, ctx, e).await,
     };
     let mut seen = Observed {
-        redis_endpoint: endpoint.address(),
+        redis_endpoint: plan.endpoint.address(),
         ..Observed::default()
     };
     let applier = Applier::new(app, ctx);
-    let secrets_to_create = [generated.redis_password, generated.api_token];
     let converged = async {
         // What runs now first: the status reports it even if a step below fails.
         seen.deployment = applier.live_owned(&app.name_any()).await?;
         if let Some(name) = &redis_name {
             seen.redis = Some(applier.live_owned(name).await?);
         }
-        converge(&applier, secrets_to_create, &refs, &mut seen).await
+        converge(&applier, plan, &mut seen).await
     };
     match converged.await {
         Ok(Converged::Done) => {}
@@ -263,30 +285,51 @@ enum Converged {
     InvalidSpec(BuildError),
 }
 
-/// Creates the generated Secrets, applies the children, deletes those no longer wanted;
-/// records in `seen` what it finds on the way (so that a failure part-way still reports it).
+/// Creates the generated Secrets, writes the REDIS_URL Secret, applies the children, deletes
+/// those no longer wanted; records in `seen` what it finds on the way (so that a failure
+/// part-way still reports it).
 async fn converge(
     applier: &Applier<'_>,
-    secrets_to_create: [Option<Secret>; 2],
-    refs: &[SecretKeyRef],
+    plan: SecretPlan,
     seen: &mut Observed,
 ) -> Result<Converged, Error> {
     let (app, ctx) = (applier.app, applier.ctx);
     let ns = &applier.namespace;
-    // The generated Secrets are among those the pods read: those missing are created.
-    let mut read = secrets::read(&applier.api(), refs, ns).await?;
-    for secret in secrets_to_create.into_iter().flatten() {
+    // The generated Secrets are among those read: those missing are created.
+    let mut to_read = plan.refs.clone();
+    to_read.push(plan.checksum_key.clone());
+    to_read.push(plan.redis_url.clone());
+    let mut read = secrets::read(&applier.api(), &to_read, ns).await?;
+    for secret in plan.to_create {
         let name = secret.name_any();
         if read.get(&name).is_none_or(Option::is_none) {
             let created = applier.create_secret(secret).await?;
             read.insert(name, created);
         }
     }
-    let (secrets_digest, missing) = secrets::check(&read, refs, ns);
-    let secrets_ok = missing.is_empty();
-    seen.problems.extend(missing);
+    let checked = secrets::check(&read, &plan.refs, &plan.checksum_key, ns);
+    let mut secrets_ok = checked.problems.is_empty();
+    seen.problems.extend(checked.problems);
+    if secrets_ok {
+        let password = plan
+            .endpoint
+            .password
+            .as_ref()
+            .and_then(|r| checked.values.get(&(r.name.clone(), r.key.clone())));
+        let url = match resources::redis_url_secret(app, &ctx.config, password.map(Vec::as_slice)) {
+            Ok(s) => s,
+            Err(e) => return Ok(Converged::InvalidSpec(e)),
+        };
+        let live = read.get(&plan.redis_url.name).and_then(Option::as_ref);
+        secrets_ok = applier
+            .apply_secret(url, live, &plan.redis_url.key, &mut seen.problems)
+            .await?;
+    }
 
-    let children = match resources::build(app, &ctx.config, &Inputs { secrets_digest }) {
+    let inputs = Inputs {
+        secrets_digest: checked.digest,
+    };
+    let children = match resources::build(app, &ctx.config, &inputs) {
         Ok(c) => c,
         Err(e) => return Ok(Converged::InvalidSpec(e)),
     };
@@ -298,7 +341,7 @@ async fn converge(
             applier.apply(np.clone(), problems).await?;
         }
     }
-    // With a referenced Secret missing, new pods could not start: leave the running
+    // With a Secret the pods read missing, new pods could not start: leave the running
     // Deployment as it is until the Secret exists.
     if let (Some(d), true) = (&children.deployment, secrets_ok) {
         seen.deployment = applier.apply(d.clone(), problems).await?;

@@ -4,8 +4,9 @@
 use kube::CustomResourceExt;
 
 use crate::{
-    crd::RealtimeApp,
+    crd::{RealtimeApp, RedisMode},
     resources::{self, BuildError, Inputs, OperatorConfig},
+    secrets,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +48,8 @@ pub fn crd_chart_template() -> Result<String, RenderError> {
 }
 
 /// Renders every RealtimeApp in a (multi-document) YAML text. Generated Secrets carry fresh
-/// random values, as they would on creation. Without `metadata.uid` (an object that was never
+/// random values, as they would on creation; the REDIS_URL Secret is left out when it would
+/// hold an external Redis's password, which render cannot know. Without `metadata.uid` (an object that was never
 /// stored) the children carry no ownerReferences, and the namespace defaults to `default`.
 pub fn render(input: &str, config: &OperatorConfig) -> Result<String, RenderError> {
     let mut docs = Vec::new();
@@ -65,10 +67,27 @@ pub fn render(input: &str, config: &OperatorConfig) -> Result<String, RenderErro
         let app: RealtimeApp =
             serde_json::from_value(value).map_err(|e| RenderError::Parse(e.to_string()))?;
         let generated = resources::generated(&app, config)?;
+        // The REDIS_URL Secret holds the password: render knows a generated one and no
+        // password, not the value of an external Redis's Secret (it then leaves it out).
+        // Outer None: leave the Secret out; inner None: a URL without a password.
+        let password: Option<Option<Vec<u8>>> = match app.spec.redis.mode {
+            RedisMode::Managed => generated
+                .redis_password
+                .as_ref()
+                .map(|s| secrets::value(s, "password")),
+            RedisMode::External => {
+                let external = app.spec.redis.external.as_ref();
+                let has_password = external.is_some_and(|e| e.password_secret_ref.is_some());
+                (!has_password).then_some(None)
+            }
+        };
+        let redis_url = password
+            .map(|p| resources::redis_url_secret(&app, config, p.as_deref()))
+            .transpose()?;
         let children = resources::build(&app, config, &Inputs::default())?;
-        let secrets = [generated.redis_password, generated.api_token]
-            .into_iter()
-            .flatten()
+        let secrets = generated
+            .secrets()
+            .chain(redis_url)
             .map(|s| serde_json::to_value(s).unwrap_or_default());
         for obj in secrets.chain(children.objects()) {
             docs.push(serde_saphyr::to_string(&obj).map_err(|e| RenderError::Yaml(e.to_string()))?);

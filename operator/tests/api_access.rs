@@ -63,14 +63,14 @@ async fn scenario(watch_namespace: Option<&str>) -> FakeApi {
     change(
         &api,
         "a missing Secret reported",
-        |s| s["auth"] = json!({"jwtSecretRef": {"name": "chat-jwt", "key": "key"}}),
+        |s| s["auth"] = json!({"jwtSecretRef": {"name": "team-jwt", "key": "key"}}),
         |api| degraded(api) == json!("SecretNotFound"),
     )
     .await;
     api.create(
-        &secret_path(NS, "chat-jwt"),
+        &secret_path(NS, "team-jwt"),
         json!({"apiVersion": "v1", "kind": "Secret",
-               "metadata": {"name": "chat-jwt", "namespace": NS}, "data": {"key": "eA=="}}),
+               "metadata": {"name": "team-jwt", "namespace": NS}, "data": {"key": "eA=="}}),
     );
     change(
         &api,

@@ -200,6 +200,15 @@ async fn the_crd_works_on_a_real_api_server() {
         "should be less than or equal to 65535".into(),
     ));
     cases.push((
+        r#"{"limits": {"maxConnections": 0}}"#.into(),
+        "should be greater than or equal to 1".into(),
+    ));
+    // The lists reach the server comma-joined: an entry with a comma would split in two.
+    cases.push((
+        r#"{"auth": {"publicRooms": ["lobby,news"]}}"#.into(),
+        "should match '^[^,]+$'".into(),
+    ));
+    cases.push((
         r#"{"service": {"type": "Ingress"}}"#.into(),
         "Unsupported value: \"Ingress\"".into(),
     ));

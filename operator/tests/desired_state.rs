@@ -1,11 +1,19 @@
 //! The pure desired-state functions: every child, per flavor and option.
 
+use std::collections::BTreeMap;
+
 use chorus_operator::{
-    crd::RealtimeApp,
+    crd::{RealtimeApp, SecretKeyRef},
     resources::{self, BuildError, CHECKSUM_ANNOTATION, Children, Inputs, OperatorConfig},
+    secrets,
 };
-use k8s_openapi::api::core::v1::{EnvVar, PodSpec};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{EnvVar, PodSpec, Secret},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 fn app(spec: Value) -> RealtimeApp {
     serde_json::from_value(json!({
@@ -158,8 +166,18 @@ fn chorus_default_gets_every_child_with_labels_owner_and_restricted_pods() {
         .as_ref()
         .and_then(|d| d.get("token"))
         .expect("token");
+    let jwt = generated.jwt.expect("JWT secret");
+    assert_eq!(jwt.metadata.name.as_deref(), Some("chat-jwt"));
+    let jwt_value = jwt
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get("secret"))
+        .expect("secret");
+    assert!(jwt_value.len() >= 64 && jwt_value.chars().all(|c| c.is_ascii_alphanumeric()));
     let everything = serde_json::to_string(&objects).expect("json");
-    assert!(!everything.contains(password.as_str()) && !everything.contains(token_value.as_str()));
+    for value in [password, token_value, jwt_value] {
+        assert!(!everything.contains(value.as_str()));
+    }
 }
 
 #[test]
@@ -179,13 +197,14 @@ fn chorus_env_and_probes() {
             "POD_NAMESPACE",
             "PORT",
             "API_TOKEN",
+            "JWT_SECRET",
             "REDIS_CHANNEL_PREFIX"
         ]
     );
     assert_eq!(value(&env, "REDIS_HOST"), Some("chat-redis.team.svc"));
     assert_eq!(
-        value(&env, "REDIS_URL"),
-        Some("redis://:$(REDIS_PASSWORD)@chat-redis.team.svc:6379/0")
+        secret_ref(&env, "REDIS_URL"),
+        Some(("chat-redis-url".into(), "url".into()))
     );
     assert_eq!(
         secret_ref(&env, "REDIS_PASSWORD"),
@@ -195,8 +214,24 @@ fn chorus_env_and_probes() {
         secret_ref(&env, "API_TOKEN"),
         Some(("chat-api-token".into(), "token".into()))
     );
+    // Clients need a JWT unless the app says otherwise.
+    assert_eq!(
+        secret_ref(&env, "JWT_SECRET"),
+        Some(("chat-jwt".into(), "secret".into()))
+    );
     assert_eq!(value(&env, "REDIS_CHANNEL_PREFIX"), Some("team.chat"));
     assert_eq!(value(&env, "PORT"), Some("3000"));
+    // No list, no limit: the server's defaults.
+    for name in [
+        "PUBLIC_ROOMS",
+        "CORS_ORIGINS",
+        "MAX_CONNECTIONS",
+        "MAX_ROOMS_PER_SOCKET",
+        "SOCKET_RATE",
+        "MAX_PAYLOAD",
+    ] {
+        assert!(env.iter().all(|e| e.name != name), "{name} injected");
+    }
     let d = children.deployment.as_ref().expect("deployment");
     let c = &d
         .spec
@@ -224,6 +259,53 @@ fn chorus_env_and_probes() {
 }
 
 #[test]
+fn auth_settings_and_limits_reach_the_chorus_environment() {
+    let spec = json!({
+        "auth": {"publicRooms": ["lobby", "news:*"], "corsOrigins": ["https://a.example", "https://b.example"]},
+        "limits": {"maxConnections": 5000, "socketRate": 20, "maxPayload": 65536},
+    });
+    let env = env_of(&build(spec.clone()));
+    assert_eq!(value(&env, "PUBLIC_ROOMS"), Some("lobby,news:*"));
+    assert_eq!(
+        value(&env, "CORS_ORIGINS"),
+        Some("https://a.example,https://b.example")
+    );
+    assert_eq!(value(&env, "MAX_CONNECTIONS"), Some("5000"));
+    assert_eq!(value(&env, "SOCKET_RATE"), Some("20"));
+    assert_eq!(value(&env, "MAX_PAYLOAD"), Some("65536"));
+    assert!(
+        env.iter().all(|e| e.name != "MAX_ROOMS_PER_SOCKET"),
+        "an omitted limit is the server's default"
+    );
+    assert_eq!(
+        secret_ref(&env, "JWT_SECRET"),
+        Some(("chat-jwt".into(), "secret".into())),
+        "public rooms do not turn JWTs off"
+    );
+
+    // Anonymous: no JWT_SECRET, and no JWT Secret generated.
+    let spec = json!({"auth": {"anonymous": true}});
+    let env = env_of(&build(spec.clone()));
+    assert!(env.iter().all(|e| e.name != "JWT_SECRET"));
+    assert!(
+        secret_ref(&env, "API_TOKEN").is_some(),
+        "the API keeps its token"
+    );
+    let generated = resources::generated(&app(spec), &config()).expect("generated");
+    assert!(generated.jwt.is_none() && generated.api_token.is_some());
+
+    // A referenced key: used as it is, nothing generated.
+    let spec = json!({"auth": {"jwtSecretRef": {"name": "keys", "key": "hs256"}}});
+    let env = env_of(&build(spec.clone()));
+    assert_eq!(
+        secret_ref(&env, "JWT_SECRET"),
+        Some(("keys".into(), "hs256".into()))
+    );
+    let generated = resources::generated(&app(spec), &config()).expect("generated");
+    assert!(generated.jwt.is_none());
+}
+
+#[test]
 fn sails_gets_the_sails_sockets_settings() {
     let children = build(json!({"flavor": "sails", "image": "acme/sails:1"}));
     let env = env_of(&children);
@@ -244,9 +326,14 @@ fn sails_gets_the_sails_sockets_settings() {
     assert_eq!(value(&env, "sails_sockets__key"), Some("team.chat"));
     assert_eq!(value(&env, "sails_port"), Some("1337"));
     assert_eq!(value(&env, "PORT"), Some("1337"));
-    assert!(value(&env, "REDIS_URL").is_some());
+    assert_eq!(
+        secret_ref(&env, "REDIS_URL"),
+        Some(("chat-redis-url".into(), "url".into()))
+    );
     assert!(
-        secret_ref(&env, "API_TOKEN").is_none() && value(&env, "REDIS_CHANNEL_PREFIX").is_none()
+        secret_ref(&env, "API_TOKEN").is_none()
+            && secret_ref(&env, "JWT_SECRET").is_none()
+            && value(&env, "REDIS_CHANNEL_PREFIX").is_none()
     );
     let objects = all_objects(&children);
     assert!(
@@ -256,7 +343,10 @@ fn sails_gets_the_sails_sockets_settings() {
     );
     let generated = resources::generated(&app(json!({"flavor": "sails", "image": "x"})), &config())
         .expect("ok");
-    assert!(generated.api_token.is_none(), "no API token for sails");
+    assert!(
+        generated.api_token.is_none() && generated.jwt.is_none(),
+        "no API token or JWT key for sails"
+    );
 }
 
 #[test]
@@ -312,9 +402,11 @@ fn external_redis_with_tls_password_and_jwt() {
     assert!(children.redis.is_none(), "no managed Redis objects");
     let env = env_of(&children);
     assert_eq!(
-        value(&env, "REDIS_URL"),
-        Some("rediss://:$(REDIS_PASSWORD)@redis.shared.svc:6380/2")
+        secret_ref(&env, "REDIS_URL"),
+        Some(("chat-redis-url".into(), "url".into()))
     );
+    let url = redis_url(&spec, Some(b"pw"));
+    assert_eq!(url, "rediss://:pw@redis.shared.svc:6380/2");
     assert_eq!(
         secret_ref(&env, "REDIS_PASSWORD"),
         Some(("shared-redis".into(), "pw".into()))
@@ -328,12 +420,73 @@ fn external_redis_with_tls_password_and_jwt() {
         Some(("jwt".into(), "k".into()))
     );
     let generated = resources::generated(&app(spec), &config()).expect("ok");
-    assert!(generated.redis_password.is_none() && generated.api_token.is_none());
+    assert!(
+        generated.redis_password.is_none()
+            && generated.api_token.is_none()
+            && generated.jwt.is_none()
+    );
 
-    let no_password = build(json!({"redis": {"mode": "External", "external": {"host": "r"}}}));
-    let env = env_of(&no_password);
-    assert_eq!(value(&env, "REDIS_URL"), Some("redis://r:6379/0"));
+    let spec = json!({"redis": {"mode": "External", "external": {"host": "r"}}});
+    let env = env_of(&build(spec.clone()));
+    assert_eq!(redis_url(&spec, None), "redis://r:6379/0");
     assert!(env.iter().all(|e| e.name != "REDIS_PASSWORD"));
+}
+
+/// The URL of the `<name>-redis-url` Secret for `spec` and this password.
+fn redis_url(spec: &Value, password: Option<&[u8]>) -> String {
+    let secret = resources::redis_url_secret(&app(spec.clone()), &config(), password)
+        .expect("REDIS_URL Secret");
+    assert_eq!(secret.metadata.name.as_deref(), Some("chat-redis-url"));
+    assert!(secret.string_data.is_none(), "data only: what SSA tracks");
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("url"))
+        .expect("key url")
+        .0
+        .clone();
+    String::from_utf8(bytes).expect("a URL is text")
+}
+
+#[test]
+fn a_redis_password_with_url_characters_round_trips_through_the_url() {
+    let spec = json!({"redis": {"mode": "External", "external": {"host": "redis.shared.svc", "port": 6380, "db": 2}}});
+    for password in [
+        "p@ss/w#rd:1%2?x",
+        "@",
+        "/",
+        "#",
+        ":",
+        "%",
+        "?",
+        "%40",
+        "a b+c&d=e",
+        "ünïcödé",
+        "-._~AZaz09",
+    ] {
+        let url = redis_url(&spec, Some(password.as_bytes()));
+        // As a client parses it: the password ends where it should, host, port and db intact.
+        let parsed = url::Url::parse(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(parsed.scheme(), "redis");
+        assert_eq!(parsed.username(), "");
+        assert_eq!(parsed.host_str(), Some("redis.shared.svc"), "{url}");
+        assert_eq!(parsed.port(), Some(6380), "{url}");
+        assert_eq!(parsed.path(), "/2", "{url}");
+        assert!(
+            parsed.query().is_none() && parsed.fragment().is_none(),
+            "{url}"
+        );
+        let encoded = parsed.password().expect("a password");
+        let decoded = percent_encoding::percent_decode_str(encoded)
+            .decode_utf8()
+            .expect("utf-8");
+        assert_eq!(decoded, password, "{url}");
+    }
+    // Unreserved characters stay as they are; the rest is encoded.
+    assert_eq!(
+        redis_url(&spec, Some(b"a-b.c_d~e@f")),
+        "redis://:a-b.c_d~e%40f@redis.shared.svc:6380/2"
+    );
 }
 
 #[test]
@@ -452,9 +605,111 @@ fn network_policy_and_service_options() {
             "--save",
             "",
             "--appendonly",
-            "no"
+            "no",
+            "--maxmemory",
+            "214748320",
+            "--maxmemory-policy",
+            "allkeys-lru"
         ])
     );
+}
+
+/// The Redis container of a managed Redis: (resources, args).
+fn redis_container(spec: Value) -> (Value, Vec<String>) {
+    let c = build(spec);
+    let sts = serde_json::to_value(&c.redis.expect("managed redis").statefulset).expect("json");
+    let container = &sts["spec"]["template"]["spec"]["containers"][0];
+    let args = serde_json::from_value(container["args"].clone()).expect("args");
+    (container["resources"].clone(), args)
+}
+
+fn maxmemory_of(args: &[String]) -> Option<u64> {
+    let i = args.iter().position(|a| a == "--maxmemory")?;
+    args.get(i + 1)?.parse().ok()
+}
+
+#[test]
+fn managed_redis_has_a_memory_limit_and_maxmemory_under_it() {
+    let (resources, args) = redis_container(json!({}));
+    assert_eq!(
+        resources,
+        json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
+    );
+    let max = maxmemory_of(&args).expect("--maxmemory");
+    assert!(
+        (200 * 1024 * 1024..256 * 1024 * 1024).contains(&max),
+        "{max}: about 80 % of 256Mi"
+    );
+    let policy = args.iter().position(|a| a == "--maxmemory-policy");
+    assert_eq!(
+        policy.and_then(|i| args.get(i + 1)).map(String::as_str),
+        Some("allkeys-lru")
+    );
+
+    // Given resources replace the defaults; maxmemory follows their memory limit.
+    for (limit, bytes) in [
+        ("1Gi", 1u64 << 30),
+        ("512M", 512_000_000),
+        ("1.5Gi", 3 << 29),
+        ("2e9", 2_000_000_000),
+        ("1073741824", 1 << 30),
+    ] {
+        let given = json!({"requests": {"memory": "100Mi"}, "limits": {"memory": limit}});
+        let (resources, args) = redis_container(json!({"redis": {"resources": given.clone()}}));
+        assert_eq!(resources, given);
+        let max = maxmemory_of(&args).expect("--maxmemory");
+        assert_eq!(max, bytes / 100 * 80, "{limit}");
+    }
+    // Without a memory limit there is nothing to stay under: no maxmemory.
+    let (_, args) =
+        redis_container(json!({"redis": {"resources": {"requests": {"memory": "1Gi"}}}}));
+    assert!(
+        !args.iter().any(|a| a.starts_with("--maxmemory")),
+        "{args:?}"
+    );
+
+    // What the API server would refuse, render refuses with the field's name.
+    let err = resources::build(
+        &app(json!({"redis": {"resources": {"limits": {"memory": "lots"}}}})),
+        &config(),
+        &Inputs::default(),
+    )
+    .err()
+    .map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some("spec.redis.resources.limits.memory: not a quantity: \"lots\"")
+    );
+}
+
+fn deployment_spec(spec: Value) -> Value {
+    let c = build(spec);
+    serde_json::to_value(c.deployment.expect("deployment")).expect("json")["spec"].clone()
+}
+
+#[test]
+fn server_pods_roll_one_extra_at_a_time_and_outlive_their_drain() {
+    let d = deployment_spec(json!({}));
+    assert_eq!(
+        d["strategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}})
+    );
+    // chorus-server drains 5 s by default, then takes up to 5 s to close its sockets.
+    assert_eq!(
+        d["template"]["spec"]["terminationGracePeriodSeconds"],
+        json!(20)
+    );
+    let longer = deployment_spec(json!({"env": [{"name": "DRAIN_SECONDS", "value": "30"}]}));
+    assert_eq!(
+        longer["template"]["spec"]["terminationGracePeriodSeconds"],
+        json!(45)
+    );
+    let sails = deployment_spec(json!({"flavor": "sails", "image": "s"}));
+    assert_eq!(
+        sails["template"]["spec"]["terminationGracePeriodSeconds"],
+        json!(30)
+    );
+    assert_eq!(sails["strategy"], d["strategy"]);
 }
 
 fn checksum(spec: Value, secrets: &str) -> String {
@@ -517,5 +772,89 @@ fn render_without_uid_omits_owner_references() {
         c.objects()
             .iter()
             .all(|o| o["metadata"].get("ownerReferences").is_none())
+    );
+}
+
+fn secret_with(name: &str, key: &str, value: &str) -> Option<Secret> {
+    Some(Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            key.to_owned(),
+            ByteString(value.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    })
+}
+
+#[test]
+fn the_secrets_checksum_is_keyed_not_a_plain_hash_of_the_values() {
+    let password = SecretKeyRef {
+        name: "chat-redis".into(),
+        key: "password".into(),
+    };
+    let key = SecretKeyRef {
+        name: "chat-checksum-key".into(),
+        key: "key".into(),
+    };
+    let read = |value: &str, k: &str| {
+        BTreeMap::from([
+            (
+                password.name.clone(),
+                secret_with(&password.name, "password", value),
+            ),
+            (key.name.clone(), secret_with(&key.name, "key", k)),
+        ])
+    };
+    let refs = [password.clone()];
+    let checked = secrets::check(&read("hunter2", "k1"), &refs, &key, "team");
+    assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+    let digest = checked.digest;
+    assert_eq!(digest.len(), 64, "{digest}");
+    // What an offline guesser would compare a guess against: plain hashes of the value.
+    let sha256 = |parts: &[&[u8]]| {
+        let mut h = Sha256::new();
+        for p in parts {
+            h.update(p);
+        }
+        format!("{:x}", h.finalize())
+    };
+    for plain in [
+        sha256(&[b"hunter2"]),
+        sha256(&[b"chat-redis/password", b"hunter2"]),
+        resources::digest([b"hunter2".as_slice()]),
+        resources::digest([b"chat-redis/password".as_slice(), b"hunter2".as_slice()]),
+    ] {
+        assert_ne!(digest, plain, "the checksum is a plain hash of the value");
+    }
+    // The key decides it: same inputs, same digest; another key, another digest.
+    let again = secrets::check(&read("hunter2", "k1"), &refs, &key, "team").digest;
+    assert_eq!(digest, again);
+    let other_key = secrets::check(&read("hunter2", "k2"), &refs, &key, "team").digest;
+    assert_ne!(digest, other_key);
+    // And a changed value still changes it.
+    let other_value = secrets::check(&read("hunter3", "k1"), &refs, &key, "team").digest;
+    assert_ne!(digest, other_value);
+    assert_eq!(
+        secrets::check(&read("hunter2", "k1"), &refs, &key, "team")
+            .values
+            .get(&(password.name.clone(), password.key.clone()))
+            .map(Vec::as_slice),
+        Some(b"hunter2".as_slice())
+    );
+
+    // Without its key there is no checksum, and the status says which Secret is missing.
+    let mut no_key = read("hunter2", "k1");
+    no_key.insert(key.name.clone(), None);
+    let checked = secrets::check(&no_key, &refs, &key, "team");
+    assert_eq!(
+        checked
+            .problems
+            .iter()
+            .map(|p| p.message.as_str())
+            .collect::<Vec<_>>(),
+        ["Secret team/chat-checksum-key not found"]
     );
 }

@@ -14,7 +14,7 @@ use chorus_operator::{
     crd::RealtimeApp,
     metrics::Metrics,
     reconcile::{Context, Error, error_policy, reconcile},
-    resources::{CHECKSUM_ANNOTATION, OperatorConfig},
+    resources::{self, CHECKSUM_ANNOTATION, Inputs, OperatorConfig},
 };
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::runtime::controller::Action;
@@ -127,6 +127,9 @@ async fn a_new_app_gets_every_child_then_its_status() {
     for expected in [
         secret_path(NS, "chat-redis"),
         secret_path(NS, "chat-api-token"),
+        secret_path(NS, "chat-jwt"),
+        secret_path(NS, "chat-checksum-key"),
+        secret_path(NS, "chat-redis-url"),
         statefulset_path(NS, "chat-redis"),
         format!("/api/v1/namespaces/{NS}/services/chat-redis"),
         format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/chat-redis"),
@@ -315,7 +318,7 @@ async fn a_missing_secret_is_reported_and_breaks_nothing_until_it_appears() {
     let deployment_before = w.api.get(&deployment_path(NS, "chat")).expect("deployment");
 
     w.api.edit(&app_path(NS, "chat"), |a| {
-        a["spec"]["auth"] = json!({"jwtSecretRef": {"name": "chat-jwt", "key": "key"}})
+        a["spec"]["auth"] = json!({"jwtSecretRef": {"name": "team-jwt", "key": "key"}})
     });
     let action = w.reconcile("chat").await.expect("reconciles");
     assert_eq!(action, Action::requeue(Duration::from_secs(15)));
@@ -327,7 +330,7 @@ async fn a_missing_secret_is_reported_and_breaks_nothing_until_it_appears() {
     assert!(
         ready["message"]
             .as_str()
-            .is_some_and(|m| m.contains("team/chat-jwt")),
+            .is_some_and(|m| m.contains("team/team-jwt")),
         "{ready}"
     );
     assert_eq!(w.condition("chat", "Degraded")["status"], json!("True"));
@@ -342,9 +345,9 @@ async fn a_missing_secret_is_reported_and_breaks_nothing_until_it_appears() {
 
     // The Secret exists but lacks the key.
     w.api.create(
-        &secret_path(NS, "chat-jwt"),
+        &secret_path(NS, "team-jwt"),
         json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "chat-jwt", "namespace": NS}, "data": {"other": "eA=="}}),
+        "metadata": {"name": "team-jwt", "namespace": NS}, "data": {"other": "eA=="}}),
     );
     w.reconcile("chat").await.expect("reconciles");
     let ready = w.condition("chat", "Ready");
@@ -357,7 +360,7 @@ async fn a_missing_secret_is_reported_and_breaks_nothing_until_it_appears() {
     );
 
     // Fixed by the user: the pods get the new configuration, nothing restarts by hand.
-    w.api.edit(&secret_path(NS, "chat-jwt"), |s| {
+    w.api.edit(&secret_path(NS, "team-jwt"), |s| {
         s["data"]["key"] = json!("c2VjcmV0")
     });
     w.reconcile("chat").await.expect("reconciles");
@@ -439,7 +442,7 @@ async fn a_failed_request_is_named_in_degraded_an_event_the_log_and_the_metric()
     let w = World::new();
     w.add_app("broken", json!({}));
     w.reconcile("broken").await.expect("first");
-    let jwt = json!({"auth": {"jwtSecretRef": {"name": "broken-jwt", "key": "key"}}});
+    let jwt = json!({"auth": {"jwtSecretRef": {"name": "team-jwt", "key": "key"}}});
     // (what the API refuses, the spec that makes the reconcile ask, what the user reads)
     let cases = [
         (
@@ -449,10 +452,10 @@ async fn a_failed_request_is_named_in_degraded_an_event_the_log_and_the_metric()
             "applying Deployment team/broken: injected failure (500 InternalError)",
         ),
         (
-            ("GET", "/secrets/broken-jwt"),
+            ("GET", "/secrets/team-jwt"),
             jwt,
             "ReadFailed",
-            "reading Secret team/broken-jwt: injected failure (500 InternalError)",
+            "reading Secret team/team-jwt: injected failure (500 InternalError)",
         ),
         (
             ("DELETE", "/poddisruptionbudgets/broken"),
@@ -608,8 +611,9 @@ async fn deleting_the_app_deletes_what_it_owns_and_nothing_else() {
                 .is_some_and(|refs| refs.iter().any(|r| Some(&r["uid"]) == uid.as_ref()))
         })
     };
-    // Secrets, Redis (StatefulSet, Service, NetworkPolicy), Deployment, HPA, PDB.
-    assert_eq!(owned(&w), 8);
+    // Secrets (Redis password, API token, JWT key, checksum key, REDIS_URL), Redis
+    // (StatefulSet, Service, NetworkPolicy), Deployment, HPA, PDB (the Service `chat` is theirs).
+    assert_eq!(owned(&w), 11);
 
     w.api.delete(&app_path(NS, "chat"));
     let left: Vec<String> = w.api.paths();
@@ -617,5 +621,213 @@ async fn deleting_the_app_deletes_what_it_owns_and_nothing_else() {
         left,
         [theirs],
         "the garbage collector took the app's children only"
+    );
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in text.bytes().filter(|c| *c != b'=') {
+        let v = A.iter().position(|a| *a == c).expect("base64") as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    out
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                char::from(A[((n >> (18 - 6 * i)) & 63) as usize])
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+impl World {
+    /// The value of `key` in the stored Secret `name`.
+    fn secret_value(&self, name: &str, key: &str) -> Vec<u8> {
+        let s = self.api.get(&secret_path(NS, name)).expect("secret");
+        base64_decode(s["data"][key].as_str().expect("key"))
+    }
+
+    fn set_secret_value(&self, name: &str, key: &str, value: &[u8]) {
+        self.api.edit(&secret_path(NS, name), |s| {
+            s["data"][key] = json!(base64_encode(value))
+        });
+    }
+}
+
+#[tokio::test]
+async fn an_external_password_with_url_characters_reaches_the_pods_encoded_and_only_by_reference() {
+    let w = World::new();
+    let password = "p@ss/w#rd:50%?";
+    w.api.create(
+        &secret_path(NS, "shared-redis"),
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "shared-redis", "namespace": NS},
+               "data": {"password": base64_encode(password.as_bytes())}}),
+    );
+    w.add_app(
+        "chat",
+        json!({"redis": {"mode": "External", "external": {"host": "redis.shared.svc", "tls": true,
+            "passwordSecretRef": {"name": "shared-redis", "key": "password"}}}}),
+    );
+    w.reconcile("chat").await.expect("reconciles");
+    let url = String::from_utf8(w.secret_value("chat-redis-url", "url")).expect("text");
+    assert_eq!(
+        url,
+        "rediss://:p%40ss%2Fw%23rd%3A50%25%3F@redis.shared.svc:6379/0"
+    );
+    let d = w.api.get(&deployment_path(NS, "chat")).expect("deployment");
+    let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
+    let redis_url = env
+        .as_array()
+        .and_then(|e| e.iter().find(|v| v["name"] == json!("REDIS_URL")))
+        .expect("REDIS_URL");
+    assert_eq!(
+        redis_url["valueFrom"]["secretKeyRef"],
+        json!({"name": "chat-redis-url", "key": "url", "optional": false})
+    );
+    let deployment_text = d.to_string();
+    assert!(
+        !deployment_text.contains("p@ss") && !deployment_text.contains("p%40ss"),
+        "the password is in the Deployment"
+    );
+    let secret = w
+        .api
+        .get(&secret_path(NS, "chat-redis-url"))
+        .expect("secret");
+    assert!(
+        secret["metadata"]
+            .get("annotations")
+            .is_none_or(|a| !a.to_string().contains(&url)),
+        "{secret}"
+    );
+
+    // The user changes the password: the URL follows and the pods roll.
+    let (mark, checksum) = (w.api.log_len(), w.checksum("chat"));
+    w.set_secret_value("shared-redis", "password", b"new#one");
+    w.reconcile("chat").await.expect("reconciles");
+    assert_eq!(
+        String::from_utf8(w.secret_value("chat-redis-url", "url")).expect("text"),
+        "rediss://:new%23one@redis.shared.svc:6379/0"
+    );
+    assert_ne!(w.checksum("chat"), checksum, "pods roll onto the new URL");
+    assert!(
+        w.api
+            .writes_since(mark)
+            .iter()
+            .any(|l| l.method == "PATCH" && l.path.ends_with("/secrets/chat-redis-url")),
+        "{:#?}",
+        w.api.writes_since(mark)
+    );
+    // Nothing changed: the Secret is not written again.
+    let mark = w.api.log_len();
+    w.reconcile("chat").await.expect("reconciles");
+    assert!(
+        w.api
+            .writes_since(mark)
+            .iter()
+            .all(|l| !l.path.contains("/secrets/")),
+        "{:#?}",
+        w.api.writes_since(mark)
+    );
+}
+
+#[tokio::test]
+async fn the_pod_checksum_is_keyed_and_not_a_plain_hash_of_the_secret_values() {
+    let w = World::new();
+    w.add_app("chat", json!({}));
+    w.reconcile("chat").await.expect("reconciles");
+    let checksum = w.checksum("chat");
+    // The annotation as an unkeyed hash of the same values would make it: the same
+    // configuration with a plain digest of the Secret values in place of the keyed one.
+    let app = w.app("chat");
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    for (name, key) in [
+        ("chat-redis", "password"),
+        ("chat-api-token", "token"),
+        ("chat-jwt", "secret"),
+    ] {
+        parts.push(format!("{name}/{key}").into_bytes());
+        parts.push(w.secret_value(name, key));
+    }
+    let plain = resources::digest(parts.iter().map(Vec::as_slice));
+    let config = OperatorConfig {
+        server_image: "chorus-server:test".into(),
+        redis_image: "redis:test".into(),
+    };
+    let unkeyed = resources::build(
+        &app,
+        &config,
+        &Inputs {
+            secrets_digest: plain,
+        },
+    )
+    .expect("builds")
+    .deployment
+    .and_then(|d| d.spec?.template.metadata?.annotations)
+    .and_then(|a| a.get(CHECKSUM_ANNOTATION).cloned())
+    .expect("annotation");
+    assert_ne!(
+        checksum, unkeyed,
+        "the checksum is a plain hash of the secret values"
+    );
+
+    // The app's own key decides it: another key, another checksum (one roll, nothing else).
+    w.set_secret_value("chat-checksum-key", "key", b"another-random-key");
+    w.reconcile("chat").await.expect("reconciles");
+    assert_ne!(w.checksum("chat"), checksum);
+    let rotated = w.checksum("chat");
+    w.reconcile("chat").await.expect("reconciles");
+    assert_eq!(w.checksum("chat"), rotated, "stable under one key");
+}
+
+#[tokio::test]
+async fn a_redis_url_secret_the_app_does_not_own_is_left_alone_and_reported() {
+    let w = World::new();
+    let path = secret_path(NS, "chat-redis-url");
+    w.api.create(
+        &path,
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "chat-redis-url", "namespace": NS}, "data": {"url": "eA=="}}),
+    );
+    let before = w.api.get(&path);
+    w.add_app("chat", json!({}));
+    w.reconcile("chat").await.expect("reconciles");
+    assert_eq!(w.api.get(&path), before, "untouched");
+    let ready = w.condition("chat", "Ready");
+    assert_eq!(
+        (&ready["status"], &ready["reason"], &ready["message"]),
+        (
+            &json!("False"),
+            &json!("NameInUse"),
+            &json!(
+                "Secret team/chat-redis-url exists and is not owned by this RealtimeApp: rename the app or remove it"
+            )
+        )
+    );
+    assert!(
+        w.api.get(&deployment_path(NS, "chat")).is_none(),
+        "no pods that would read someone else's URL"
     );
 }

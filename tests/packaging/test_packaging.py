@@ -33,6 +33,8 @@ NON_DEFAULT = {
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
     "imagePullSecrets": [{"name": "regcred"}],
+    "networkPolicy": {"enabled": True, "metricsFrom": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
 }
 
 
@@ -93,6 +95,12 @@ def test_default_render_is_complete_and_valid():
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Ingress to the operator's pods only on the metrics port, its one listening port.
+    policy = kinds["NetworkPolicy"][0]
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    assert [p["name"] for p in container["ports"]] == ["metrics"]
     assert validate_all(docs, "default values") > 0
 
 
@@ -116,7 +124,10 @@ def test_non_default_values_render_scoped_rbac_leader_election_and_monitoring():
     assert env["CHORUS_REDIS_IMAGE"] == "registry.example/redis:7.4.1"
     assert env["CHORUS_SERVER_IMAGE"] == "registry.example/chorus-server:9.9.9"
     assert kinds["ServiceMonitor"][0]["spec"]["endpoints"][0]["interval"] == "15s"
+    assert kinds["NetworkPolicy"][0]["spec"]["ingress"][0]["from"] == NON_DEFAULT["networkPolicy"]["metricsFrom"]
     validate_all(docs, "non-default values")
+    no_policy = by_kind(list(chart.documents(chart.render({"networkPolicy": {"enabled": False}}))))
+    assert "NetworkPolicy" not in no_policy
 
     no_crd = by_kind(list(chart.documents(chart.render({"crds": {"create": False}}))))
     assert "CustomResourceDefinition" not in no_crd
@@ -131,6 +142,7 @@ def test_non_default_values_render_scoped_rbac_leader_election_and_monitoring():
     ({"metrics": {"port": 70000}}, "/metrics/port"),
     ({"logFormat": "xml"}, "/logFormat"),
     ({"replica": 2}, "replica"),
+    ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),
 ])
 def test_values_schema_refuses_bad_values_with_a_clear_message(values, complaint):
     with pytest.raises(helm.HelmValuesError) as e:

@@ -111,10 +111,11 @@ def test_the_chart_grants_nothing_the_operator_does_not_use(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_the_operator_cannot_list_change_or_delete_a_secret(mode):
-    # It creates the generated Secrets and reads by name the ones its pods use; listing or
-    # watching would expose every Secret of the namespaces, and it never rewrites a value.
+def test_the_operator_cannot_list_update_or_delete_a_secret(mode):
+    # It creates the generated Secrets, reads by name the ones its pods use, and applies the
+    # REDIS_URL Secret it derives from them (patch); listing or watching would expose every
+    # Secret of the namespaces, and it never updates or deletes one.
     _, granted = needed_and_granted(MODES[mode])
     secrets = {verb for scope in granted.values() for group, res, verb in scope
                if (group, res) == ("", "secrets")}
-    assert secrets == {"get", "create"}, secrets
+    assert secrets == {"get", "create", "patch"}, secrets

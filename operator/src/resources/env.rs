@@ -2,9 +2,10 @@
 //! (docs/operator.md, "Injected environment").
 
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, SecretKeySelector};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
 
 use super::{App, BuildError};
-use crate::crd::{Flavor, RedisMode, SecretKeyRef};
+use crate::crd::{AuthSpec, Flavor, RedisMode, SecretKeyRef};
 
 /// Where the app's Redis is and how to authenticate.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,18 +53,27 @@ impl RedisEndpoint {
         format!("{}:{}", self.host, self.port)
     }
 
-    /// The URL with the password left as `$(REDIS_PASSWORD)`, which Kubernetes expands in
-    /// the container, so the password never appears in the pod spec.
-    pub fn url(&self) -> String {
+    /// The URL with `password` percent-encoded: a password may hold any byte, and
+    /// `@ / # : % ?` would otherwise end the userinfo early (clients percent-decode it).
+    pub fn url(&self, password: Option<&[u8]>) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
-        let auth = if self.password.is_some() {
-            ":$(REDIS_PASSWORD)@"
-        } else {
-            ""
+        let auth = match password {
+            Some(p) => format!(":{}@", percent_encode(p, USERINFO)),
+            None => String::new(),
         };
         format!("{scheme}://{auth}{}:{}/{}", self.host, self.port, self.db)
     }
 }
+
+/// Everything but RFC 3986's unreserved characters is encoded in the password.
+const USERINFO: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The key of the REDIS_URL Secret (`<name>-redis-url`).
+pub const REDIS_URL_KEY: &str = "url";
 
 /// Flavor chorus with no `auth.apiTokenSecretRef`: the operator generates `<name>-api-token`.
 pub fn generated_api_token(a: &App<'_>) -> bool {
@@ -93,18 +103,35 @@ pub fn api_token_ref(a: &App<'_>) -> Option<SecretKeyRef> {
     }))
 }
 
-pub fn jwt_ref(a: &App<'_>) -> Option<SecretKeyRef> {
-    if a.flavor() != Flavor::Chorus {
-        return None;
-    }
-    a.app
-        .spec
-        .auth
-        .as_ref()
-        .and_then(|auth| auth.jwt_secret_ref.clone())
+/// The auth settings of a chorus app (all defaults when `spec.auth` is omitted); None for
+/// the other flavors.
+fn auth<'s>(a: &'s App<'_>) -> Option<std::borrow::Cow<'s, AuthSpec>> {
+    (a.flavor() == Flavor::Chorus).then(|| match &a.app.spec.auth {
+        Some(auth) => std::borrow::Cow::Borrowed(auth),
+        None => std::borrow::Cow::Owned(AuthSpec::default()),
+    })
 }
 
-/// Every Secret key the server pods read, for existence checks and the config checksum.
+/// Flavor chorus, not anonymous, with no `auth.jwtSecretRef`: the operator generates
+/// `<name>-jwt`.
+pub fn generated_jwt(a: &App<'_>) -> bool {
+    auth(a).is_some_and(|auth| !auth.anonymous && auth.jwt_secret_ref.is_none())
+}
+
+/// The JWT key the chorus pods read: None when anonymous (sockets need no token).
+pub fn jwt_ref(a: &App<'_>) -> Option<SecretKeyRef> {
+    let auth = auth(a)?;
+    if auth.anonymous {
+        return None;
+    }
+    Some(auth.jwt_secret_ref.clone().unwrap_or_else(|| SecretKeyRef {
+        name: a.jwt_name(),
+        key: "secret".into(),
+    }))
+}
+
+/// Every Secret key the server pods read, for existence checks and the config checksum
+/// (but the REDIS_URL one, which the operator writes from these).
 pub fn secret_refs(a: &App<'_>, redis: &RedisEndpoint) -> Vec<SecretKeyRef> {
     redis
         .password
@@ -166,7 +193,15 @@ pub fn container_env(a: &App<'_>, redis: &RedisEndpoint) -> Vec<EnvVar> {
     if let Some(p) = &redis.password {
         env.push(from_secret("REDIS_PASSWORD", p));
     }
-    env.push(plain("REDIS_URL", redis.url()));
+    // The URL holds the password percent-encoded, which `$(VAR)` expansion cannot do: the
+    // operator writes it to a Secret of its own.
+    env.push(from_secret(
+        "REDIS_URL",
+        &SecretKeyRef {
+            name: a.redis_url_name(),
+            key: REDIS_URL_KEY.into(),
+        },
+    ));
     env.push(from_field("POD_NAME", "metadata.name"));
     env.push(from_field("POD_NAMESPACE", "metadata.namespace"));
     env.push(plain("PORT", port.clone()));
@@ -179,6 +214,32 @@ pub fn container_env(a: &App<'_>, redis: &RedisEndpoint) -> Vec<EnvVar> {
                 env.push(from_secret("JWT_SECRET", &r));
             }
             env.push(plain("REDIS_CHANNEL_PREFIX", key));
+            // Empty lists are left out: the server's own defaults (no public room, any
+            // origin) apply, and an empty value would read as one empty entry.
+            if let Some(auth) = auth(a) {
+                if !auth.public_rooms.is_empty() {
+                    env.push(plain("PUBLIC_ROOMS", auth.public_rooms.join(",")));
+                }
+                if !auth.cors_origins.is_empty() {
+                    env.push(plain("CORS_ORIGINS", auth.cors_origins.join(",")));
+                }
+            }
+            if let Some(limits) = &a.app.spec.limits {
+                let set = [
+                    ("MAX_CONNECTIONS", limits.max_connections.map(i64::from)),
+                    (
+                        "MAX_ROOMS_PER_SOCKET",
+                        limits.max_rooms_per_socket.map(i64::from),
+                    ),
+                    ("SOCKET_RATE", limits.socket_rate.map(i64::from)),
+                    ("MAX_PAYLOAD", limits.max_payload),
+                ];
+                for (name, v) in set {
+                    if let Some(v) = v {
+                        env.push(plain(name, v.to_string()));
+                    }
+                }
+            }
         }
         Flavor::Sails => {
             env.push(plain("sails_sockets__adapter", "@sailshq/socket.io-redis"));

@@ -22,7 +22,7 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{Flavor, RealtimeApp, RedisMode};
+use crate::crd::{Flavor, RealtimeApp, RedisMode, SecretKeyRef};
 
 /// The field manager of every server-side apply.
 pub const MANAGER: &str = "chorus-operator";
@@ -62,6 +62,8 @@ pub enum BuildError {
     MissingImage(&'static str),
     #[error("spec.redis.external.host is required when spec.redis.mode is External")]
     MissingExternalHost,
+    #[error("{field}: not a quantity: {value:?}")]
+    InvalidQuantity { field: &'static str, value: String },
 }
 
 /// Every object for one RealtimeApp. Generated Secrets appear only in [`Generated`]: they are
@@ -126,14 +128,54 @@ fn to_value<T: Serialize>(obj: &T) -> serde_json::Value {
 pub struct Generated {
     pub redis_password: Option<Secret>,
     pub api_token: Option<Secret>,
+    pub jwt: Option<Secret>,
+    /// The key of the pod template's checksum (src/secrets.rs); every app has one.
+    pub checksum_key: Option<Secret>,
+}
+
+impl Generated {
+    /// Every generated Secret wanted, in creation order.
+    pub fn secrets(self) -> impl Iterator<Item = Secret> {
+        [
+            self.redis_password,
+            self.api_token,
+            self.jwt,
+            self.checksum_key,
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 /// What the desired state needs besides the RealtimeApp and the operator configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Inputs {
-    /// A digest of the values of every Secret key the pods read, so that a changed secret
-    /// value rolls the pods. Empty when not known (render).
+    /// A keyed digest of the values of every Secret key the pods read, so that a changed
+    /// secret value rolls the pods. Empty when not known (render).
     pub secrets_digest: String,
+}
+
+/// `<name>-redis-url` with key `url`: the REDIS_URL of the server pods, with the password
+/// percent-encoded (`password` is the value the password ref points at, None without one).
+/// The operator rewrites it whenever the URL changes.
+pub fn redis_url_secret(
+    app: &RealtimeApp,
+    config: &OperatorConfig,
+    password: Option<&[u8]>,
+) -> Result<Secret, BuildError> {
+    let a = App::new(app, config)?;
+    let url = env::RedisEndpoint::of(&a)?.url(password);
+    Ok(Secret {
+        metadata: a.meta(a.redis_url_name(), server::COMPONENT),
+        type_: Some("Opaque".into()),
+        // `data`, not `stringData`: server-side apply tracks the field it is sent, and the
+        // API server stores stringData as data.
+        data: Some(BTreeMap::from([(
+            env::REDIS_URL_KEY.to_owned(),
+            k8s_openapi::ByteString(url.into_bytes()),
+        )])),
+        ..Secret::default()
+    })
 }
 
 /// Names and facts derived once from the RealtimeApp.
@@ -207,6 +249,23 @@ impl<'a> App<'a> {
         format!("{}-api-token", self.name)
     }
 
+    pub fn jwt_name(&self) -> String {
+        format!("{}-jwt", self.name)
+    }
+
+    /// The Secret holding the REDIS_URL the server pods read.
+    pub fn redis_url_name(&self) -> String {
+        format!("{}-redis-url", self.name)
+    }
+
+    /// The generated key of the pod template's checksum.
+    pub fn checksum_key_ref(&self) -> SecretKeyRef {
+        SecretKeyRef {
+            name: format!("{}-checksum-key", self.name),
+            key: "key".into(),
+        }
+    }
+
     pub fn container_port(&self) -> i32 {
         self.app
             .spec
@@ -262,7 +321,7 @@ pub fn build(
 ) -> Result<Children, BuildError> {
     let a = App::new(app, config)?;
     let redis = match app.spec.redis.mode {
-        RedisMode::Managed => Some(redis::managed(&a)),
+        RedisMode::Managed => Some(redis::managed(&a)?),
         RedisMode::External => None,
     };
     let endpoint = env::RedisEndpoint::of(&a)?;
@@ -284,6 +343,8 @@ pub fn generated(app: &RealtimeApp, config: &OperatorConfig) -> Result<Generated
         redis_password: (app.spec.redis.mode == RedisMode::Managed)
             .then(|| redis::password_secret(&a)),
         api_token: env::generated_api_token(&a).then(|| server::api_token_secret(&a)),
+        jwt: env::generated_jwt(&a).then(|| server::jwt_secret(&a)),
+        checksum_key: Some(server::checksum_key_secret(&a)),
     })
 }
 

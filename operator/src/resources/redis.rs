@@ -7,18 +7,20 @@ use k8s_openapi::{
         apps::v1::{StatefulSet, StatefulSetSpec},
         core::v1::{
             Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-            PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector, Service, ServicePort,
-            ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+            PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretKeySelector,
+            Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
         },
         networking::v1::{
             NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
             NetworkPolicySpec,
         },
     },
-    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        api::resource::Quantity, apis::meta::v1::LabelSelector, util::intstr::IntOrString,
+    },
 };
 
-use super::{App, random_token, restricted_container, restricted_pod};
+use super::{App, BuildError, random_token, restricted_container, restricted_pod};
 
 const COMPONENT: &str = "redis";
 const PORT: i32 = 6379;
@@ -33,12 +35,78 @@ pub struct ManagedRedis {
     pub network_policy: Option<NetworkPolicy>,
 }
 
-pub fn managed(a: &App<'_>) -> ManagedRedis {
-    ManagedRedis {
-        statefulset: statefulset(a),
+pub fn managed(a: &App<'_>) -> Result<ManagedRedis, BuildError> {
+    Ok(ManagedRedis {
+        statefulset: statefulset(a)?,
         service: service(a),
         network_policy: a.app.spec.network_policy.enabled.then(|| network_policy(a)),
+    })
+}
+
+/// Redis's resources when `spec.redis.resources` is omitted: enough for a pub/sub bus, and
+/// a memory limit so that one app's Redis cannot take a node's memory.
+pub fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), Quantity("50m".into())),
+            ("memory".into(), Quantity("64Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".into(),
+            Quantity("256Mi".into()),
+        )])),
+        ..ResourceRequirements::default()
     }
+}
+
+/// The share of the memory limit Redis may fill with data (`--maxmemory`): the rest is for
+/// client buffers (pub/sub output buffers are not counted against maxmemory until they are
+/// freed), fragmentation and the process itself.
+const MAXMEMORY_PERCENT: u64 = 80;
+
+/// `--maxmemory` for these resources: 80 % of the memory limit, None without a limit.
+pub fn maxmemory(resources: &ResourceRequirements) -> Result<Option<u64>, BuildError> {
+    let Some(limit) = resources.limits.as_ref().and_then(|l| l.get("memory")) else {
+        return Ok(None);
+    };
+    let bytes = quantity_bytes(&limit.0).ok_or_else(|| BuildError::InvalidQuantity {
+        field: "spec.redis.resources.limits.memory",
+        value: limit.0.clone(),
+    })?;
+    Ok(Some(bytes / 100 * MAXMEMORY_PERCENT))
+}
+
+/// A Kubernetes quantity in bytes (`256Mi`, `1G`, `1.5Gi`, `5e8`, `1024`), rounded down.
+pub fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        exp => {
+            let e: i32 = exp.strip_prefix(['e', 'E'])?.parse().ok()?;
+            10f64.powi(e)
+        }
+    };
+    let bytes = (number * factor).floor();
+    // `as` saturates; a NaN cannot come from a parsed finite number times a finite factor.
+    (bytes.is_finite() && bytes >= 0.0).then_some(bytes as u64)
 }
 
 /// `<name>-redis` with key `password`: random, URL-safe, created once.
@@ -51,8 +119,30 @@ pub fn password_secret(a: &App<'_>) -> Secret {
     }
 }
 
-fn statefulset(a: &App<'_>) -> StatefulSet {
+fn statefulset(a: &App<'_>) -> Result<StatefulSet, BuildError> {
     let spec = &a.app.spec.redis;
+    let resources = spec.resources.clone().unwrap_or_else(default_resources);
+    let mut args = [
+        "--requirepass",
+        "$(REDIS_PASSWORD)",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(bytes) = maxmemory(&resources)? {
+        // Nothing in this Redis is authoritative (no persistence; the adapters' pub/sub
+        // keeps no keys, and whatever keys an app keeps can be rebuilt): when full, evict the
+        // least recently used key rather than refuse writes.
+        args.extend([
+            "--maxmemory".to_owned(),
+            bytes.to_string(),
+            "--maxmemory-policy".to_owned(),
+            "allkeys-lru".to_owned(),
+        ]);
+    }
     let password = EnvVar {
         name: "REDIS_PASSWORD".into(),
         value: None,
@@ -75,18 +165,7 @@ fn statefulset(a: &App<'_>) -> StatefulSet {
                 .filter(|i| !i.is_empty())
                 .unwrap_or_else(|| a.config.redis_image.clone()),
         ),
-        args: Some(
-            [
-                "--requirepass",
-                "$(REDIS_PASSWORD)",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ),
+        args: Some(args),
         env: Some(vec![
             password,
             EnvVar {
@@ -118,7 +197,7 @@ fn statefulset(a: &App<'_>) -> StatefulSet {
             period_seconds: Some(10),
             ..Probe::default()
         }),
-        resources: spec.resources.clone(),
+        resources: Some(resources),
         security_context: Some(restricted_container(true)),
         volume_mounts: Some(vec![VolumeMount {
             name: "data".into(),
@@ -127,7 +206,7 @@ fn statefulset(a: &App<'_>) -> StatefulSet {
         }]),
         ..Container::default()
     };
-    StatefulSet {
+    Ok(StatefulSet {
         metadata: a.meta(a.redis_name(), COMPONENT),
         spec: Some(StatefulSetSpec {
             replicas: Some(1),
@@ -156,7 +235,7 @@ fn statefulset(a: &App<'_>) -> StatefulSet {
             ..StatefulSetSpec::default()
         }),
         ..StatefulSet::default()
-    }
+    })
 }
 
 fn service(a: &App<'_>) -> Service {

@@ -1,11 +1,11 @@
 //! The server side: Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, and
-//! the generated API-token Secret.
+//! the generated API-token and JWT Secrets.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        apps::v1::{Deployment, DeploymentSpec},
+        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
         autoscaling::v2::{
             CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
             MetricSpec, MetricTarget, ResourceMetricSource,
@@ -42,6 +42,29 @@ pub fn api_token_secret(a: &App<'_>) -> Secret {
         metadata: a.meta(a.api_token_name(), COMPONENT),
         type_: Some("Opaque".into()),
         string_data: Some(BTreeMap::from([("token".into(), random_token(40))])),
+        ..Secret::default()
+    }
+}
+
+/// `<name>-jwt` with key `secret`: a random HS256 key (64 letters and digits, about 380
+/// bits), created once.
+pub fn jwt_secret(a: &App<'_>) -> Secret {
+    Secret {
+        metadata: a.meta(a.jwt_name(), COMPONENT),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([("secret".into(), random_token(64))])),
+        ..Secret::default()
+    }
+}
+
+/// `<name>-checksum-key` with key `key`: the random key of the pod template's checksum
+/// (src/secrets.rs), created once.
+pub fn checksum_key_secret(a: &App<'_>) -> Secret {
+    let key = a.checksum_key_ref();
+    Secret {
+        metadata: a.meta(key.name, COMPONENT),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([(key.key, random_token(43))])),
         ..Secret::default()
     }
 }
@@ -142,8 +165,7 @@ pub fn deployment(
         image_pull_secrets: (!pod.image_pull_secrets.is_empty()).then_some(pod.image_pull_secrets),
         service_account_name: pod.service_account_name,
         automount_service_account_token: Some(false),
-        // chorus-server drains for DRAIN_SECONDS (5) before closing sockets.
-        termination_grace_period_seconds: Some(30),
+        termination_grace_period_seconds: Some(grace_period(a)),
         ..PodSpec::default()
     };
     Ok(Deployment {
@@ -162,10 +184,47 @@ pub fn deployment(
                 }),
                 spec: Some(pod_spec),
             },
+            // A new pod is ready before an old one stops taking sockets: capacity never
+            // drops during a rollout, and one extra pod at a time keeps the surge small.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
     })
+}
+
+/// chorus-server's drain when DRAIN_SECONDS is not set.
+pub const DEFAULT_DRAIN_SECONDS: i64 = 5;
+/// After the drain, chorus-server closes its sockets (up to 5 s); the rest is margin.
+pub const GRACE_AFTER_DRAIN: i64 = 15;
+/// The other flavors: Kubernetes' default.
+const OTHER_GRACE_SECONDS: i64 = 30;
+
+/// The termination grace period: for chorus-server, its drain (DRAIN_SECONDS from
+/// `spec.env` when set there as a number) plus [`GRACE_AFTER_DRAIN`], so that the kubelet
+/// never kills a pod still draining.
+pub fn grace_period(a: &App<'_>) -> i64 {
+    if a.flavor() != Flavor::Chorus {
+        return OTHER_GRACE_SECONDS;
+    }
+    let drain = a
+        .app
+        .spec
+        .env
+        .iter()
+        .rev()
+        .find(|e| e.name == "DRAIN_SECONDS")
+        .and_then(|e| e.value.as_deref())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|d| *d >= 0)
+        .unwrap_or(DEFAULT_DRAIN_SECONDS);
+    drain.saturating_add(GRACE_AFTER_DRAIN)
 }
 
 pub fn service(a: &App<'_>) -> Service {

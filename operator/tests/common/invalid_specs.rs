@@ -14,6 +14,14 @@ pub const INVALID: &[(&str, &str)] = &[
         "spec.auth applies to flavor chorus only",
     ),
     (
+        r#"{"flavor": "socketio", "image": "i", "limits": {"socketRate": 5}}"#,
+        "spec.limits applies to flavor chorus only",
+    ),
+    (
+        r#"{"auth": {"anonymous": true, "jwtSecretRef": {"name": "k", "key": "k"}}}"#,
+        "spec.auth.jwtSecretRef and spec.auth.anonymous: true exclude each other",
+    ),
+    (
         r#"{"redis": {"mode": "External"}}"#,
         "spec.redis.external.host is required when spec.redis.mode is External",
     ),
