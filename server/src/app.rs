@@ -80,7 +80,7 @@ impl Server {
 
         let max_payload = usize::try_from(config.max_payload).unwrap_or(usize::MAX);
         let socket_ctx = Arc::new(SocketCtx {
-            policy: Policy::new(config.jwt_secret.as_ref(), config.public_rooms.clone()),
+            policy: Policy::from_config(config),
             metrics: metrics.clone(),
             max_payload,
         });

@@ -1,8 +1,8 @@
 //! Command-line flags and environment variables (docs/server.md, "Configuration").
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// A value that must never be printed: Debug and Display show a placeholder.
 #[derive(Clone, PartialEq, Eq)]
@@ -40,9 +40,19 @@ pub enum LogFormat {
 }
 
 /// chorus-server: a clustered Socket.IO server that broadcasts through Redis.
+///
+/// Without a subcommand it serves; `chorus-server token ...` prints a socket token.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "chorus-server", version, about)]
+#[command(
+    name = "chorus-server",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// One port for Socket.IO, the HTTP API, health and metrics.
     #[arg(long, env = "PORT", default_value_t = 3000)]
     pub port: u16,
@@ -120,6 +130,67 @@ pub struct Config {
     /// When set, tokens must carry this `iss`.
     #[arg(long, env = "JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Print a signed HS256 socket token (JWT) on stdout, and nothing else.
+    Token(TokenArgs),
+}
+
+/// `chorus-server token`: what the token grants and how long it lives.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The user (`sub`); the socket joins `user:<sub>`. Omit for an anonymous token.
+    #[arg(long)]
+    pub sub: Option<String>,
+
+    /// Comma list of room patterns (`*` glob) the socket may join.
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    pub rooms: Vec<String>,
+
+    /// Comma list of room patterns the socket may publish to.
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    pub publish: Vec<String>,
+
+    /// Lifetime: seconds, or a number with s, m, h or d (`90s`, `15m`, `1h`, `7d`).
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    pub ttl: Duration,
+
+    /// `aud` claim (default: the JWT_AUDIENCE this server checks, if set).
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub aud: Option<String>,
+
+    /// `iss` claim (default: the JWT_ISSUER this server checks, if set).
+    #[arg(long, env = "JWT_ISSUER")]
+    pub iss: Option<String>,
+
+    /// The HS256 key the servers check tokens with.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub jwt_secret: Option<Secret>,
+}
+
+/// `90s`, `15m`, `1h`, `7d`, or plain seconds; more than zero.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    const HINT: &str = "expected a duration like 90s, 15m, 1h or 7d";
+    let s = s.trim();
+    let (number, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let scale: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(HINT.into()),
+    };
+    let n: u64 = number.parse().map_err(|_| HINT.to_owned())?;
+    match n.checked_mul(scale) {
+        Some(0) => Err("must be more than zero".into()),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+        None => Err("too long".into()),
+    }
 }
 
 /// A parsed Redis URL; Debug never shows the password.
@@ -241,6 +312,56 @@ mod tests {
         assert_eq!(c.socket_rate, 100);
         assert_eq!(c.socket_buffer_bytes, 1_048_576);
         assert_eq!((c.jwt_audience, c.jwt_issuer), (None, None));
+        assert!(c.command.is_none());
+    }
+
+    #[test]
+    fn token_subcommand() {
+        let c = parse(&[
+            "token",
+            "--sub",
+            "alice",
+            "--rooms",
+            "chat:*,lobby",
+            "--ttl",
+            "15m",
+            "--jwt-secret",
+            "k",
+        ])
+        .expect("parses");
+        let Some(Command::Token(t)) = c.command else {
+            panic!("no token command");
+        };
+        assert_eq!(t.sub.as_deref(), Some("alice"));
+        assert_eq!(t.rooms, vec!["chat:*", "lobby"]);
+        assert!(t.publish.is_empty());
+        assert_eq!(t.ttl, Duration::from_secs(900));
+        // Server flags belong to the server, not to the subcommand.
+        assert!(parse(&["--port", "4000", "token"]).is_err());
+        let err = parse(&["token", "--ttl", "soon"]).expect_err("bad ttl");
+        assert!(
+            err.to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .contains("--ttl")
+        );
+    }
+
+    #[test]
+    fn ttl_units() {
+        for (text, secs) in [
+            ("90s", 90),
+            ("15m", 900),
+            ("1h", 3600),
+            ("7d", 604_800),
+            ("45", 45),
+        ] {
+            assert_eq!(parse_ttl(text), Ok(Duration::from_secs(secs)), "{text}");
+        }
+        for bad in ["", "0s", "h", "1w", "-5m", "1.5h", "99999999999999999999d"] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

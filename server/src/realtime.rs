@@ -1,4 +1,4 @@
-//! The Socket.IO side: connection auth and the `join`, `leave` and `publish` events.
+//! The Socket.IO side: connection auth and the `join`, `leave`, `publish` and `refresh` events.
 
 use std::{io, sync::Arc};
 
@@ -11,7 +11,7 @@ use socketioxide::{
 };
 
 use crate::{
-    auth::{AuthError, Grants, Policy, user_room},
+    auth::{AuthError, Expiry, Grants, Policy, user_room},
     bus::Adapter,
     delivery::deliver,
     error::{Ack, ErrorCode, Failure},
@@ -55,6 +55,7 @@ async fn authenticate(
     s: Socket,
     State(ctx): Ctx,
     TryData(auth): TryData<ConnectAuth>,
+    io: SocketIo<Adapter>,
 ) -> Result<(), AuthError> {
     let token = if ctx.policy.requires_token() {
         // An auth payload without a string `token` is no token: the query may carry one.
@@ -71,11 +72,28 @@ async fn authenticate(
     {
         s.join(user_room(sub));
     }
+    if let Some(exp) = grants.expires_at() {
+        s.extensions.insert(expire_at(exp, io, s.id));
+    }
     s.extensions.insert(Arc::new(grants));
     s.on("join", on_join);
     s.on("leave", on_leave);
     s.on("publish", on_publish);
+    s.on("refresh", on_refresh);
     Ok(())
+}
+
+/// The timer that disconnects socket `sid` at `exp`. It holds the server handle, not the
+/// socket, so a socket that leaves earlier is freed at once (and its timer with it).
+fn expire_at(exp: u64, io: SocketIo<Adapter>, sid: socketioxide::socket::Sid) -> Expiry {
+    Expiry::start(exp, move || {
+        if let Some(s) = io.get_socket(sid) {
+            tracing::debug!(socket = %sid, "token expired without a refresh: disconnecting");
+            // A server-side disconnect: clients see `io server disconnect` and do not retry
+            // with the expired token on their own.
+            let _ = s.disconnect();
+        }
+    })
 }
 
 fn query_token(query: Option<&str>) -> Option<String> {
@@ -142,6 +160,43 @@ async fn on_leave(
     ack: AckSender<Adapter>,
 ) {
     let result = room_arg(room).map(|room| s.leave(room));
+    reply(&ctx, ack, result);
+}
+
+/// A `refresh` event's payload.
+#[derive(Deserialize)]
+struct Refresh {
+    token: String,
+}
+
+/// Replaces the socket's token: new grants and a new expiry, same subject. On any refusal the
+/// old token stays in force.
+async fn on_refresh(
+    s: Socket,
+    State(ctx): Ctx,
+    TryData(body): TryData<Refresh>,
+    ack: AckSender<Adapter>,
+) {
+    let result = body
+        .map_err(|_| Failure::invalid("expected {token}"))
+        .and_then(|body| {
+            let current = grants(&s)
+                .ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
+            let fresh = ctx
+                .policy
+                .refresh(&current, &body.token)
+                .map_err(|e| match e {
+                    AuthError::Unauthorized => {
+                        Failure::new(ErrorCode::Unauthorized, "the token is invalid or expired")
+                    }
+                    AuthError::SubjectChanged => Failure::new(ErrorCode::Forbidden, e.to_string()),
+                })?;
+            if let (Some(exp), Some(expiry)) = (fresh.expires_at(), s.extensions.get::<Expiry>()) {
+                expiry.extend(exp);
+            }
+            s.extensions.insert(Arc::new(fresh));
+            Ok(())
+        });
     reply(&ctx, ack, result);
 }
 
