@@ -103,8 +103,8 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Comma list of allowed CORS origins, `*` for any.
-    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    /// Comma list of browser origins allowed to connect (`scheme://host[:port]`), `*` for any.
+    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', default_value = "*", value_parser = parse_origin)]
     pub cors_origins: Vec<String>,
 
     /// Sockets this replica accepts; beyond it new handshakes get 503 `over_capacity`.
@@ -234,6 +234,45 @@ fn parse_redis_url(s: &str) -> Result<RedisUrl, String> {
     })
 }
 
+/// An origin the way browsers send it: `scheme://host[:port]` in lower case, without the
+/// scheme's default port; or `null` (sandboxed pages), or `*`. Empty stays empty (a stray
+/// comma in the list).
+pub fn parse_origin(s: &str) -> Result<String, String> {
+    const HINT: &str = "expected origins like https://app.example.com (scheme://host[:port], no path), `null` or `*`";
+    let s = s.trim().to_ascii_lowercase();
+    let s = s.strip_suffix('/').unwrap_or(&s);
+    if matches!(s, "" | "*" | "null") {
+        return Ok(s.to_owned());
+    }
+    let (scheme, rest) = s.split_once("://").ok_or(HINT)?;
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    let rest_ok = !rest.is_empty()
+        && !rest
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "/?#@\\".contains(c));
+    if !scheme_ok || !rest_ok {
+        return Err(HINT.into());
+    }
+    // A `:` inside `[...]` belongs to an IPv6 address, not to the port.
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (rest, None),
+    };
+    let port = port.map(str::parse::<u16>).transpose().map_err(|_| HINT)?;
+    if host.is_empty() {
+        return Err(HINT.into());
+    }
+    Ok(match (scheme, port) {
+        (_, None) | ("http" | "ws", Some(80)) | ("https" | "wss", Some(443)) => {
+            format!("{scheme}://{host}")
+        }
+        (_, Some(port)) => format!("{scheme}://{host}:{port}"),
+    })
+}
+
 fn parse_prefix(s: &str) -> Result<String, String> {
     if s.is_empty() || s.contains('#') || s.chars().any(char::is_control) {
         return Err("must be non-empty, without '#' or control characters".into());
@@ -349,6 +388,19 @@ mod tests {
     }
 
     #[test]
+    fn origins_are_normalised() {
+        let c = parse(&[
+            "--cors-origins",
+            "HTTPS://App.test/, http://localhost:8080,,http://[::1]:80",
+        ])
+        .expect("parses");
+        assert_eq!(
+            c.cors_origins,
+            vec!["https://app.test", "http://localhost:8080", "http://[::1]"]
+        );
+    }
+
+    #[test]
     fn ttl_units() {
         for (text, secs) in [
             ("90s", 90),
@@ -378,6 +430,14 @@ mod tests {
             (
                 &["--socket-buffer-bytes", "10"][..],
                 "--socket-buffer-bytes",
+            ),
+            (
+                &["--cors-origins", "https://a.test,b.test"][..],
+                "--cors-origins",
+            ),
+            (
+                &["--cors-origins", "https://a.test/app"][..],
+                "--cors-origins",
             ),
         ] {
             let err = parse(args).expect_err("must be refused");
