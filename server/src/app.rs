@@ -27,6 +27,7 @@ use crate::{
     bus::{Adapter, Bus, BusError, LinkState},
     cluster::{CALL_TIMEOUT, Cluster},
     config::Config,
+    error,
     metrics::Metrics,
     ops,
     origins::{self, Origins},
@@ -117,6 +118,7 @@ impl Server {
         let router = Router::new()
             .merge(ops::router())
             .merge(api::router(state.clone()))
+            .layer(middleware::map_response(error::json_errors))
             .layer(DefaultBodyLimit::max(max_payload))
             .layer(middleware::from_fn_with_state(state.clone(), ops::track))
             .layer(layer)

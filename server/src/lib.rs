@@ -20,7 +20,7 @@
 //! | [`state`] | what the HTTP handlers share | bus, cluster, config, metrics |
 //! | [`ops`] | health, readiness, metrics endpoints; request metrics | bus, metrics, state |
 //! | [`api`] | the `/v1` HTTP API and its OpenAPI description | auth, cluster, delivery, error, ops, state, validate |
-//! | [`app`] | wiring, serving and shutdown | api, auth, bus, cluster, config, metrics, ops, origins, realtime, state |
+//! | [`app`] | wiring, serving and shutdown | api, auth, bus, cluster, config, error, metrics, ops, origins, realtime, state |
 
 pub mod api;
 pub mod app;

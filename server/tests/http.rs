@@ -1,5 +1,5 @@
 //! HTTP edges of one replica: browser origins on every entry (API, long-polling, websocket
-//! upgrade).
+//! upgrade), the JSON shape of every error answer, and the bearer scheme.
 
 mod support;
 
@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use support::Replica;
+use support::{Api, Replica};
 
 const APP: &str = "https://app.test";
 const EVIL: &str = "https://evil.test";
@@ -183,4 +183,124 @@ async fn any_origin_is_echoed_with_credentials_by_default() {
         );
     }
     assert_eq!(websocket_upgrade(r.port, Some(EVIL)).0, 101);
+}
+
+#[tokio::test]
+async fn every_http_error_has_the_json_shape() {
+    let r = Replica::spawn(
+        "errors",
+        &[("API_TOKEN", "tok".into()), ("MAX_PAYLOAD", "1024".into())],
+    );
+    let api = Api::new(&r.url(), Some("tok"));
+    let open = Api::new(&r.url(), None);
+    let big = format!(r#"{{"event":"e","data":"{}"}}"#, "x".repeat(2048)).into_bytes();
+    // (client, method, path, body, status, code)
+    type Case<'a> = (&'a Api, &'a str, &'a str, Option<Vec<u8>>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        // Unknown paths are 404 without a token too, outside /v1.
+        (&open, "GET", "/nope", None, 404, "not_found"),
+        (&open, "GET", "/", None, 404, "not_found"),
+        (&api, "GET", "/v1/no-such-call", None, 404, "not_found"),
+        (&open, "GET", "/v1/no-such-call", None, 401, "unauthorized"),
+        (&open, "DELETE", "/healthz", None, 405, "method_not_allowed"),
+        (
+            &open,
+            "POST",
+            "/openapi.json",
+            None,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            &api,
+            "GET",
+            "/v1/broadcast",
+            None,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            &api,
+            "PUT",
+            "/v1/rooms/r/members",
+            None,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            &api,
+            "GET",
+            "/v1/rooms/%FF/sockets",
+            None,
+            400,
+            "invalid_request",
+        ),
+        (
+            &api,
+            "POST",
+            "/v1/broadcast",
+            Some(b"{".to_vec()),
+            400,
+            "invalid_request",
+        ),
+        (&api, "POST", "/v1/broadcast", None, 400, "invalid_request"),
+        (
+            &api,
+            "POST",
+            "/v1/broadcast",
+            Some(big),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (client, method, path, body, status, code) in cases {
+        let (got, answer) = client.send(method, path, body).await;
+        assert_eq!(got, status, "{method} {path}: {answer}");
+        assert_eq!(answer["error"], json!(code), "{method} {path}: {answer}");
+        assert!(
+            answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{method} {path}: {answer}"
+        );
+    }
+    // The body with no Content-Type at all is still read as JSON.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/broadcast", r.url()))
+        .bearer_auth("tok")
+        .body(r#"{"event":"e","data":1}"#)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(resp.status(), 202);
+    // A 405 still says which methods the route takes.
+    let resp = reqwest::Client::new()
+        .delete(format!("{}/healthz", r.url()))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(resp.status(), 405);
+    assert!(header(resp.headers(), "allow").is_some_and(|a| a.contains("GET")));
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let r = Replica::spawn("bearer", &[("API_TOKEN", "tok-123".into())]);
+    let http = reqwest::Client::new();
+    for (value, status) in [
+        ("Bearer tok-123", 200),
+        ("bearer tok-123", 200),
+        ("BEARER tok-123", 200),
+        ("Bearer   tok-123", 200),
+        ("Basic tok-123", 401),
+        ("Bearertok-123", 401),
+        ("Bearer tok-12", 401),
+        ("tok-123", 401),
+    ] {
+        let resp = http
+            .get(format!("{}/v1/nodes", r.url()))
+            .header("authorization", value)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(resp.status().as_u16(), status, "{value:?}");
+    }
 }
