@@ -304,3 +304,21 @@ async fn the_bearer_scheme_is_case_insensitive() {
         assert_eq!(resp.status().as_u16(), status, "{value:?}");
     }
 }
+
+#[tokio::test]
+async fn the_openapi_description_lists_the_new_error_answers() {
+    let r = Replica::spawn("openapi-errors", &[]);
+    let (status, doc) = Api::new(&r.url(), None).get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let codes = &doc["components"]["schemas"]["ErrorCode"]["enum"];
+    for code in ["forbidden", "not_found", "method_not_allowed"] {
+        assert!(
+            codes.as_array().is_some_and(|c| c.contains(&json!(code))),
+            "{code} in {codes}"
+        );
+    }
+    for (path, method) in [("/v1/broadcast", "post"), ("/v1/nodes", "get")] {
+        let refused = &doc["paths"][path][method]["responses"]["403"];
+        assert!(refused.is_object(), "{path} {method}: {refused}");
+    }
+}
