@@ -20,7 +20,6 @@ use axum::{
 use socketioxide::SocketIo;
 use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
     api,
@@ -29,10 +28,11 @@ use crate::{
     cluster::{CALL_TIMEOUT, Cluster},
     config::Config,
     conn::{self, StreamLimits},
-    error::{ErrorCode, Failure},
+    error::{self, ErrorCode, Failure},
     limits::{Capacity, SocketLimitConfig},
     metrics::{Limit, Metrics},
     ops,
+    origins::{self, Origins},
     realtime::{self, SocketCtx},
     state::AppState,
 };
@@ -86,10 +86,11 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         tokio::spawn(track_link(bus.state(), metrics.clone()));
 
+        let origins = Arc::new(Origins::new(&config.cors_origins).map_err(ServerError::Cors)?);
         let max_payload = usize::try_from(config.max_payload).unwrap_or(usize::MAX);
         let capacity = Capacity::new(config.max_connections as usize);
         let socket_ctx = Arc::new(SocketCtx {
-            policy: Policy::new(config.jwt_secret.as_ref(), config.public_rooms.clone()),
+            policy: Policy::from_config(config),
             metrics: metrics.clone(),
             max_payload,
             limits: SocketLimitConfig {
@@ -139,6 +140,7 @@ impl Server {
         let router = Router::new()
             .merge(ops::router())
             .merge(api::router(state.clone()))
+            .layer(middleware::map_response(error::json_errors))
             .layer(DefaultBodyLimit::max(max_payload))
             .layer(middleware::from_fn_with_state(state.clone(), ops::track))
             .layer(layer)
@@ -147,8 +149,10 @@ impl Server {
                 refuse_over_capacity,
             ))
             .layer(middleware::map_request(detach_request_head))
-            // Outermost, so long-polling requests from browsers get CORS answers too.
-            .layer(cors(&config.cors_origins)?)
+            // Outermost, so long-polling requests from browsers get CORS answers too, and a
+            // refused Origin is answered before Socket.IO or the API see the request.
+            .layer(Origins::cors())
+            .layer(middleware::from_fn_with_state(origins, origins::refuse))
             .with_state(state.clone());
 
         let listener = listen(config.port).await?;
@@ -267,20 +271,6 @@ async fn listen(port: u16) -> Result<TcpListener, ServerError> {
             .await
             .map_err(|source| ServerError::Bind { port, source }),
     }
-}
-
-fn cors(origins: &[String]) -> Result<CorsLayer, ServerError> {
-    let layer = CorsLayer::new()
-        .allow_methods(tower_http::cors::Any)
-        .allow_headers(tower_http::cors::Any);
-    if origins.is_empty() || origins.iter().any(|o| o == "*") {
-        return Ok(layer.allow_origin(AllowOrigin::any()));
-    }
-    let values = origins
-        .iter()
-        .map(|o| HeaderValue::from_str(o.trim()).map_err(|_| ServerError::Cors(o.clone())))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(layer.allow_origin(values))
 }
 
 async fn track_link(mut state: tokio::sync::watch::Receiver<LinkState>, metrics: Arc<Metrics>) {

@@ -1,8 +1,8 @@
 //! Command-line flags and environment variables (docs/server.md, "Configuration").
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// A value that must never be printed: Debug and Display show a placeholder.
 #[derive(Clone, PartialEq, Eq)]
@@ -40,9 +40,19 @@ pub enum LogFormat {
 }
 
 /// chorus-server: a clustered Socket.IO server that broadcasts through Redis.
+///
+/// Without a subcommand it serves; `chorus-server token ...` prints a socket token.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "chorus-server", version, about)]
+#[command(
+    name = "chorus-server",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// One port for Socket.IO, the HTTP API, health and metrics.
     #[arg(long, env = "PORT", default_value_t = 3000)]
     pub port: u16,
@@ -93,8 +103,8 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Comma list of allowed CORS origins, `*` for any.
-    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    /// Comma list of browser origins allowed to connect (`scheme://host[:port]`), `*` for any.
+    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', default_value = "*", value_parser = parse_origin)]
     pub cors_origins: Vec<String>,
 
     /// Sockets this replica accepts; beyond it new handshakes get 503 `over_capacity`.
@@ -120,6 +130,67 @@ pub struct Config {
     /// When set, tokens must carry this `iss`.
     #[arg(long, env = "JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Print a signed HS256 socket token (JWT) on stdout, and nothing else.
+    Token(TokenArgs),
+}
+
+/// `chorus-server token`: what the token grants and how long it lives.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The user (`sub`); the socket joins `user:<sub>`. Omit for an anonymous token.
+    #[arg(long)]
+    pub sub: Option<String>,
+
+    /// Comma list of room patterns (`*` glob) the socket may join.
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    pub rooms: Vec<String>,
+
+    /// Comma list of room patterns the socket may publish to.
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    pub publish: Vec<String>,
+
+    /// Lifetime: seconds, or a number with s, m, h or d (`90s`, `15m`, `1h`, `7d`).
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    pub ttl: Duration,
+
+    /// `aud` claim (default: the JWT_AUDIENCE this server checks, if set).
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub aud: Option<String>,
+
+    /// `iss` claim (default: the JWT_ISSUER this server checks, if set).
+    #[arg(long, env = "JWT_ISSUER")]
+    pub iss: Option<String>,
+
+    /// The HS256 key the servers check tokens with.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub jwt_secret: Option<Secret>,
+}
+
+/// `90s`, `15m`, `1h`, `7d`, or plain seconds; more than zero.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    const HINT: &str = "expected a duration like 90s, 15m, 1h or 7d";
+    let s = s.trim();
+    let (number, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let scale: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(HINT.into()),
+    };
+    let n: u64 = number.parse().map_err(|_| HINT.to_owned())?;
+    match n.checked_mul(scale) {
+        Some(0) => Err("must be more than zero".into()),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+        None => Err("too long".into()),
+    }
 }
 
 /// A parsed Redis URL; Debug never shows the password.
@@ -160,6 +231,45 @@ fn parse_redis_url(s: &str) -> Result<RedisUrl, String> {
     Ok(RedisUrl {
         info: info.set_redis_settings(settings),
         display,
+    })
+}
+
+/// An origin the way browsers send it: `scheme://host[:port]` in lower case, without the
+/// scheme's default port; or `null` (sandboxed pages), or `*`. Empty stays empty (a stray
+/// comma in the list).
+pub fn parse_origin(s: &str) -> Result<String, String> {
+    const HINT: &str = "expected origins like https://app.example.com (scheme://host[:port], no path), `null` or `*`";
+    let s = s.trim().to_ascii_lowercase();
+    let s = s.strip_suffix('/').unwrap_or(&s);
+    if matches!(s, "" | "*" | "null") {
+        return Ok(s.to_owned());
+    }
+    let (scheme, rest) = s.split_once("://").ok_or(HINT)?;
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    let rest_ok = !rest.is_empty()
+        && !rest
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "/?#@\\".contains(c));
+    if !scheme_ok || !rest_ok {
+        return Err(HINT.into());
+    }
+    // A `:` inside `[...]` belongs to an IPv6 address, not to the port.
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (rest, None),
+    };
+    let port = port.map(str::parse::<u16>).transpose().map_err(|_| HINT)?;
+    if host.is_empty() {
+        return Err(HINT.into());
+    }
+    Ok(match (scheme, port) {
+        (_, None) | ("http" | "ws", Some(80)) | ("https" | "wss", Some(443)) => {
+            format!("{scheme}://{host}")
+        }
+        (_, Some(port)) => format!("{scheme}://{host}:{port}"),
     })
 }
 
@@ -241,6 +351,69 @@ mod tests {
         assert_eq!(c.socket_rate, 100);
         assert_eq!(c.socket_buffer_bytes, 1_048_576);
         assert_eq!((c.jwt_audience, c.jwt_issuer), (None, None));
+        assert!(c.command.is_none());
+    }
+
+    #[test]
+    fn token_subcommand() {
+        let c = parse(&[
+            "token",
+            "--sub",
+            "alice",
+            "--rooms",
+            "chat:*,lobby",
+            "--ttl",
+            "15m",
+            "--jwt-secret",
+            "k",
+        ])
+        .expect("parses");
+        let Some(Command::Token(t)) = c.command else {
+            panic!("no token command");
+        };
+        assert_eq!(t.sub.as_deref(), Some("alice"));
+        assert_eq!(t.rooms, vec!["chat:*", "lobby"]);
+        assert!(t.publish.is_empty());
+        assert_eq!(t.ttl, Duration::from_secs(900));
+        // Server flags belong to the server, not to the subcommand.
+        assert!(parse(&["--port", "4000", "token"]).is_err());
+        let err = parse(&["token", "--ttl", "soon"]).expect_err("bad ttl");
+        assert!(
+            err.to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .contains("--ttl")
+        );
+    }
+
+    #[test]
+    fn origins_are_normalised() {
+        let c = parse(&[
+            "--cors-origins",
+            "HTTPS://App.test/, http://localhost:8080,,http://[::1]:80",
+        ])
+        .expect("parses");
+        assert_eq!(
+            c.cors_origins,
+            vec!["https://app.test", "http://localhost:8080", "http://[::1]"]
+        );
+    }
+
+    #[test]
+    fn ttl_units() {
+        for (text, secs) in [
+            ("90s", 90),
+            ("15m", 900),
+            ("1h", 3600),
+            ("7d", 604_800),
+            ("45", 45),
+        ] {
+            assert_eq!(parse_ttl(text), Ok(Duration::from_secs(secs)), "{text}");
+        }
+        for bad in ["", "0s", "h", "1w", "-5m", "1.5h", "99999999999999999999d"] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -257,6 +430,14 @@ mod tests {
             (
                 &["--socket-buffer-bytes", "10"][..],
                 "--socket-buffer-bytes",
+            ),
+            (
+                &["--cors-origins", "https://a.test,b.test"][..],
+                "--cors-origins",
+            ),
+            (
+                &["--cors-origins", "https://a.test/app"][..],
+                "--cors-origins",
             ),
         ] {
             let err = parse(args).expect_err("must be refused");

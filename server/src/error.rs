@@ -2,7 +2,8 @@
 
 use axum::{
     Json,
-    http::StatusCode,
+    body::to_bytes,
+    http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -15,6 +16,7 @@ pub enum ErrorCode {
     Unauthorized,
     Forbidden,
     NotFound,
+    MethodNotAllowed,
     PayloadTooLarge,
     LimitExceeded,
     RateLimited,
@@ -29,6 +31,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::LimitExceeded => StatusCode::BAD_REQUEST,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -37,6 +40,66 @@ impl ErrorCode {
             }
         }
     }
+}
+
+/// The code for an error status that axum answered by itself; other client errors are
+/// `invalid_request`. Server errors are not rewritten: chorus answers its own.
+fn code_for_status(status: StatusCode) -> Option<ErrorCode> {
+    Some(match status {
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        s if s.is_client_error() => ErrorCode::InvalidRequest,
+        _ => return None,
+    })
+}
+
+/// Response middleware: gives the error answers that axum makes by itself (unknown path,
+/// wrong method, unreadable path parameters, ...), plain text or empty, the contract's JSON
+/// shape. The status and the other headers (such as `Allow`) stay.
+pub async fn json_errors(response: Response) -> Response {
+    /// axum's rejection texts are one short line; a longer body is not read.
+    const MAX_TEXT: usize = 1024;
+    let status = response.status();
+    let Some(code) = code_for_status(status) else {
+        return response;
+    };
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let message = to_bytes(body, MAX_TEXT)
+        .await
+        .ok()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| match code {
+            ErrorCode::NotFound => "no such route".to_owned(),
+            ErrorCode::MethodNotAllowed => "this route does not take this method".to_owned(),
+            _ => status.canonical_reason().unwrap_or("refused").to_owned(),
+        });
+    let mut answer = (
+        status,
+        Json(ErrorBody {
+            error: code,
+            message,
+        }),
+    )
+        .into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name, value.clone());
+        }
+    }
+    answer
 }
 
 /// A refused request: `{"error": CODE, "message": TEXT}` over HTTP,

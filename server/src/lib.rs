@@ -13,7 +13,8 @@
 //! | [`conn`] | accepting connections, HTTP timeouts, websocket size and backlog limits | metrics |
 //! | [`limits`] | per-socket event rate and room limits, the replica's socket count | |
 //! | [`validate`] | input rules for rooms, events, socket ids | error |
-//! | [`auth`] | the API token, socket JWTs, room patterns | config |
+//! | [`origins`] | which browser origins may connect; CORS answers | config, error |
+//! | [`auth`] | the API token, socket JWTs (checks, expiry timers, minting), room patterns | config |
 //! | [`bus`] | the pub/sub link (Redis or memory) and the adapter type over it | config |
 //! | [`cluster`] | acknowledged calls to every replica | bus |
 //! | [`delivery`] | emitting to every replica, or locally when Redis is down | bus, error, metrics |
@@ -21,7 +22,7 @@
 //! | [`state`] | what the HTTP handlers share | bus, cluster, config, metrics |
 //! | [`ops`] | health, readiness, metrics endpoints; request metrics | bus, metrics, state |
 //! | [`api`] | the `/v1` HTTP API and its OpenAPI description | auth, cluster, delivery, error, ops, state, validate |
-//! | [`app`] | wiring, serving and shutdown | api, auth, bus, cluster, config, conn, metrics, ops, realtime, state |
+//! | [`app`] | wiring, serving and shutdown | api, auth, bus, cluster, config, conn, error, limits, metrics, ops, origins, realtime, state |
 
 pub mod api;
 pub mod app;
@@ -35,6 +36,7 @@ pub mod error;
 pub mod limits;
 pub mod metrics;
 pub mod ops;
+pub mod origins;
 pub mod realtime;
 pub mod state;
 pub mod validate;

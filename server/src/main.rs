@@ -1,13 +1,13 @@
 use std::process::ExitCode;
 
 use chorus_server::{
-    app,
-    config::{Config, LogFormat},
+    app, auth,
+    config::{Command, Config, LogFormat},
 };
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let config = match Config::from_args(std::env::args_os()) {
+    let mut config = match Config::from_args(std::env::args_os()) {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
@@ -17,6 +17,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Token(args)) = config.command.take() {
+        // stdout carries the token alone, so that `$(chorus-server token ...)` just works.
+        return match auth::mint(&args) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            // Usage errors exit 2, like a malformed flag.
+            Err(e @ (auth::MintError::NoSecret | auth::MintError::TtlTooLong)) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logs(config.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -1,4 +1,4 @@
-//! The Socket.IO side: connection auth and the `join`, `leave` and `publish` events.
+//! The Socket.IO side: connection auth and the `join`, `leave`, `publish` and `refresh` events.
 
 use std::{io, sync::Arc, time::Instant};
 
@@ -11,7 +11,7 @@ use socketioxide::{
 };
 
 use crate::{
-    auth::{AuthError, Grants, Policy, user_room},
+    auth::{AuthError, Expiry, Grants, Policy, user_room},
     bus::Adapter,
     delivery::deliver,
     error::{Ack, ErrorCode, Failure},
@@ -58,6 +58,7 @@ async fn authenticate(
     s: Socket,
     State(ctx): Ctx,
     TryData(auth): TryData<ConnectAuth>,
+    io: SocketIo<Adapter>,
 ) -> Result<(), AuthError> {
     // Counted here too, not only at the HTTP handshake: handshakes can race past that check.
     let Some(admission) = ctx.capacity.admit() else {
@@ -82,13 +83,30 @@ async fn authenticate(
         limits.enter(&room);
         s.join(room);
     }
+    if let Some(exp) = grants.expires_at() {
+        s.extensions.insert(expire_at(exp, io, s.id));
+    }
     s.extensions.insert(Arc::new(grants));
     s.extensions.insert(Arc::new(limits));
     s.on("join", on_join);
     s.on("leave", on_leave);
     s.on("publish", on_publish);
+    s.on("refresh", on_refresh);
     s.on_fallback(on_unknown);
     Ok(())
+}
+
+/// The timer that disconnects socket `sid` at `exp`. It holds the server handle, not the
+/// socket, so a socket that leaves earlier is freed at once (and its timer with it).
+fn expire_at(exp: u64, io: SocketIo<Adapter>, sid: socketioxide::socket::Sid) -> Expiry {
+    Expiry::start(exp, move || {
+        if let Some(s) = io.get_socket(sid) {
+            tracing::debug!(socket = %sid, "token expired without a refresh: disconnecting");
+            // A server-side disconnect: clients see `io server disconnect` and do not retry
+            // with the expired token on their own.
+            let _ = s.disconnect();
+        }
+    })
 }
 
 fn query_token(query: Option<&str>) -> Option<String> {
@@ -231,6 +249,44 @@ async fn on_leave(
         }
         s.leave(room)
     });
+    reply(&s, &ctx, ack, result);
+}
+
+/// A `refresh` event's payload.
+#[derive(Deserialize)]
+struct Refresh {
+    token: String,
+}
+
+/// Replaces the socket's token: new grants and a new expiry, same subject. On any refusal the
+/// old token stays in force.
+async fn on_refresh(
+    s: Socket,
+    State(ctx): Ctx,
+    TryData(body): TryData<Refresh>,
+    ack: AckSender<Adapter>,
+) {
+    let result = admit(&s, &ctx)
+        .and_then(|()| body.map_err(|_| Failure::invalid("expected {token}")))
+        .and_then(|body| {
+            let current = grants(&s)
+                .ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
+            let fresh = ctx
+                .policy
+                .refresh(&current, &body.token)
+                .map_err(|e| match e {
+                    AuthError::Unauthorized => {
+                        Failure::new(ErrorCode::Unauthorized, "the token is invalid or expired")
+                    }
+                    AuthError::SubjectChanged => Failure::new(ErrorCode::Forbidden, e.to_string()),
+                    AuthError::OverCapacity => Failure::new(ErrorCode::OverCapacity, e.to_string()),
+                })?;
+            if let (Some(exp), Some(expiry)) = (fresh.expires_at(), s.extensions.get::<Expiry>()) {
+                expiry.extend(exp);
+            }
+            s.extensions.insert(Arc::new(fresh));
+            Ok(())
+        });
     reply(&s, &ctx, ack, result);
 }
 

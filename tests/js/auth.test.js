@@ -58,3 +58,27 @@ test('claims decide joins and publishes; user:<sub> is joined automatically', as
   assert.deepEqual(unauth.body.error, 'unauthorized');
   assert.equal(await bobRec.next(300), null);
 });
+
+test('a token that expires without a refresh ends the socket from the server; refresh replaces it', async () => {
+  const url = cluster.servers[1].url;
+  const now = Math.floor(Date.now() / 1000);
+  const expiring = (claims) => jwt.sign(claims, KEY, { algorithm: 'HS256' });
+  // A few seconds ahead, so that a busy machine still refreshes `kept` in time.
+  const kept = connect(url, { token: expiring({ sub: 'kim', rooms: ['old:*'], exp: now + 6 }) });
+  const dropped = connect(url, { token: expiring({ sub: 'dee', exp: now + 7 }) });
+  await Promise.all([h.once(kept, 'connect'), h.once(dropped, 'connect')]);
+  const droppedGone = h.once(dropped, 'disconnect', 30000);
+
+  assert.equal((await h.ack(kept, 'refresh', { token: 'nope' })).error, 'unauthorized');
+  assert.equal((await h.ack(kept, 'refresh', { token: sign({ sub: 'eve', rooms: ['*'] }) })).error, 'forbidden');
+  assert.deepEqual(await h.ack(kept, 'join', 'old:1'), { ok: true }, 'refused refreshes leave the old token in force');
+  assert.deepEqual(await h.ack(kept, 'refresh', { token: sign({ sub: 'kim', rooms: ['new:*'] }) }), { ok: true });
+  assert.deepEqual(await h.ack(kept, 'join', 'new:1'), { ok: true });
+  assert.equal((await h.ack(kept, 'join', 'old:2')).error, 'forbidden');
+
+  const [reason] = await droppedGone;
+  assert.equal(reason, 'io server disconnect');
+  // `kept`'s first token has expired by now too: the refresh moved its end.
+  assert.equal(kept.connected, true);
+  assert.deepEqual(await h.ack(kept, 'join', 'new:2'), { ok: true });
+});

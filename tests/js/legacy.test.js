@@ -44,3 +44,41 @@ test('SIGTERM: not ready at once, sockets closed after DRAIN_SECONDS, exit code 
   const { code } = await server.child.exited;
   assert.equal(code, 0);
 });
+
+test('CORS_ORIGINS: a socket.io-client 2.x polling socket from an allowed Origin works, others are refused', async () => {
+  const redis = await h.startRedis();
+  const server = await h.startServer('origins', { REDIS_URL: redis.url, CORS_ORIGINS: 'https://app.test' });
+  const v2 = (origin) => ioV2(server.url, {
+    transports: ['polling'], reconnection: false, forceNew: true, extraHeaders: { Origin: origin },
+  });
+  const allowed = v2('https://app.test');
+  const refused = v2('https://evil.test');
+  const refusedV4 = io(server.url, {
+    transports: ['websocket'], reconnection: false, forceNew: true, extraHeaders: { Origin: 'https://evil.test' },
+  });
+  const refusals = [h.once(refused, 'connect_error'), h.once(refusedV4, 'connect_error')];
+  try {
+    await h.once(allowed, 'connect');
+    const joined = await new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error('no join ack')), 5000);
+      allowed.emit('join', 'cors-room', (reply) => { clearTimeout(t); resolve(reply); });
+    });
+    assert.deepEqual(joined, { ok: true });
+    const got = new Promise((resolve) => allowed.once('news', resolve));
+    const r = await h.api(server.url, 'POST', '/v1/broadcast', { rooms: ['cors-room'], event: 'news', data: 'hi' });
+    assert.equal(r.status, 202);
+    assert.equal(await Promise.race([got, h.sleep(5000).then(() => 'timeout')]), 'hi');
+
+    await Promise.all(refusals);
+    assert.equal(refused.connected, false);
+    assert.equal(refusedV4.connected, false);
+    // The refusal is the contract's 403, as a browser's fetch would see it.
+    const res = await fetch(`${server.url}/socket.io/?EIO=3&transport=polling`, { headers: { Origin: 'https://evil.test' } });
+    assert.equal(res.status, 403);
+    assert.equal((await res.json()).error, 'forbidden');
+  } finally {
+    allowed.close();
+    refused.close();
+    refusedV4.close();
+  }
+});

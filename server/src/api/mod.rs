@@ -34,17 +34,28 @@ use crate::{
 /// operations endpoints).
 pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
     let v1 = Router::new()
-        .route("/v1/broadcast", post(broadcast::broadcast))
-        .route("/v1/rooms/{room}/sockets", get(calls::room_sockets))
+        .route("/broadcast", post(broadcast::broadcast))
+        .route("/rooms/{room}/sockets", get(calls::room_sockets))
         .route(
-            "/v1/rooms/{room}/members",
+            "/rooms/{room}/members",
             post(calls::add_members).delete(calls::remove_members),
         )
-        .route("/v1/sockets/{id}/disconnect", post(calls::disconnect))
-        .route("/v1/nodes", get(calls::nodes))
+        .route("/sockets/{id}/disconnect", post(calls::disconnect))
+        .route("/nodes", get(calls::nodes))
+        // Behind the token too, so that the API's routes cannot be probed without it.
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state, require_token));
-    Router::new().route("/openapi.json", get(openapi)).merge(v1)
+    // Nested, not merged: a merged fallback would answer every unknown path, outside /v1 too.
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .nest("/v1", v1)
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
+/// (RFC 9110), so `bearer` and `BEARER` work too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// `Authorization: Bearer <API_TOKEN>` on every `/v1` call when a token is configured.
@@ -54,9 +65,9 @@ async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: N
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
-        if !token_matches(expected, presented.trim()) {
+        if !token_matches(expected, presented) {
             let mut response =
                 Failure::new(ErrorCode::Unauthorized, "a valid bearer token is required")
                     .into_response();
@@ -98,6 +109,24 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for (header, token) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER  abc ", Some("abc")),
+            ("Bearer\tabc", Some("abc")),
+            ("Basic abc", None),
+            ("Bearerabc", None),
+            ("abc", None),
+        ] {
+            assert_eq!(super::bearer_token(header), token, "{header:?}");
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OkBody {
     pub ok: bool,
@@ -113,9 +142,38 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     info(title = "chorus-server HTTP API", description = "Broadcast, membership and presence for a Chorus Socket.IO cluster."),
     paths(broadcast::broadcast, calls::room_sockets, calls::add_members, calls::remove_members, calls::disconnect, calls::nodes),
     components(schemas(ErrorBody, ErrorCode, Readiness)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &RefusedOrigin)
 )]
 pub struct ApiDoc;
+
+/// Every call may be refused for its `Origin` (docs/server.md, "Origins").
+struct RefusedOrigin;
+
+impl Modify for RefusedOrigin {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let refused = ResponseBuilder::new()
+            .description("the request's Origin is not in CORS_ORIGINS (`forbidden`)")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post, &mut item.delete]
+                .into_iter()
+                .flatten()
+            {
+                op.responses
+                    .responses
+                    .entry("403".to_owned())
+                    .or_insert_with(|| refused.clone().into());
+            }
+        }
+    }
+}
 
 struct BearerAuth;
 
