@@ -504,3 +504,30 @@ async fn sockets_past_max_connections_are_refused() {
             >= 2.0
     );
 }
+
+#[tokio::test]
+async fn a_long_polling_message_over_max_payload_gets_413() {
+    if !support::tools_present(&[]) {
+        return;
+    }
+    let (r, api) = single(&[("MAX_PAYLOAD", "65536".into())]);
+    let (status, open) = api.get("/socket.io/?EIO=4&transport=polling").await;
+    assert_eq!(status, 200);
+    let open = open.as_str().expect("open packet").to_owned();
+    let sid = serde_json::from_str::<Value>(&open[1..]).expect("open JSON")["sid"]
+        .as_str()
+        .expect("sid")
+        .to_owned();
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    // CONNECT, then a publish whose body is twice the limit.
+    assert_eq!(api.send("POST", &path, Some(b"40".to_vec())).await.0, 200);
+    let big = format!(
+        r#"42["publish",{{"room":"r","event":"e","data":"{}"}}]"#,
+        "z".repeat(128 * 1024)
+    );
+    let (status, _) = api.send("POST", &path, Some(big.into_bytes())).await;
+    assert_eq!(status, 413);
+    // The replica keeps serving.
+    let c = Client::connect(&r.url()).await;
+    c.join("after").await;
+}

@@ -260,7 +260,10 @@ impl Replica {
         let port = free_port();
         let log = log_dir().join(format!("{name}-{port}.log"));
         let out = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(BIN);
+        // CHORUS_SERVER_BIN runs the replicas from another build (the hostile suite's memory
+        // figures in docs/security.md come from the release binary).
+        let bin = std::env::var("CHORUS_SERVER_BIN").unwrap_or_else(|_| BIN.to_owned());
+        let mut cmd = Command::new(bin);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("PORT", port.to_string())
