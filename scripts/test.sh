@@ -3,9 +3,9 @@
 #   formatting and clippy; Rust unit and integration tests (real redis-server, server
 #   processes, a Rust Socket.IO client, the operator against an in-memory API and the CRD on
 #   shared/tools/crd-apiserver); the Helm chart and manifests checked with Helm 4's library and
-#   the Kubernetes OpenAPI schemas (pinned Python tools in a venv); the JavaScript client tests
-#   (socket.io-client 4 and 2); the benchmark peers' protocol smoke check and a short
-#   chorus/peer comparison through scripts/bench-compare.sh.
+#   the Kubernetes OpenAPI schemas, and checkov's static checks (pinned Python tools in venvs);
+#   the JavaScript client tests (socket.io-client 4 and 2); the benchmark peers' protocol smoke
+#   check and a short chorus/peer comparison through scripts/bench-compare.sh.
 # Needs: cargo, node/npm, python3, kubectl, redis-server (.ci/run installs what a fresh
 # machine lacks).
 set -euo pipefail
@@ -42,7 +42,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "Rust tests"
 cargo test --workspace --locked
 
-step "packaging checks (Helm 4 library, Kubernetes OpenAPI schemas)"
+step "packaging checks (Helm 4 library, Kubernetes OpenAPI schemas, checkov)"
 . scripts/venv.sh
 (cd tests/packaging && CHORUS_OPERATOR_BIN=$root/target/debug/chorus-operator "$PY" -m pytest -q -p no:cacheprovider .)
 

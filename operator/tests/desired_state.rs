@@ -858,3 +858,52 @@ fn the_secrets_checksum_is_keyed_not_a_plain_hash_of_the_values() {
         ["Secret team/chat-checksum-key not found"]
     );
 }
+
+fn server_container(spec: Value) -> Value {
+    deployment_spec(spec)["template"]["spec"]["containers"][0].clone()
+}
+
+#[test]
+fn chorus_server_gets_resource_requests_unless_given_and_user_images_get_none() {
+    // Requests only: the scheduler counts the pods, and an HPA has a CPU request to measure.
+    let defaults = json!({"requests": {"cpu": "100m", "memory": "128Mi"}});
+    assert_eq!(server_container(json!({}))["resources"], defaults);
+    assert_eq!(
+        server_container(json!({"autoscaling": {"enabled": true}}))["resources"]["requests"]["cpu"],
+        json!("100m")
+    );
+    // Given resources replace the defaults whole.
+    let given = json!({"requests": {"memory": "1Gi"}, "limits": {"memory": "2Gi"}});
+    assert_eq!(
+        server_container(json!({"resources": given.clone()}))["resources"],
+        given
+    );
+    // Sails and Socket.IO apps are the user's images: nothing is assumed for them.
+    for flavor in ["sails", "socketio"] {
+        let c = server_container(json!({"flavor": flavor, "image": "x"}));
+        assert_eq!(c.get("resources"), None, "{flavor}");
+    }
+}
+
+#[test]
+fn chorus_server_and_redis_run_as_uids_above_10000() {
+    let children = build(json!({}));
+    let uids: Vec<Option<i64>> = pods(&children)
+        .iter()
+        .map(|p| p.security_context.as_ref().and_then(|s| s.run_as_user))
+        .collect();
+    assert_eq!(uids, [Some(65532), Some(10999)], "server, then redis");
+    for pod in pods(&children) {
+        let sc = pod.security_context.as_ref().expect("securityContext");
+        // The same group owns the emptyDir Redis writes to.
+        assert_eq!(sc.fs_group, sc.run_as_user);
+        assert_restricted(&pod);
+    }
+    // Node apps keep the `node` user of the official images, which owns their files.
+    let sails = build(json!({"flavor": "sails", "image": "x"}));
+    let server = &pods(&sails)[0];
+    assert_eq!(
+        server.security_context.as_ref().and_then(|s| s.run_as_user),
+        Some(1000)
+    );
+}

@@ -24,8 +24,10 @@ use super::{App, BuildError, random_token, restricted_container, restricted_pod}
 
 const COMPONENT: &str = "redis";
 const PORT: i32 = 6379;
-/// The `redis` user of the official Redis images.
-const REDIS_UID: i64 = 999;
+/// Redis runs as a high UID (above 10000, clear of any host user): it writes only to the
+/// `emptyDir` at `/data`, which `fsGroup` makes writable, so it needs no user of the image (the
+/// official images switch to their `redis` user, 999, only when started as root).
+const REDIS_UID: i64 = 10999;
 
 /// The objects of a managed Redis (the password Secret is generated separately).
 #[derive(Debug, Clone)]

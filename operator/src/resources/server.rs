@@ -11,12 +11,13 @@ use k8s_openapi::{
             MetricSpec, MetricTarget, ResourceMetricSource,
         },
         core::v1::{
-            Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Secret,
-            Service, ServicePort, ServiceSpec, TCPSocketAction,
+            Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe,
+            ResourceRequirements, Secret, Service, ServicePort, ServiceSpec, TCPSocketAction,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
     apimachinery::pkg::{
+        api::resource::Quantity,
         apis::meta::v1::{LabelSelector, ObjectMeta},
         util::intstr::IntOrString,
     },
@@ -66,6 +67,21 @@ pub fn checksum_key_secret(a: &App<'_>) -> Secret {
         type_: Some("Opaque".into()),
         string_data: Some(BTreeMap::from([(key.key, random_token(43))])),
         ..Secret::default()
+    }
+}
+
+/// chorus-server's resources when `spec.resources` is omitted: requests, so that the
+/// scheduler counts the pods and an HPA has a CPU request to measure utilization against.
+/// No limits: a CPU limit throttles a latency-bound server, and its memory grows with its
+/// connections (up to `limits.maxConnections`), which only the user can size. Sails and
+/// Socket.IO apps are the user's own images: nothing is assumed for them.
+pub fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), Quantity("100m".into())),
+            ("memory".into(), Quantity("128Mi".into())),
+        ])),
+        ..ResourceRequirements::default()
     }
 }
 
@@ -144,7 +160,10 @@ pub fn deployment(
         }]),
         liveness_probe: liveness,
         readiness_probe: readiness,
-        resources: spec.resources.clone(),
+        resources: spec
+            .resources
+            .clone()
+            .or_else(|| chorus.then(default_resources)),
         // chorus-server writes nothing; Node apps often write temp or cache files.
         security_context: Some(restricted_container(chorus)),
         ..Container::default()
