@@ -115,7 +115,10 @@ test.before(async () => {
 test.after(async () => {
   if (browser) {
     const proc = browser.process();
-    await Promise.race([browser.close().catch(() => {}), h.sleep(10000)]);
+    let timer;
+    const late = new Promise((resolve) => { timer = setTimeout(resolve, 10000); });
+    await Promise.race([browser.close().catch(() => {}), late]);
+    clearTimeout(timer);
     if (proc && proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
   }
   for (const s of statics) { s.closeAllConnections(); s.close(); }
