@@ -531,3 +531,66 @@ async fn a_long_polling_message_over_max_payload_gets_413() {
     let c = Client::connect(&r.url()).await;
     c.join("after").await;
 }
+
+#[tokio::test]
+async fn idle_connections_and_sessions_that_never_connect_are_closed() {
+    if !support::tools_present(&[]) {
+        return;
+    }
+    let (r, api) = single(&[]);
+    let port = r.port;
+    // A keep-alive connection outlives the 10 s head timeout between requests, and is closed
+    // once idle for 60 s.
+    let keep_alive = tokio::spawn(async move {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut buf = [0u8; 4096];
+        tcp.write_all(request).await.expect("first request");
+        let n = tcp.read(&mut buf).await.expect("first answer");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        tcp.write_all(request).await.expect("second request");
+        let n = tcp.read(&mut buf).await.expect("second answer");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "still open after 15 s idle"
+        );
+        let idle = Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(120), tcp.read(&mut buf)).await;
+        assert!(matches!(end, Ok(Ok(0) | Err(_))), "closed by the server");
+        idle.elapsed()
+    });
+    // An Engine.IO websocket session that never connects to the namespace.
+    let mut silent = RawWs::open(port).await;
+    let open = silent.next_text(EVENT_WAIT).await;
+    assert!(open.starts_with('0'), "{open}");
+    let started = Instant::now();
+    let closed = loop {
+        match silent.next_frame(Duration::from_secs(60)).await {
+            Some(Frame::Close(_)) => break true,
+            Some(_) => continue,
+            None => break silent.ended,
+        }
+    };
+    assert!(closed, "the session without CONNECT was closed");
+    println!(
+        "a session without CONNECT closed after {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let idle = keep_alive.await.expect("keep-alive task");
+    println!(
+        "an idle keep-alive connection closed after {:.0} s",
+        idle.as_secs_f64()
+    );
+    assert_eq!(
+        metric(
+            &api,
+            "chorus_limit_refusals_total",
+            &[("limit", "idle_timeout")]
+        )
+        .await,
+        1.0
+    );
+}

@@ -24,6 +24,8 @@ pub enum Frame {
 }
 
 pub struct RawWs {
+    /// The server ended the stream (as opposed to a wait running out).
+    pub ended: bool,
     rd: OwnedReadHalf,
     wr: Option<OwnedWriteHalf>,
     buf: Vec<u8>,
@@ -84,6 +86,7 @@ impl RawWs {
         }
         let (rd, wr) = tcp.into_split();
         Ok(Self {
+            ended: false,
             rd,
             wr: Some(wr),
             buf: buf[head_end..].to_vec(),
@@ -129,7 +132,11 @@ impl RawWs {
             let mut chunk = vec![0u8; 64 * 1024];
             let n = match tokio::time::timeout(wait, self.rd.read(&mut chunk)).await {
                 Ok(Ok(n)) if n > 0 => n,
-                _ => return None,
+                Ok(_) => {
+                    self.ended = true;
+                    return None;
+                }
+                Err(_elapsed) => return None,
             };
             self.buf.extend_from_slice(&chunk[..n]);
         }
