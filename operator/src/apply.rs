@@ -106,14 +106,7 @@ impl<'a> Applier<'a> {
     ) -> Result<bool, Error> {
         let name = secret.name_any();
         if let Some(live) = live {
-            if !is_owned_by(live, &self.uid()) {
-                problems.push(Problem {
-                    reason: Reason::NameInUse,
-                    message: format!(
-                        "{} exists and is not owned by this RealtimeApp: rename the app or remove it",
-                        self.object::<Secret>(&name)
-                    ),
-                });
+            if !self.owns(live, &name, problems) {
                 return Ok(false);
             }
             let current = secrets::value(live, key);
@@ -121,25 +114,48 @@ impl<'a> Applier<'a> {
                 return Ok(true);
             }
         }
-        self.api::<Secret>()
+        self.write(&name, &secret, live.is_some()).await?;
+        Ok(true)
+    }
+
+    /// Whether this app owns `live`; if not, a NameInUse problem says so.
+    fn owns<K: Child>(&self, live: &K, name: &str, problems: &mut Vec<Problem>) -> bool {
+        if is_owned_by(live, &self.uid()) {
+            return true;
+        }
+        problems.push(Problem {
+            reason: Reason::NameInUse,
+            message: format!(
+                "{} exists and is not owned by this RealtimeApp: rename the app or remove it",
+                self.object::<K>(name)
+            ),
+        });
+        false
+    }
+
+    /// Server-side applies `obj`, counts the write and records a Created or Updated event.
+    async fn write<K: Child>(&self, name: &str, obj: &K, exists: bool) -> Result<K, Error> {
+        let applied = self
+            .api::<K>()
             .patch(
-                &name,
+                name,
                 &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&secret),
+                &Patch::Apply(obj),
             )
             .await
             .map_err(|source| Error::Apply {
-                object: self.object::<Secret>(&name),
+                object: self.object::<K>(name),
                 source,
             })?;
         self.ctx.metrics.writes.inc();
-        let reason = if live.is_some() {
+        let reason = if exists {
             EventReason::Updated
         } else {
             EventReason::Created
         };
-        self.event(reason, format!("{reason} Secret {name}")).await;
-        Ok(true)
+        self.event(reason, format!("{reason} {} {name}", K::kind(&())))
+            .await;
+        Ok(applied)
     }
 
     /// The live child `name` if this app owns it; another's object of that name is none of
@@ -166,40 +182,14 @@ impl<'a> Applier<'a> {
             .insert(APPLIED_ANNOTATION.into(), hash.clone());
         let live = self.live::<K>(&name).await?;
         if let Some(live) = live.as_ref() {
-            if !is_owned_by(live, &self.uid()) {
-                problems.push(Problem {
-                    reason: Reason::NameInUse,
-                    message: format!(
-                        "{} exists and is not owned by this RealtimeApp: rename the app or remove it",
-                        self.object::<K>(&name)
-                    ),
-                });
+            if !self.owns(live, &name, problems) {
                 return Ok(None);
             }
             if live.annotations().get(APPLIED_ANNOTATION) == Some(&hash) {
                 return Ok(Some(live.clone()));
             }
         }
-        let applied = self
-            .api::<K>()
-            .patch(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&obj),
-            )
-            .await
-            .map_err(|source| Error::Apply {
-                object: self.object::<K>(&name),
-                source,
-            })?;
-        self.ctx.metrics.writes.inc();
-        let reason = if live.is_some() {
-            EventReason::Updated
-        } else {
-            EventReason::Created
-        };
-        self.event(reason, format!("{reason} {} {name}", K::kind(&())))
-            .await;
+        let applied = self.write(&name, &obj, live.is_some()).await?;
         Ok(Some(applied))
     }
 

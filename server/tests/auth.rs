@@ -2,31 +2,14 @@
 
 mod support;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value, json};
-use support::{Api, Client, Cluster};
+use support::{Api, Client, Cluster, jwt, now_secs as now};
 
 const KEY: &str = "test-jwt-key-0123456789abcdef0123";
 const TOKEN: &str = "api-token-for-tests";
 const QUIET: Duration = Duration::from_millis(400);
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn jwt(claims: Value, key: &str) -> String {
-    jsonwebtoken::encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(key.as_bytes()),
-    )
-    .expect("token")
-}
 
 /// The data of the `connect_error` in rust_socketio's report of a refused connection (the
 /// whole report when it is not one).

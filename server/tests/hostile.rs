@@ -5,12 +5,11 @@
 
 mod support;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value, json};
 use support::{
-    Api, Client, Cluster, EVENT_WAIT, Replica,
+    Api, Client, Cluster, EVENT_WAIT, Replica, jwt, now_secs,
     rawws::{self, Frame, RawWs},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,22 +35,6 @@ fn single(env: &[(&str, String)]) -> (Replica, Api) {
     r.wait_ready();
     let api = Api::new(&r.url(), None);
     (r, api)
-}
-
-fn jwt(claims: Value, key: &str) -> String {
-    jsonwebtoken::encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(key.as_bytes()),
-    )
-    .expect("token")
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 async fn metric(api: &Api, name: &str, labels: &[(&str, &str)]) -> f64 {
