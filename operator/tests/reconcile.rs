@@ -20,7 +20,7 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use support::{
-    FakeApi, access, add_app, app_path, condition, deployment_path, eventually, logs::Logs,
+    FakeApi, access, add_app, app_path, base64, condition, deployment_path, eventually, logs::Logs,
     secret_path, statefulset_path,
 };
 
@@ -641,27 +641,6 @@ fn base64_decode(text: &str) -> Vec<u8> {
     out
 }
 
-fn base64_encode(bytes: &[u8]) -> String {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                char::from(A[((n >> (18 - 6 * i)) & 63) as usize])
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
-
 impl World {
     /// The value of `key` in the stored Secret `name`.
     fn secret_value(&self, name: &str, key: &str) -> Vec<u8> {
@@ -671,7 +650,7 @@ impl World {
 
     fn set_secret_value(&self, name: &str, key: &str, value: &[u8]) {
         self.api.edit(&secret_path(NS, name), |s| {
-            s["data"][key] = json!(base64_encode(value))
+            s["data"][key] = json!(base64(value))
         });
     }
 }
@@ -684,7 +663,7 @@ async fn an_external_password_with_url_characters_reaches_the_pods_encoded_and_o
         &secret_path(NS, "shared-redis"),
         json!({"apiVersion": "v1", "kind": "Secret",
                "metadata": {"name": "shared-redis", "namespace": NS},
-               "data": {"password": base64_encode(password.as_bytes())}}),
+               "data": {"password": base64(password.as_bytes())}}),
     );
     w.add_app(
         "chat",

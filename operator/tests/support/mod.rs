@@ -22,6 +22,8 @@ use tokio::sync::mpsc;
 
 use requests::ApiRequest;
 pub use store::Logged;
+#[allow(unused_imports)] // each test binary uses part of the harness
+pub use store::base64;
 use store::{Req, State, status};
 
 pub mod access;

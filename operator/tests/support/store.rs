@@ -259,7 +259,8 @@ pub(super) fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-fn base64(bytes: &[u8]) -> String {
+/// Standard base64 with padding, as the API server encodes Secret `data`.
+pub fn base64(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
