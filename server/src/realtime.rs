@@ -125,12 +125,13 @@ fn grants(s: &Socket) -> Option<Arc<Grants>> {
 
 /// Charges one event to the socket's rate. Over the rate the event is refused; a socket that
 /// stays over it for 10 s is disconnected.
-fn admit(s: &Socket, ctx: &SocketCtx) -> Result<(), Failure> {
+/// Returns the socket's limits, for handlers that count more than events.
+fn admit(s: &Socket, ctx: &SocketCtx) -> Result<Arc<SocketLimits>, Failure> {
     let Some(limits) = s.extensions.get::<Arc<SocketLimits>>() else {
         return Err(Failure::new(ErrorCode::Forbidden, "not authenticated"));
     };
     match limits.admit(Instant::now()) {
-        Admit::Yes => Ok(()),
+        Admit::Yes => Ok(limits),
         verdict => {
             ctx.metrics.limit_hit(Limit::socket_rate);
             if verdict == Admit::Disconnect {
@@ -177,7 +178,7 @@ fn reply(s: &Socket, ctx: &SocketCtx, ack: AckSender<Adapter>, result: Result<()
 
 /// Events with no handler: charged to the rate, and refused when they carry an ack.
 async fn on_unknown(s: Socket, State(ctx): Ctx, Event(event): Event, ack: AckSender<Adapter>) {
-    let result = admit(&s, &ctx).and_then(|()| {
+    let result = admit(&s, &ctx).and_then(|_| {
         Err(Failure::invalid(format!(
             "unknown event {:?}",
             event.chars().take(64).collect::<String>()
@@ -207,8 +208,8 @@ async fn on_join(
     ack: AckSender<Adapter>,
 ) {
     let result = admit(&s, &ctx)
-        .and_then(|()| room_arg(room))
-        .and_then(|room| {
+        .and_then(|limits| Ok((limits, room_arg(room)?)))
+        .and_then(|(limits, room)| {
             let grants = grants(&s)
                 .ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
             if !ctx.policy.may_join(&grants, &room) {
@@ -217,10 +218,6 @@ async fn on_join(
                     format!("not allowed to join {room:?}"),
                 ));
             }
-            let limits = s
-                .extensions
-                .get::<Arc<SocketLimits>>()
-                .ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
             if !limits.enter(&room) {
                 ctx.metrics.limit_hit(Limit::max_rooms_per_socket);
                 return Err(Failure::new(
@@ -243,12 +240,12 @@ async fn on_leave(
     TryData(room): TryData<String>,
     ack: AckSender<Adapter>,
 ) {
-    let result = admit(&s, &ctx).and_then(|()| room_arg(room)).map(|room| {
-        if let Some(limits) = s.extensions.get::<Arc<SocketLimits>>() {
+    let result = admit(&s, &ctx)
+        .and_then(|limits| Ok((limits, room_arg(room)?)))
+        .map(|(limits, room)| {
             limits.exit(&room);
-        }
-        s.leave(room)
-    });
+            s.leave(room)
+        });
     reply(&s, &ctx, ack, result);
 }
 
@@ -267,7 +264,7 @@ async fn on_refresh(
     ack: AckSender<Adapter>,
 ) {
     let result = admit(&s, &ctx)
-        .and_then(|()| body.map_err(|_| Failure::invalid("expected {token}")))
+        .and_then(|_| body.map_err(|_| Failure::invalid("expected {token}")))
         .and_then(|body| {
             let current = grants(&s)
                 .ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
@@ -306,7 +303,7 @@ async fn on_publish(
     ack: AckSender<Adapter>,
 ) {
     let result = match admit(&s, &ctx) {
-        Ok(()) => publish(&s, &ctx, body).await,
+        Ok(_) => publish(&s, &ctx, body).await,
         Err(f) => Err(f),
     };
     if result.is_ok()

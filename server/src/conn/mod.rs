@@ -20,11 +20,10 @@ use tokio::{net::TcpListener, sync::watch};
 use tower::Service;
 
 pub use stream::StreamLimits;
-pub use timeouts::{BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT};
 
 use crate::metrics::Metrics;
 use stream::ConnStream;
-use timeouts::{DeadlineBody, HeadTimer};
+use timeouts::{DeadlineBody, HEADER_TIMEOUT, HeadTimer};
 
 /// Pause after an accept error such as running out of file descriptors: new connections
 /// wait in the kernel's backlog meanwhile, and the loop goes on.
