@@ -13,21 +13,21 @@ use std::{
 use axum::{
     Router,
     extract::{DefaultBodyLimit, Request},
-    http::{HeaderValue, Uri},
+    http::{HeaderValue, Method, Uri, header::CONTENT_LENGTH},
     middleware,
     response::IntoResponse,
 };
-use socketioxide::SocketIo;
-use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
+use socketioxide::{SocketIo, socket::Sid};
 use tokio::net::TcpListener;
 
 use crate::{
     api,
     auth::Policy,
     bus::{Adapter, Bus, BusError, LinkState},
-    cluster::{CALL_TIMEOUT, Cluster},
+    cluster::Cluster,
     config::Config,
     conn::{self, StreamLimits},
+    delivery::{self, Delivery},
     error::{self, ErrorCode, Failure},
     limits::{Capacity, SocketLimitConfig},
     metrics::{Limit, Metrics},
@@ -58,8 +58,6 @@ pub enum ServerError {
     Redis(#[from] BusError),
     #[error("invalid --cors-origins value {0:?}")]
     Cors(String),
-    #[error("{0}")]
-    Adapter(String),
     #[error("server error: {0}")]
     Serve(std::io::Error),
 }
@@ -89,6 +87,8 @@ impl Server {
         let origins = Arc::new(Origins::new(&config.cors_origins).map_err(ServerError::Cors)?);
         let max_payload = usize::try_from(config.max_payload).unwrap_or(usize::MAX);
         let capacity = Capacity::new(config.max_connections as usize);
+        let socket_buffer = usize::try_from(config.socket_buffer_bytes).unwrap_or(usize::MAX);
+        let delivery = Delivery::new(bus.clone(), &config.channel_prefix, metrics.clone());
         let socket_ctx = Arc::new(SocketCtx {
             policy: Policy::from_config(config),
             metrics: metrics.clone(),
@@ -96,16 +96,11 @@ impl Server {
             limits: SocketLimitConfig {
                 rate: config.socket_rate,
                 max_rooms: config.max_rooms_per_socket as usize,
+                buffer_bytes: socket_buffer,
             },
             capacity: capacity.clone(),
+            delivery: delivery.clone(),
         });
-        let adapter = RedisAdapterCtr::new_with_driver(
-            bus.clone(),
-            RedisAdapterConfig::new()
-                .with_prefix(config.channel_prefix.clone())
-                .with_request_timeout(CALL_TIMEOUT)
-                .with_stream_buffer(4096),
-        );
         let ws_limit =
             usize::try_from(config.max_payload.saturating_add(FRAME_SLACK)).unwrap_or(usize::MAX);
         let (layer, io) = SocketIo::builder()
@@ -120,11 +115,9 @@ impl Server {
             .max_buffer_size(SOCKET_QUEUE)
             .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(socket_ctx)
-            .with_adapter::<Adapter>(adapter)
             .build_layer();
-        realtime::register(&io)
-            .await
-            .map_err(ServerError::Adapter)?;
+        realtime::register(&io);
+        delivery.start(io.clone()).await;
 
         let cluster = Cluster::new(bus.clone(), &config.channel_prefix, config.node_name());
         cluster.start(io.clone()).await;
@@ -132,6 +125,7 @@ impl Server {
         let state = Arc::new(AppState {
             io,
             cluster,
+            delivery,
             bus,
             metrics,
             api_token: config.api_token.clone(),
@@ -144,6 +138,10 @@ impl Server {
             .layer(DefaultBodyLimit::max(max_payload))
             .layer(middleware::from_fn_with_state(state.clone(), ops::track))
             .layer(layer)
+            .layer(middleware::from_fn_with_state(
+                state.io.clone(),
+                count_polled,
+            ))
             .layer(middleware::from_fn_with_state(
                 (capacity, state.metrics.clone()),
                 refuse_over_capacity,
@@ -168,7 +166,7 @@ impl Server {
             drain: Duration::from_secs(config.drain_seconds),
             limits: StreamLimits {
                 ws_message: config.max_payload,
-                socket_buffer: usize::try_from(config.socket_buffer_bytes).unwrap_or(usize::MAX),
+                socket_buffer,
             },
         })
     }
@@ -240,6 +238,39 @@ async fn refuse_over_capacity(
         .into_response();
     }
     next.run(req).await
+}
+
+/// Counts what each long-polling response takes from its socket's backlog (see
+/// `SocketLimits::queued`): the engine sends at most `MAX_PAYLOAD` of it per poll.
+async fn count_polled(
+    axum::extract::State(io): axum::extract::State<SocketIo<Adapter>>,
+    req: Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let sid = polling_sid(&req);
+    let res = next.run(req).await;
+    if let Some(sid) = sid
+        && let Some(len) = res
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+    {
+        delivery::polled(&io, sid, len);
+    }
+    res
+}
+
+/// The session of a long-polling GET (`/socket.io/?transport=polling&sid=...`).
+fn polling_sid(req: &Request) -> Option<Sid> {
+    if req.method() != Method::GET || !req.uri().path().starts_with("/socket.io") {
+        return None;
+    }
+    let query = req.uri().query()?;
+    let mut pairs = query.split('&');
+    if !pairs.clone().any(|kv| kv == "transport=polling") {
+        return None;
+    }
+    pairs.find_map(|kv| kv.strip_prefix("sid="))?.parse().ok()
 }
 
 /// Copies the URI and header values of Socket.IO requests out of the connection's read buffer.

@@ -1,11 +1,10 @@
-//! The pub/sub bus under the Socket.IO adapter and the cluster calls.
+//! The pub/sub bus under message delivery and the cluster calls.
 //!
-//! `Bus` implements socketioxide-redis's `Driver` trait. Two backends:
+//! Two backends:
 //! - memory: a single node; a publish reaches this process's own subscribers.
 //! - Redis: one RESP3 connection (redis-rs `ConnectionManager`) carrying both commands and
-//!   subscriptions. The stock driver of socketioxide-redis never reconnects; this one keeps
-//!   the set of wanted channels itself, pings Redis every second so an idle replica notices a
-//!   dead link, and resubscribes everything when the link comes back.
+//!   subscriptions. It keeps the set of wanted channels itself, pings Redis every second so an
+//!   idle replica notices a dead link, and resubscribes everything when the link comes back.
 //!
 //! Every Redis operation is bounded by [`OP_TIMEOUT`] and fails at once while the link is
 //! known to be down, so callers never hang on a dead Redis.
@@ -21,18 +20,16 @@ use std::{
 };
 
 use redis::{AsyncCommands, FromRedisValue, PushInfo, PushKind, aio::ConnectionManager};
-use socketioxide::adapter::Emitter;
-use socketioxide_redis::{
-    CustomRedisAdapter,
-    drivers::{ChanItem, Driver, MessageStream},
-};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::RedisUrl;
 
-/// The one Socket.IO adapter type: socketioxide-redis over [`Bus`] (Redis, or in-memory when
-/// single).
-pub type Adapter = CustomRedisAdapter<Emitter, Bus>;
+/// The Socket.IO adapter: local rooms only. What crosses replicas travels on the [`Bus`]
+/// (`delivery`, `cluster`).
+pub type Adapter = socketioxide::adapter::LocalAdapter;
+
+/// A message as it arrives: its channel and payload.
+pub type ChanItem = (String, Vec<u8>);
 
 /// Upper bound on any single Redis command.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -324,72 +321,5 @@ async fn bounded<T>(
     match tokio::time::timeout(OP_TIMEOUT, fut).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(BusError::Timeout(OP_TIMEOUT)),
-    }
-}
-
-impl Driver for Bus {
-    type Error = BusError;
-
-    async fn publish(&self, chan: String, val: Vec<u8>) -> Result<(), Self::Error> {
-        self.publish_count(chan, val).await.map(|_| ())
-    }
-
-    async fn subscribe(
-        &self,
-        chan: String,
-        size: usize,
-    ) -> Result<MessageStream<ChanItem>, Self::Error> {
-        // The push callback cannot wait, so it feeds an unbounded queue; a task moves items
-        // into the adapter's bounded stream with backpressure instead of dropping them.
-        let mut rx = self.subscribe_channel(chan).await;
-        let (tx, out) = mpsc::channel(size.max(1));
-        tokio::spawn(async move {
-            while let Some(item) = rx.recv().await {
-                if tx.send(item).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(MessageStream::new(out))
-    }
-
-    async fn unsubscribe(&self, chan: String) -> Result<(), Self::Error> {
-        self.shared
-            .handlers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&chan);
-        {
-            let mut w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
-            w.channels.remove(&chan);
-            w.version += 1;
-        }
-        if let Some(mut conn) = self.live_conn()? {
-            bounded(conn.unsubscribe(&chan)).await?;
-        }
-        Ok(())
-    }
-
-    async fn num_serv(&self, chan: &str) -> Result<u16, Self::Error> {
-        match self.live_conn()? {
-            None => {
-                let handlers = self
-                    .shared
-                    .handlers
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner());
-                Ok(u16::from(handlers.contains_key(chan)))
-            }
-            Some(mut conn) => {
-                let (_, count): (String, u16) = bounded(
-                    redis::cmd("PUBSUB")
-                        .arg("NUMSUB")
-                        .arg(chan)
-                        .query_async(&mut conn),
-                )
-                .await?;
-                Ok(count)
-            }
-        }
     }
 }

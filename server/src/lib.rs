@@ -15,14 +15,14 @@
 //! | [`validate`] | input rules for rooms, events, socket ids | error |
 //! | [`origins`] | which browser origins may connect; CORS answers | config, error |
 //! | [`auth`] | the API token, socket JWTs (checks, expiry timers, minting), room patterns | config |
-//! | [`bus`] | the pub/sub link (Redis or memory) and the adapter type over it | config |
+//! | [`bus`] | the pub/sub link (Redis or memory); the Socket.IO adapter type (local) | config |
 //! | [`cluster`] | acknowledged calls to every replica | bus |
-//! | [`delivery`] | emitting to every replica, or locally when Redis is down | bus, error, metrics |
-//! | [`realtime`] | the Socket.IO handlers | auth, bus, delivery, error, metrics, validate |
-//! | [`state`] | what the HTTP handlers share | bus, cluster, config, metrics |
+//! | [`delivery`] | messages to every replica over the bus, and to each local socket (or its disconnect when it falls behind) | bus, error, limits, metrics |
+//! | [`realtime`] | the Socket.IO handlers | auth, bus, delivery, error, limits, metrics, validate |
+//! | [`state`] | what the HTTP handlers share | bus, cluster, config, delivery, metrics |
 //! | [`ops`] | health, readiness, metrics endpoints; request metrics | bus, metrics, state |
 //! | [`api`] | the `/v1` HTTP API and its OpenAPI description | auth, cluster, delivery, error, ops, state, validate |
-//! | [`app`] | wiring, serving and shutdown | api, auth, bus, cluster, config, conn, error, limits, metrics, ops, origins, realtime, state |
+//! | [`app`] | wiring, serving and shutdown | api, auth, bus, cluster, config, conn, delivery, error, limits, metrics, ops, origins, realtime, state |
 
 pub mod api;
 pub mod app;

@@ -118,8 +118,9 @@ impl Metrics {
         );
         registry.register(
             "chorus_socket_drops",
-            "Messages from this replica's publishes and broadcasts that one of its sockets could \
-             not take (send buffer full: a client that does not keep up; or socket closing)",
+            "Copies of messages not given to one of this replica's sockets because it was closing \
+             (a socket that cannot keep up is disconnected instead, see \
+             chorus_slow_socket_disconnects)",
             socket_drops.clone(),
         );
         registry.register(

@@ -13,7 +13,7 @@ use socketioxide::{
 use crate::{
     auth::{AuthError, Expiry, Grants, Policy, user_room},
     bus::Adapter,
-    delivery::deliver,
+    delivery::{self, Delivery, Message},
     error::{Ack, ErrorCode, Failure},
     limits::{Admit, Capacity, SocketLimitConfig, SocketLimits},
     metrics::{ErrorLabels, Limit, Metrics},
@@ -29,15 +29,14 @@ pub struct SocketCtx {
     pub max_payload: usize,
     pub limits: SocketLimitConfig,
     pub capacity: Capacity,
+    pub delivery: Arc<Delivery>,
 }
 
 type Ctx = State<Arc<SocketCtx>>;
 
 /// Registers the default namespace and its handlers.
-pub async fn register(io: &SocketIo<Adapter>) -> Result<(), String> {
-    io.ns("/", on_connect.with(authenticate))
-        .await
-        .map_err(|e| format!("cannot start the Socket.IO adapter: {e}"))
+pub fn register(io: &SocketIo<Adapter>) {
+    io.ns("/", on_connect.with(authenticate));
 }
 
 /// The connection's auth payload: `auth: {token}` in Socket.IO clients.
@@ -75,7 +74,6 @@ async fn authenticate(
     };
     let grants = ctx.policy.authenticate(token.as_deref())?;
     let limits = SocketLimits::new(ctx.limits, Instant::now(), Some(admission));
-    s.join(validate::socket_room(s.id));
     if let Grants::Token(claims) = &grants
         && let Some(sub) = &claims.sub
     {
@@ -136,7 +134,7 @@ fn admit(s: &Socket, ctx: &SocketCtx) -> Result<Arc<SocketLimits>, Failure> {
             ctx.metrics.limit_hit(Limit::socket_rate);
             if verdict == Admit::Disconnect {
                 tracing::debug!(socket = %s.id, "over SOCKET_RATE for 10 s: disconnecting");
-                close(s.clone());
+                delivery::close(s.clone());
             }
             Err(Failure::new(
                 ErrorCode::RateLimited,
@@ -144,22 +142,6 @@ fn admit(s: &Socket, ctx: &SocketCtx) -> Result<Arc<SocketLimits>, Failure> {
             ))
         }
     }
-}
-
-/// Disconnects a socket, also when its send buffer is full (then the disconnect packet has
-/// to wait for room, and the client's heartbeat ends the session if it never reads).
-fn close(s: Socket) {
-    if s.clone().disconnect().is_ok() {
-        return;
-    }
-    tokio::spawn(async move {
-        for _ in 0..100 {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            if !s.connected() || s.clone().disconnect().is_ok() {
-                return;
-            }
-        }
-    });
 }
 
 /// Sends the event's one ack. An ack that cannot be queued (the client does not read what it
@@ -170,9 +152,8 @@ fn reply(s: &Socket, ctx: &SocketCtx, ack: AckSender<Adapter>, result: Result<()
     }
     // A client that sent no ack callback gets nothing; that is its choice.
     if let Err(e) = ack.send(&Ack::from(result)) {
-        tracing::debug!(socket = %s.id, "ack not sent ({e}): disconnecting");
-        ctx.metrics.limit_hit(Limit::socket_buffer_bytes);
-        close(s.clone());
+        tracing::debug!(socket = %s.id, "ack not sent ({e})");
+        delivery::disconnect_slow(&ctx.metrics, s.clone());
     }
 }
 
@@ -344,7 +325,13 @@ async fn publish(
             format!("not allowed to publish to {room:?}"),
         ));
     }
-    deliver(&ctx.metrics, || s.to(room.clone()), &event, &data).await
+    let msg = Message {
+        rooms: vec![room],
+        except: vec![s.id],
+        event,
+        data,
+    };
+    ctx.delivery.send(&msg).await
 }
 
 /// The length of `value` as JSON, counted without building the text.

@@ -8,12 +8,14 @@ use crate::{
     bus::{Adapter, Bus},
     cluster::Cluster,
     config::Secret,
+    delivery::Delivery,
     metrics::Metrics,
 };
 
 pub struct AppState {
     pub io: SocketIo<Adapter>,
     pub cluster: Arc<Cluster>,
+    pub delivery: Arc<Delivery>,
     pub bus: Bus,
     pub metrics: Arc<Metrics>,
     pub api_token: Option<Secret>,

@@ -54,12 +54,6 @@ pub fn socket_id(id: &str) -> Result<Sid, Failure> {
         .map_err(|_| Failure::invalid(format!("{id:?} is not a socket id")))
 }
 
-/// The private room every socket sits in, used to exclude sockets by id across replicas.
-/// It starts with a control character, which user room names never contain.
-pub fn socket_room(sid: Sid) -> String {
-    format!("\u{1}sid:{sid}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,8 +66,6 @@ mod tests {
         assert!(room(&"r".repeat(201)).is_err());
         assert!(room("a\nb").is_err());
         assert!(room("ünïcødé").is_ok());
-        // The private per-socket rooms can never be named by a user.
-        assert!(room(&socket_room(Sid::new())).is_err());
     }
 
     #[test]

@@ -41,6 +41,20 @@ async fn metric(api: &Api, name: &str, labels: &[(&str, &str)]) -> f64 {
     api.metrics().await.get(name, labels).unwrap_or(0.0)
 }
 
+/// Broadcasts event `big` with `{n, pad}` (`pad` of `size` bytes) to room `flood`, once per n.
+async fn flood(api: &Api, ns: std::ops::Range<usize>, size: usize) {
+    let pad = "y".repeat(size);
+    for n in ns {
+        let (status, body) = api
+            .post(
+                "/v1/broadcast",
+                json!({"rooms": ["flood"], "event": "big", "data": {"n": n, "pad": pad}}),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+}
+
 /// Sends one oversized message as `frames` (header and payload bytes), bounded by `total`
 /// bytes, while reading the server's answer; returns the close code seen.
 async fn send_oversized(mut ws: RawWs, frames: Vec<(Vec<u8>, u64)>) -> Option<u16> {
@@ -172,16 +186,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_counted_once() {
     let (rss_before, _) = memory(a.pid());
 
     // 100 broadcasts of 256 KiB, sent through the other replica.
-    let data = "y".repeat(256 * 1024);
-    for n in 0..100 {
-        let (status, body) = api_b
-            .post(
-                "/v1/broadcast",
-                json!({"rooms": ["flood"], "event": "big", "data": {"n": n, "pad": data}}),
-            )
-            .await;
-        assert_eq!(status, 202, "{body}");
-    }
+    flood(&api_b, 0..100, 256 * 1024).await;
     // The reader gets every one, in order.
     for n in 0..100 {
         let got = reader.expect("big").await;
@@ -485,6 +490,150 @@ async fn sockets_past_max_connections_are_refused() {
         )
         .await
             >= 2.0
+    );
+}
+
+/// A Socket.IO v4 client over long-polling only, spoken by hand so the test decides when it
+/// polls.
+struct Polling {
+    api: Api,
+    path: String,
+}
+
+impl Polling {
+    async fn connect(base: &str) -> Self {
+        let api = Api::new(base, None);
+        let (status, open) = api.get("/socket.io/?EIO=4&transport=polling").await;
+        assert_eq!(status, 200, "{open}");
+        let open = open.as_str().expect("open packet").to_owned();
+        let sid = serde_json::from_str::<Value>(&open[1..]).expect("open JSON")["sid"]
+            .as_str()
+            .expect("sid")
+            .to_owned();
+        let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+        let p = Self { api, path };
+        p.post("40").await;
+        p.poll_until(|p| p.starts_with("40{")).await;
+        p
+    }
+
+    /// Polls until a packet matches (pings come in between).
+    async fn poll_until(&self, wanted: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + EVENT_WAIT;
+        loop {
+            let (status, packets) = self.poll().await;
+            assert_eq!(status, 200, "{packets:?}");
+            if packets.iter().any(|p| wanted(p)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "last poll: {packets:?}");
+        }
+    }
+
+    async fn post(&self, packet: &str) {
+        let (status, body) = self
+            .api
+            .send("POST", &self.path, Some(packet.as_bytes().to_vec()))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    /// One poll: the status and the packets it carried (answering pings on the way).
+    async fn poll(&self) -> (u16, Vec<String>) {
+        let (status, body) = self.api.get(&self.path).await;
+        let text = match body {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        let packets: Vec<String> = text.split('\u{1e}').map(str::to_owned).collect();
+        if status == 200 && packets.iter().any(|p| p == "2") {
+            self.post("3").await;
+        }
+        (status, packets)
+    }
+
+    async fn join(&self, room: &str) {
+        self.post(&format!(r#"421["join","{room}"]"#)).await;
+        self.poll_until(|p| p == r#"431[{"ok":true}]"#).await;
+    }
+}
+
+#[tokio::test]
+async fn a_long_polling_client_that_stops_polling_is_disconnected_at_its_buffer_limit() {
+    if !support::tools_present(&["redis-server"]) {
+        return;
+    }
+    let cluster = Cluster::start(2, &[]);
+    let a = &cluster.replicas[0];
+    let (api_a, api_b) = (cluster.api(0), cluster.api(1));
+    let stalled = Polling::connect(&a.url()).await;
+    stalled.join("flood").await;
+    let poller = Polling::connect(&a.url()).await;
+    poller.join("flood").await;
+    let (rss_before, _) = memory(a.pid());
+
+    // Ten rounds of ten 64 KiB broadcasts through the other replica (6.4 MiB in all, over six
+    // times SOCKET_BUFFER_BYTES). The poller takes each round before the next is sent; the
+    // stalled client never polls again.
+    let mut received = Vec::new();
+    for round in 0..10 {
+        flood(&api_b, round * 10..round * 10 + 10, 64 * 1024).await;
+        let deadline = Instant::now() + EVENT_WAIT;
+        while received.len() < round * 10 + 10 {
+            assert!(Instant::now() < deadline, "round {round}: got {received:?}");
+            let (status, packets) = poller.poll().await;
+            assert_eq!(status, 200, "{} packets", packets.len());
+            for p in packets.iter().filter_map(|p| p.strip_prefix("42")) {
+                let v: Value = serde_json::from_str(p).expect("event packet");
+                assert_eq!(v[0], "big");
+                received.push(v[1]["n"].as_u64().expect("n"));
+            }
+        }
+    }
+    // Everything, in order, without a disconnect: each poll took its bytes off the backlog.
+    assert_eq!(received, (0..100).collect::<Vec<u64>>());
+    assert_eq!(
+        metric(&api_a, "chorus_slow_socket_disconnects_total", &[]).await,
+        1.0,
+        "only the stalled client"
+    );
+    assert_eq!(
+        metric(
+            &api_a,
+            "chorus_limit_refusals_total",
+            &[("limit", "socket_buffer_bytes")]
+        )
+        .await,
+        1.0
+    );
+    // When the stalled client polls again it gets what was queued before the limit (about
+    // SOCKET_BUFFER_BYTES), then the disconnect: it is told, and nothing after it is queued.
+    let mut queued = 0;
+    let ended = loop {
+        let (status, packets) = stalled.poll().await;
+        if status != 200 {
+            break status;
+        }
+        queued += packets.iter().filter(|p| p.starts_with("42")).count();
+        if packets.iter().any(|p| p == "41") {
+            break status;
+        }
+        assert!(queued < 100, "the stalled client got everything");
+    };
+    assert_eq!(ended, 200, "the disconnect packet reaches the client");
+    assert!(
+        (15..=17).contains(&queued),
+        "{queued} messages of 64 KiB were queued for 1 MiB"
+    );
+    let (_, peak) = memory(a.pid());
+    println!(
+        "6.4 MiB to a long-polling client that stopped polling: RSS {} MiB before, peak {} MiB",
+        rss_before / MIB,
+        peak / MIB
+    );
+    assert!(
+        peak < rss_before + 32 * MIB,
+        "peak {peak} vs {rss_before} before"
     );
 }
 

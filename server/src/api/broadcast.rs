@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::{ApiJson, OkBody};
 use crate::{
-    delivery::deliver,
+    delivery::Message,
     error::{ErrorBody, Failure},
     state::AppState,
     validate,
@@ -56,16 +56,15 @@ pub async fn broadcast(
     let except = body
         .except
         .iter()
-        .map(|id| validate::socket_id(id).map(validate::socket_room))
+        .map(|id| validate::socket_id(id))
         .collect::<Result<Vec<_>, _>>()?;
-    let target = || {
-        let op = match &body.rooms {
-            Some(rooms) => state.io.to(rooms.clone()),
-            None => state.io.broadcast(),
-        };
-        op.except(except.clone())
+    let msg = Message {
+        rooms: body.rooms.unwrap_or_default(),
+        except,
+        event: body.event,
+        data: body.data,
     };
     state.metrics.broadcasts.inc();
-    deliver(&state.metrics, target, &body.event, &body.data).await?;
+    state.delivery.send(&msg).await?;
     Ok((StatusCode::ACCEPTED, Json(OkBody { ok: true })))
 }
