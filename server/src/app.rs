@@ -29,6 +29,7 @@ use crate::{
     conn::{self, StreamLimits},
     delivery::{self, Delivery},
     error::{self, ErrorCode, Failure},
+    history::{History, HistoryConfig},
     limits::{Capacity, SocketLimitConfig},
     metrics::{Limit, Metrics},
     ops,
@@ -88,7 +89,20 @@ impl Server {
         let max_payload = usize::try_from(config.max_payload).unwrap_or(usize::MAX);
         let capacity = Capacity::new(config.max_connections as usize);
         let socket_buffer = usize::try_from(config.socket_buffer_bytes).unwrap_or(usize::MAX);
-        let delivery = Delivery::new(bus.clone(), &config.channel_prefix, metrics.clone());
+        let history = History::new(
+            bus.clone(),
+            &config.channel_prefix,
+            HistoryConfig {
+                size: config.history_size as usize,
+                ttl: Duration::from_secs(config.history_ttl_seconds),
+            },
+        );
+        let delivery = Delivery::new(
+            bus.clone(),
+            &config.channel_prefix,
+            metrics.clone(),
+            history,
+        );
         let socket_ctx = Arc::new(SocketCtx {
             policy: Policy::from_config(config),
             metrics: metrics.clone(),
@@ -96,10 +110,10 @@ impl Server {
             limits: SocketLimitConfig {
                 rate: config.socket_rate,
                 max_rooms: config.max_rooms_per_socket as usize,
-                buffer_bytes: socket_buffer,
             },
             capacity: capacity.clone(),
             delivery: delivery.clone(),
+            socket_buffer,
         });
         let ws_limit =
             usize::try_from(config.max_payload.saturating_add(FRAME_SLACK)).unwrap_or(usize::MAX);
@@ -241,7 +255,7 @@ async fn refuse_over_capacity(
 }
 
 /// Counts what each long-polling response takes from its socket's backlog (see
-/// `SocketLimits::queued`): the engine sends at most `MAX_PAYLOAD` of it per poll.
+/// `delivery::Outbox::queued`): the engine sends at most `MAX_PAYLOAD` of it per poll.
 async fn count_polled(
     axum::extract::State(io): axum::extract::State<SocketIo<Adapter>>,
     req: Request,

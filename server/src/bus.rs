@@ -46,6 +46,16 @@ pub enum BusError {
     Redis(#[from] redis::RedisError),
 }
 
+impl BusError {
+    /// True when the link itself failed (not a command that Redis refused).
+    pub fn is_link_failure(&self) -> bool {
+        match self {
+            BusError::Unavailable | BusError::Timeout(_) => true,
+            BusError::Redis(e) => e.is_io_error() || e.is_connection_dropped() || e.is_timeout(),
+        }
+    }
+}
+
 /// The cluster link as readiness reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkState {
@@ -194,6 +204,11 @@ impl Bus {
         })
     }
 
+    /// True for a single node's in-process bus.
+    pub fn is_memory(&self) -> bool {
+        self.redis.is_none()
+    }
+
     /// Watch the link state (readiness, metrics).
     pub fn state(&self) -> watch::Receiver<LinkState> {
         self.shared.state.subscribe()
@@ -288,26 +303,79 @@ impl Bus {
         }
     }
 
+    /// Hands `payload` to this process's subscriber of `chan` at once, behind everything that
+    /// arrived for it before: a memory bus's publish (so the history can publish under its own
+    /// lock), or a marker that a subscriber uses to know it has handled all that came before.
+    /// False when nobody here listens on `chan`.
+    pub fn deliver_here(&self, chan: String, payload: Vec<u8>) -> bool {
+        self.shared.deliver(chan, payload)
+    }
+
+    /// Runs a Lua script on Redis; `None` on a memory bus. A lost link marks the bus down, an
+    /// error raised by the script itself does not.
+    pub async fn script<T: FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Option<T>, BusError> {
+        let Some(mut conn) = self.live_conn()? else {
+            return Ok(None);
+        };
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let result = bounded(invocation.invoke_async(&mut conn)).await;
+        if let Err(e) = &result
+            && e.is_link_failure()
+        {
+            self.shared.mark_down();
+            self.shared.wake.notify_one();
+        }
+        result.map(Some)
+    }
+
     /// Subscribes to one channel. Never fails for a Redis that is down: the channel is
     /// subscribed as soon as the link returns.
     pub async fn subscribe_channel(&self, chan: String) -> mpsc::UnboundedReceiver<ChanItem> {
+        self.subscribe_channels(vec![chan]).await
+    }
+
+    /// Subscribes to several channels whose messages arrive on one queue, in the order Redis
+    /// sent them.
+    pub async fn subscribe_channels(
+        &self,
+        chans: Vec<String>,
+    ) -> mpsc::UnboundedReceiver<ChanItem> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.shared
-            .handlers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(chan.clone(), tx);
+        {
+            let mut handlers = self
+                .shared
+                .handlers
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            for chan in &chans {
+                handlers.insert(chan.clone(), tx.clone());
+            }
+        }
         let up = {
             let mut w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
-            w.channels.insert(chan.clone());
+            w.channels.extend(chans.iter().cloned());
             w.version += 1;
             self.shared.up.load(Ordering::SeqCst)
         };
         if up
             && let Some(link) = &self.redis
-            && let Err(e) = bounded(link.conn.clone().subscribe(&chan)).await
+            && let Err(e) = bounded(link.conn.clone().subscribe(&chans)).await
         {
-            tracing::debug!(chan, "subscribe failed, retried when the link is back: {e}");
+            tracing::debug!(
+                ?chans,
+                "subscribe failed, retried when the link is back: {e}"
+            );
             self.shared.mark_down();
             self.shared.wake.notify_one();
         }

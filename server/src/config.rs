@@ -123,6 +123,14 @@ pub struct Config {
     #[arg(long, env = "SOCKET_BUFFER_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1024..))]
     pub socket_buffer_bytes: u64,
 
+    /// Messages kept per room for `resume`; 0 turns history off.
+    #[arg(long, env = "HISTORY_SIZE", default_value_t = 100)]
+    pub history_size: u32,
+
+    /// Seconds a room's history outlives its last message.
+    #[arg(long = "history-ttl", env = "HISTORY_TTL_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub history_ttl_seconds: u64,
+
     /// When set, tokens must carry this `aud`.
     #[arg(long, env = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
@@ -350,6 +358,8 @@ mod tests {
         assert_eq!(c.max_rooms_per_socket, 128);
         assert_eq!(c.socket_rate, 100);
         assert_eq!(c.socket_buffer_bytes, 1_048_576);
+        assert_eq!(c.history_size, 100);
+        assert_eq!(c.history_ttl_seconds, 300);
         assert_eq!((c.jwt_audience, c.jwt_issuer), (None, None));
         assert!(c.command.is_none());
     }

@@ -145,7 +145,8 @@ impl IntoResponse for Failure {
     }
 }
 
-/// The socket acknowledgement: `{"ok":true}` or `{"ok":false,"error":..,"message":..}`.
+/// The socket acknowledgement: `{"ok":true}` (with what the event reports, see [`Done`]) or
+/// `{"ok":false,"error":..,"message":..}`.
 #[derive(Debug, Serialize)]
 pub struct Ack {
     pub ok: bool,
@@ -153,20 +154,44 @@ pub struct Ack {
     pub error: Option<ErrorCode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    #[serde(flatten)]
+    pub done: Done,
 }
 
-impl From<Result<(), Failure>> for Ack {
-    fn from(r: Result<(), Failure>) -> Self {
+/// What a successful event reports besides `ok`.
+#[derive(Debug, Default, Serialize)]
+pub struct Done {
+    /// `publish`: the message's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `resume`: whether nothing could have been missed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+    /// `join` and `resume` with history on: where the socket stands.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<String>,
+}
+
+impl From<()> for Done {
+    fn from((): ()) -> Self {
+        Done::default()
+    }
+}
+
+impl From<Result<Done, Failure>> for Ack {
+    fn from(r: Result<Done, Failure>) -> Self {
         match r {
-            Ok(()) => Ack {
+            Ok(done) => Ack {
                 ok: true,
                 error: None,
                 message: None,
+                done,
             },
             Err(f) => Ack {
                 ok: false,
                 error: Some(f.code),
                 message: Some(f.message),
+                done: Done::default(),
             },
         }
     }

@@ -17,6 +17,7 @@
 //! | [`auth`] | the API token, socket JWTs (checks, expiry timers, minting), room patterns | config |
 //! | [`bus`] | the pub/sub link (Redis or memory); the Socket.IO adapter type (local) | config |
 //! | [`cluster`] | acknowledged calls to every replica | bus |
+//! | [`history`] | room histories and offsets for `resume` | bus |
 //! | [`delivery`] | messages to every replica over the bus, and to each local socket (or its disconnect when it falls behind) | bus, error, limits, metrics |
 //! | [`realtime`] | the Socket.IO handlers | auth, bus, delivery, error, limits, metrics, validate |
 //! | [`state`] | what the HTTP handlers share | bus, cluster, config, delivery, metrics |
@@ -33,6 +34,7 @@ pub mod config;
 pub mod conn;
 pub mod delivery;
 pub mod error;
+pub mod history;
 pub mod limits;
 pub mod metrics;
 pub mod ops;

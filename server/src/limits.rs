@@ -1,11 +1,11 @@
-//! Per-socket limits (docs/security.md): the event rate, the rooms a socket may be in, the
-//! bytes waiting for a long-polling socket, and the count of sockets this replica has admitted.
+//! Per-socket limits (docs/security.md): the event rate, the rooms a socket may be in, and
+//! the count of sockets this replica has admitted.
 
 use std::{
     collections::HashSet,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -20,8 +20,6 @@ pub struct SocketLimitConfig {
     /// Events per second; bursts of twice that.
     pub rate: u32,
     pub max_rooms: usize,
-    /// `SOCKET_BUFFER_BYTES`.
-    pub buffer_bytes: usize,
 }
 
 /// What to do with one client event.
@@ -38,10 +36,6 @@ pub enum Admit {
 pub struct SocketLimits {
     config: SocketLimitConfig,
     state: Mutex<State>,
-    /// Bytes queued for the socket while it long-polls and not yet taken by a poll.
-    backlog: AtomicUsize,
-    /// Set once the socket is being disconnected for falling behind.
-    slow: AtomicBool,
     _admission: Option<Admission>,
 }
 
@@ -64,8 +58,6 @@ impl SocketLimits {
                 last_refusal: None,
                 rooms: HashSet::new(),
             }),
-            backlog: AtomicUsize::new(0),
-            slow: AtomicBool::new(false),
             _admission: admission,
         }
     }
@@ -114,35 +106,12 @@ impl SocketLimits {
         true
     }
 
+    pub fn has(&self, room: &str) -> bool {
+        self.lock().rooms.contains(room)
+    }
+
     pub fn exit(&self, room: &str) {
         self.lock().rooms.remove(room);
-    }
-
-    /// Records a message of `bytes` queued for the socket; false once more than
-    /// `SOCKET_BUFFER_BYTES` wait for a long-polling socket. Only long-polling backlogs are
-    /// counted here: a websocket's is counted where it is written (`conn`), and a socket that
-    /// has upgraded starts from zero.
-    pub fn queued(&self, bytes: usize, polling: bool) -> bool {
-        if !polling {
-            self.backlog.store(0, Ordering::Relaxed);
-            return true;
-        }
-        let total = self.backlog.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        total <= self.config.buffer_bytes
-    }
-
-    /// Records that a poll took `bytes` of the backlog.
-    pub fn polled(&self, bytes: usize) {
-        let _ = self
-            .backlog
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(bytes))
-            });
-    }
-
-    /// Marks the socket as being disconnected for falling behind; true the first time only.
-    pub fn mark_slow(&self) -> bool {
-        !self.slow.swap(true, Ordering::Relaxed)
     }
 }
 
@@ -192,12 +161,10 @@ mod tests {
 
     fn limits(rate: u32, max_rooms: usize) -> (SocketLimits, Instant) {
         let now = Instant::now();
-        let config = SocketLimitConfig {
-            rate,
-            max_rooms,
-            buffer_bytes: 1000,
-        };
-        (SocketLimits::new(config, now, None), now)
+        (
+            SocketLimits::new(SocketLimitConfig { rate, max_rooms }, now, None),
+            now,
+        )
     }
 
     #[test]
@@ -254,30 +221,6 @@ mod tests {
         assert!(!l.enter("c"));
         l.exit("a");
         assert!(l.enter("c"));
-    }
-
-    #[test]
-    fn a_polling_backlog_over_the_limit_is_refused_until_polled() {
-        let (l, _) = limits(10, 2);
-        assert!(l.queued(600, true));
-        assert!(!l.queued(600, true), "1200 of 1000 bytes waiting");
-        l.polled(1200);
-        assert!(l.queued(1000, true), "a poll took it all");
-        l.polled(5000);
-        assert!(
-            l.queued(1000, true),
-            "a poll never takes more than was counted"
-        );
-        // An upgraded socket's backlog is counted elsewhere.
-        assert!(l.queued(10_000, false));
-        assert!(l.queued(1000, true));
-    }
-
-    #[test]
-    fn a_slow_socket_is_marked_once() {
-        let (l, _) = limits(10, 2);
-        assert!(l.mark_slow());
-        assert!(!l.mark_slow());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The Socket.IO side: connection auth and the `join`, `leave`, `publish` and `refresh` events.
+//! The Socket.IO side: connection auth and the `join`, `leave`, `publish`, `resume` and
+//! `refresh` events.
 
 use std::{io, sync::Arc, time::Instant};
 
@@ -13,8 +14,9 @@ use socketioxide::{
 use crate::{
     auth::{AuthError, Expiry, Grants, Policy, user_room},
     bus::Adapter,
-    delivery::{self, Delivery, Message},
-    error::{Ack, ErrorCode, Failure},
+    delivery::{self, Delivery, Message, Outbox},
+    error::{Ack, Done, ErrorCode, Failure},
+    history::Stamp,
     limits::{Admit, Capacity, SocketLimitConfig, SocketLimits},
     metrics::{ErrorLabels, Limit, Metrics},
     validate,
@@ -30,6 +32,8 @@ pub struct SocketCtx {
     pub limits: SocketLimitConfig,
     pub capacity: Capacity,
     pub delivery: Arc<Delivery>,
+    /// `SOCKET_BUFFER_BYTES`.
+    pub socket_buffer: usize,
 }
 
 type Ctx = State<Arc<SocketCtx>>;
@@ -86,9 +90,12 @@ async fn authenticate(
     }
     s.extensions.insert(Arc::new(grants));
     s.extensions.insert(Arc::new(limits));
+    s.extensions
+        .insert(Arc::new(Outbox::new(ctx.socket_buffer)));
     s.on("join", on_join);
     s.on("leave", on_leave);
     s.on("publish", on_publish);
+    s.on("resume", on_resume);
     s.on("refresh", on_refresh);
     s.on_fallback(on_unknown);
     Ok(())
@@ -146,7 +153,7 @@ fn admit(s: &Socket, ctx: &SocketCtx) -> Result<Arc<SocketLimits>, Failure> {
 
 /// Sends the event's one ack. An ack that cannot be queued (the client does not read what it
 /// is sent) is not dropped silently: the socket is disconnected, and the client can resume.
-fn reply(s: &Socket, ctx: &SocketCtx, ack: AckSender<Adapter>, result: Result<(), Failure>) {
+fn reply(s: &Socket, ctx: &SocketCtx, ack: AckSender<Adapter>, result: Result<Done, Failure>) {
     if let Err(f) = &result {
         count_refusal(&ctx.metrics, f.code);
     }
@@ -188,31 +195,47 @@ async fn on_join(
     TryData(room): TryData<String>,
     ack: AckSender<Adapter>,
 ) {
-    let result = admit(&s, &ctx)
-        .and_then(|limits| Ok((limits, room_arg(room)?)))
-        .and_then(|(limits, room)| {
-            let grants = grants(&s)
-                .ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
-            if !ctx.policy.may_join(&grants, &room) {
-                return Err(Failure::new(
-                    ErrorCode::Forbidden,
-                    format!("not allowed to join {room:?}"),
-                ));
-            }
-            if !limits.enter(&room) {
-                ctx.metrics.limit_hit(Limit::max_rooms_per_socket);
-                return Err(Failure::new(
-                    ErrorCode::LimitExceeded,
-                    format!(
-                        "a socket may be in {} rooms (MAX_ROOMS_PER_SOCKET)",
-                        ctx.limits.max_rooms
-                    ),
-                ));
-            }
-            s.join(room);
-            Ok(())
-        });
-    reply(&s, &ctx, ack, result);
+    let checked = admit(&s, &ctx).and_then(|limits| {
+        let room = room_arg(room)?;
+        enter(&s, &ctx, &limits, &room)?;
+        Ok(room)
+    });
+    match checked {
+        Ok(room) => {
+            let reply_to = |offset| {
+                let done = Done {
+                    offset,
+                    ..Done::default()
+                };
+                reply(&s, &ctx, ack, Ok(done));
+            };
+            ctx.delivery.join(&s, room, reply_to).await;
+        }
+        Err(f) => reply(&s, &ctx, ack, Err(f)),
+    }
+}
+
+/// Checks that the socket may be in `room` and counts it against its room limit.
+fn enter(s: &Socket, ctx: &SocketCtx, limits: &SocketLimits, room: &str) -> Result<(), Failure> {
+    let grants =
+        grants(s).ok_or_else(|| Failure::new(ErrorCode::Forbidden, "not authenticated"))?;
+    if !ctx.policy.may_join(&grants, room) {
+        return Err(Failure::new(
+            ErrorCode::Forbidden,
+            format!("not allowed to join {room:?}"),
+        ));
+    }
+    if !limits.enter(room) {
+        ctx.metrics.limit_hit(Limit::max_rooms_per_socket);
+        return Err(Failure::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "a socket may be in {} rooms (MAX_ROOMS_PER_SOCKET)",
+                ctx.limits.max_rooms
+            ),
+        ));
+    }
+    Ok(())
 }
 
 async fn on_leave(
@@ -225,7 +248,8 @@ async fn on_leave(
         .and_then(|limits| Ok((limits, room_arg(room)?)))
         .map(|(limits, room)| {
             limits.exit(&room);
-            s.leave(room)
+            s.leave(room);
+            Done::default()
         });
     reply(&s, &ctx, ack, result);
 }
@@ -263,9 +287,67 @@ async fn on_refresh(
                 expiry.extend(exp);
             }
             s.extensions.insert(Arc::new(fresh));
-            Ok(())
+            Ok(Done::default())
         });
     reply(&s, &ctx, ack, result);
+}
+
+/// A `resume` event's payload.
+#[derive(Deserialize)]
+struct Resume {
+    rooms: Vec<String>,
+    #[serde(default)]
+    since: Option<String>,
+}
+
+/// Joins the rooms a client was in and sends it what it missed since its last offset.
+async fn on_resume(
+    s: Socket,
+    State(ctx): Ctx,
+    TryData(body): TryData<Resume>,
+    ack: AckSender<Adapter>,
+) {
+    let checked = admit(&s, &ctx).and_then(|limits| {
+        let body = body.map_err(|_| Failure::invalid("expected {rooms, since}"))?;
+        let since = match &body.since {
+            None => None,
+            Some(offset) => Some(Stamp::parse_offset(offset).ok_or_else(|| {
+                Failure::invalid("since is not an offset this server handed out")
+            })?),
+        };
+        for room in &body.rooms {
+            validate::room(room)?;
+        }
+        let mut entered = Vec::new();
+        for room in &body.rooms {
+            let new = !limits.has(room);
+            if let Err(f) = enter(&s, &ctx, &limits, room) {
+                // All or nothing: the rooms this resume counted are given back.
+                for room in entered {
+                    limits.exit(room);
+                }
+                return Err(f);
+            }
+            if new {
+                entered.push(room);
+            }
+        }
+        Ok((body.rooms, since))
+    });
+    match checked {
+        Ok((rooms, since)) => {
+            let reply_to = |r: delivery::Resumed| {
+                let done = Done {
+                    recovered: Some(r.recovered),
+                    offset: r.offset,
+                    ..Done::default()
+                };
+                reply(&s, &ctx, ack, Ok(done));
+            };
+            ctx.delivery.resume(&s, rooms, since, reply_to).await;
+        }
+        Err(f) => reply(&s, &ctx, ack, Err(f)),
+    }
 }
 
 /// A `publish` event's payload.
@@ -301,7 +383,7 @@ async fn publish(
     s: &Socket,
     ctx: &SocketCtx,
     body: Result<Publish, ParserError>,
-) -> Result<(), Failure> {
+) -> Result<Done, Failure> {
     let body =
         body.map_err(|e| Failure::invalid(format!("expected {{room, event, data}}: {e}")))?;
     let size = json_len(&body);
@@ -325,13 +407,13 @@ async fn publish(
             format!("not allowed to publish to {room:?}"),
         ));
     }
-    let msg = Message {
-        rooms: vec![room],
-        except: vec![s.id],
-        event,
-        data,
-    };
-    ctx.delivery.send(&msg).await
+    let msg = Message::new(vec![room], vec![s.id], event, data);
+    let id = msg.id.clone();
+    ctx.delivery.send(msg).await?;
+    Ok(Done {
+        id: Some(id),
+        ..Done::default()
+    })
 }
 
 /// The length of `value` as JSON, counted without building the text.

@@ -109,7 +109,7 @@ async fn redis_outage_degrades_then_heals_without_restarts() {
             json!({"room": "room", "event": "back", "data": 3}),
         )
         .await;
-    assert_eq!(ack, json!({"ok": true}));
+    support::assert_ok(&ack);
     for (i, c) in clients.iter().enumerate() {
         if i != 2 {
             assert_eq!(c.expect("back").await, json!(3), "client {i}");

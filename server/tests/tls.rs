@@ -114,7 +114,7 @@ async fn rediss_url_connects_over_tls() {
             json!({"room": "secure", "event": "e", "data": "over tls"}),
         )
         .await;
-    assert_eq!(ack, json!({"ok": true}));
+    support::assert_ok(&ack);
     assert_eq!(b.expect("e").await, json!("over tls"));
 
     // Trusting another CA, the replica refuses the certificate, says why, and is not ready.

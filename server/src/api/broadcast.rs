@@ -58,13 +58,13 @@ pub async fn broadcast(
         .iter()
         .map(|id| validate::socket_id(id))
         .collect::<Result<Vec<_>, _>>()?;
-    let msg = Message {
-        rooms: body.rooms.unwrap_or_default(),
+    let msg = Message::new(
+        body.rooms.unwrap_or_default(),
         except,
-        event: body.event,
-        data: body.data,
-    };
+        body.event,
+        body.data,
+    );
     state.metrics.broadcasts.inc();
-    state.delivery.send(&msg).await?;
+    state.delivery.send(msg).await?;
     Ok((StatusCode::ACCEPTED, Json(OkBody { ok: true })))
 }

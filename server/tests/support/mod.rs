@@ -461,10 +461,16 @@ impl Api {
     }
 }
 
+/// Asserts a successful ack: `ok` and no error (what else it carries depends on the event).
+pub fn assert_ok(ack: &Value) {
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert!(ack.get("error").is_none(), "{ack}");
+}
+
 /// A real Socket.IO client (rust_socketio) that records every event it receives.
 pub struct Client {
     pub sio: SioClient,
-    events: Mutex<mpsc::UnboundedReceiver<(String, Value)>>,
+    events: Mutex<mpsc::UnboundedReceiver<(String, Vec<Value>)>>,
 }
 
 pub const EVENT_WAIT: Duration = Duration::from_secs(5);
@@ -492,16 +498,19 @@ impl Client {
             })
             .on(Event::Error, move |payload, _| {
                 let text = payload_text(&payload);
-                let _ = err_tx.send(("chorus-test:error".into(), Value::String(text.clone())));
+                let _ = err_tx.send((
+                    "chorus-test:error".into(),
+                    vec![Value::String(text.clone())],
+                ));
                 let _ = conn_tx.send(Err(text));
                 async {}.boxed()
             })
             .on(Event::Close, move |_, _| {
-                let _ = tx.send(("chorus-test:closed".into(), Value::Null));
+                let _ = tx.send(("chorus-test:closed".into(), Vec::new()));
                 async {}.boxed()
             })
             .on_any(move |event, payload, _| {
-                let _ = any_tx.send((event.as_str().to_owned(), first_arg(payload)));
+                let _ = any_tx.send((event.as_str().to_owned(), all_args(payload)));
                 async {}.boxed()
             });
         if let Some(auth) = auth {
@@ -540,11 +549,22 @@ impl Client {
             .unwrap_or_else(|| panic!("no ack for {event}"))
     }
 
-    pub async fn join(&self, room: &str) {
-        assert_eq!(self.ack("join", json!(room)).await, json!({"ok": true}));
+    /// Joins `room`; returns the ack (with history on, it carries the offset).
+    pub async fn join(&self, room: &str) -> Value {
+        let ack = self.ack("join", json!(room)).await;
+        assert_eq!(ack["ok"], json!(true), "join {room}: {ack}");
+        ack
     }
 
+    /// The next event and its first argument.
     pub async fn next_event(&self, wait: Duration) -> Option<(String, Value)> {
+        self.next_message(wait)
+            .await
+            .map(|(name, args)| (name, args.into_iter().next().unwrap_or(Value::Null)))
+    }
+
+    /// The next event and all its arguments.
+    pub async fn next_message(&self, wait: Duration) -> Option<(String, Vec<Value>)> {
         let mut rx = self.events.lock().await;
         tokio::time::timeout(wait, rx.recv()).await.ok().flatten()
     }
@@ -576,12 +596,15 @@ impl Client {
 }
 
 fn first_arg(payload: Payload) -> Value {
+    all_args(payload).into_iter().next().unwrap_or(Value::Null)
+}
+
+fn all_args(payload: Payload) -> Vec<Value> {
     match payload {
-        Payload::Text(mut values) if !values.is_empty() => values.swap_remove(0),
-        Payload::Text(_) => Value::Null,
-        Payload::Binary(b) => Value::String(format!("<{} bytes>", b.len())),
+        Payload::Text(values) => values,
+        Payload::Binary(b) => vec![Value::String(format!("<{} bytes>", b.len()))],
         #[allow(deprecated)]
-        Payload::String(s) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+        Payload::String(s) => vec![serde_json::from_str(&s).unwrap_or(Value::String(s))],
     }
 }
 
