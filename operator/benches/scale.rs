@@ -76,7 +76,8 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A counter of the operator's own /metrics (served by `controller::run` on loopback).
+/// A counter of the operator's own /metrics (served by `controller::run` on loopback),
+/// summed over its labels if it has any.
 async fn metric(port: u16, name: &str) -> Result<f64, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -89,10 +90,21 @@ async fn metric(port: u16, name: &str) -> Result<f64, String> {
     s.read_to_string(&mut text)
         .await
         .map_err(|e| format!("metrics: {e}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("{name} not in /metrics"))
+    let values: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse().ok()
+        })
+        .collect();
+    if values.is_empty() {
+        return Err(format!("{name} not in /metrics"));
+    }
+    Ok(values.iter().sum())
 }
 
 const RECONCILES: &str = "chorus_operator_reconciles_total";
