@@ -26,7 +26,7 @@ use crate::{
     bus::{Adapter, Bus, BusError, LinkState},
     cluster::Cluster,
     config::Config,
-    conn::{self, StreamLimits},
+    conn::{self, DrainWindow, StreamLimits},
     delivery::{self, Delivery},
     error::{self, ErrorCode, Failure},
     history::{History, HistoryConfig},
@@ -189,8 +189,9 @@ impl Server {
         self.state.cluster.node()
     }
 
-    /// Serves until `shutdown` resolves, then drains: readiness fails at once, sockets are
-    /// closed after the drain delay (so clients reconnect elsewhere), and the call returns.
+    /// Serves until `shutdown` resolves, then drains: readiness fails at once, connections are
+    /// closed one by one over the drain window (so clients reconnect elsewhere and resume),
+    /// what is left is closed at its end, and the call returns.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -204,14 +205,23 @@ impl Server {
             ..
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (drain_tx, drain_rx) = tokio::sync::watch::channel(None);
         let drain_state = state.clone();
         tokio::spawn(async move {
             shutdown.await;
             drain_state.draining.store(true, Ordering::SeqCst);
             tracing::info!(
                 seconds = drain.as_secs(),
-                "shutting down: not ready, draining"
+                "shutting down: not ready, closing connections over the drain"
             );
+            // The first fifth leaves time for the replica to leave the Service's endpoints,
+            // so that clients reconnect elsewhere; then each connection closes at a moment of
+            // its own, so the other replicas see no reconnect storm.
+            let start = tokio::time::Instant::now();
+            let _ = drain_tx.send(Some(DrainWindow {
+                from: start + drain / 5,
+                until: start + drain,
+            }));
             tokio::time::sleep(drain).await;
             tracing::info!("closing sockets");
             drain_state.io.close().await;
@@ -224,6 +234,7 @@ impl Server {
             limits,
             state.metrics.clone(),
             stop_rx,
+            drain_rx,
             SHUTDOWN_GRACE,
         )
         .await;

@@ -95,7 +95,7 @@ pub struct Config {
     #[arg(long, env = "MAX_PAYLOAD", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_payload: u64,
 
-    /// On SIGTERM: seconds of not-ready before sockets are closed.
+    /// On SIGTERM: seconds over which connections are closed, one by one, while not ready.
     #[arg(long, env = "DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
 

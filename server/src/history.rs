@@ -291,9 +291,7 @@ impl History {
                 seq_key,
                 room_prefix,
             } => {
-                let keys: Vec<String> = std::iter::once(seq_key.clone())
-                    .chain(rooms.iter().map(|r| format!("{room_prefix}{r}")))
-                    .collect();
+                let keys = redis_keys(seq_key, room_prefix, rooms);
                 let args = [
                     chan.to_owned(),
                     json.to_owned(),
@@ -338,9 +336,7 @@ impl History {
                 seq_key,
                 room_prefix,
             } => {
-                let keys: Vec<String> = std::iter::once(seq_key.clone())
-                    .chain(rooms.iter().map(|r| format!("{room_prefix}{r}")))
-                    .collect();
+                let keys = redis_keys(seq_key, room_prefix, rooms);
                 let value = bus
                     .script::<RedisValue>(
                         script(&READ_SCRIPT, READ),
@@ -403,6 +399,13 @@ fn parse_snapshot(value: RedisValue, rooms: usize) -> Option<Snapshot> {
         })
         .collect::<Option<_>>()?;
     (logs.len() == rooms).then_some(Snapshot { head, rooms: logs })
+}
+
+/// A script's KEYS: the sequence hash, then each room's stream.
+fn redis_keys(seq_key: &str, room_prefix: &str, rooms: &[String]) -> Vec<String> {
+    std::iter::once(seq_key.to_owned())
+        .chain(rooms.iter().map(|r| format!("{room_prefix}{r}")))
+        .collect()
 }
 
 fn lock(mem: &Mutex<Memory>) -> std::sync::MutexGuard<'_, Memory> {

@@ -2,10 +2,13 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{Api, Client, Cluster, Replica, eventually};
+use support::{
+    Api, Client, Cluster, Replica, eventually,
+    rawws::{Frame, RawWs},
+};
 
 const QUIET: Duration = Duration::from_millis(400);
 
@@ -151,7 +154,8 @@ async fn sigterm_drains_then_closes_sockets_and_exits_zero() {
     let redis = support::Redis::start();
     let mut replica = Replica::spawn(
         "draining",
-        &[("REDIS_URL", redis.url()), ("DRAIN_SECONDS", "3".into())],
+        // Connections start closing after a fifth of the drain: 2 s for what follows.
+        &[("REDIS_URL", redis.url()), ("DRAIN_SECONDS", "10".into())],
     );
     replica.wait_ready();
     let api = Api::new(&replica.url(), None);
@@ -175,12 +179,12 @@ async fn sigterm_drains_then_closes_sockets_and_exits_zero() {
     assert_eq!(client.expect("still").await, json!(1));
     // Then the server closes the sockets and exits 0. (That the client sees its transport
     // close is checked with socket.io-client in tests/js; rust_socketio does not report it.)
-    let status = replica.wait_exit(Duration::from_secs(15));
+    let status = replica.wait_exit(Duration::from_secs(25));
     assert_eq!(status.code(), Some(0), "log:\n{}", replica.log_text());
     let log = replica.log_text();
     assert!(!log.contains("panicked"), "{log}");
     let draining = log
-        .find("shutting down: not ready, draining")
+        .find("shutting down: not ready, closing connections over the drain")
         .expect("drain logged");
     let closing = log.find("closing sockets").expect("socket close logged");
     assert!(draining < closing, "{log}");
@@ -252,4 +256,62 @@ async fn json_logs_carry_no_secrets_even_at_debug_level() {
     for secret in [PASSWORD, TOKEN, JWT_KEY, jwt.as_str()] {
         assert!(!log.contains(secret), "a secret leaked into the log");
     }
+}
+
+/// On SIGTERM each connection is closed at its own moment of the drain window, by closing its
+/// transport (so Socket.IO clients reconnect by themselves), never with a Socket.IO disconnect
+/// (after which they would not).
+#[tokio::test]
+async fn a_drain_closes_transports_one_by_one() {
+    if !support::tools_present(&[]) {
+        return;
+    }
+    const CLIENTS: usize = 40;
+    let mut replica = Replica::spawn("spread", &[("DRAIN_SECONDS", "4".into())]);
+    replica.wait_ready();
+    let mut ends = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut ws = RawWs::open(replica.port).await;
+        assert!(ws.sio_connect(None).await.starts_with("40{"));
+        ends.push(tokio::spawn(async move {
+            let mut disconnect_packet = false;
+            loop {
+                match ws.next_frame(Duration::from_secs(30)).await {
+                    Some(Frame::Text(t)) if t == "41" => disconnect_packet = true,
+                    Some(Frame::Close(_)) | None => break,
+                    Some(_) => {}
+                }
+            }
+            (Instant::now(), ws.ended, disconnect_packet)
+        }));
+    }
+    let signalled = Instant::now();
+    replica.signal("TERM");
+    let mut offsets = Vec::new();
+    for end in ends {
+        let (at, ended, disconnect_packet) = end.await.expect("client task");
+        assert!(ended, "the connection was closed, not left waiting");
+        assert!(
+            !disconnect_packet,
+            "a transport close, not a Socket.IO disconnect"
+        );
+        offsets.push(at.duration_since(signalled));
+    }
+    assert_eq!(replica.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    // Spread over the window rather than all at once: 40 closes over 3.2 s fall in many
+    // quarter-second slots (about 13 on average; at once they would fill one or two).
+    let mut slots: Vec<u128> = offsets.iter().map(|d| d.as_millis() / 250).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    println!(
+        "{CLIENTS} connections closed between {:?} and {:?} after SIGTERM, in {} quarter-second slots",
+        offsets.iter().min(),
+        offsets.iter().max(),
+        slots.len()
+    );
+    assert!(
+        slots.len() >= 5,
+        "closes in {} slots: {offsets:?}",
+        slots.len()
+    );
 }

@@ -16,13 +16,17 @@ use std::{
 use axum::{Router, body::Body, extract::Request};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::watch,
+    time::{Instant, sleep_until},
+};
 use tower::Service;
 
 pub use stream::StreamLimits;
 
 use crate::metrics::Metrics;
-use stream::ConnStream;
+use stream::{ConnStream, abort};
 use timeouts::{DeadlineBody, HEADER_TIMEOUT, HeadTimer};
 
 /// Pause after an accept error such as running out of file descriptors: new connections
@@ -37,15 +41,25 @@ pub fn raise_nofile_limit() {
     }
 }
 
+/// When a draining replica closes its connections: each one at its own moment, picked at
+/// random between `from` and `until`, so the clients do not all reconnect at once.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainWindow {
+    pub from: Instant,
+    pub until: Instant,
+}
+
 /// Serves `router` on `listener` until `stop` turns true, then lets open requests finish for
-/// at most `grace`. Upgraded connections (websockets) are not waited for: their sockets are
-/// closed by the Socket.IO layer.
+/// at most `grace`. Once `drain` holds a window, every connection (websockets too) is closed in
+/// it, at a random moment of its own. Upgraded connections are not waited for at the end:
+/// their sockets are closed by the Socket.IO layer.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: StreamLimits,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
+    drain: watch::Receiver<Option<DrainWindow>>,
     grace: Duration,
 ) {
     let open = Arc::new(AtomicUsize::new(0));
@@ -75,6 +89,7 @@ pub async fn serve(
         }
         let stream = ConnStream::new(tcp, limits, metrics.clone());
         let shared = stream.shared();
+        let tcp = stream.tcp();
         let conn_metrics = metrics.clone();
         let router = router.clone();
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -85,7 +100,7 @@ pub async fn serve(
         let mut builder = http1::Builder::new();
         builder
             .timer(HeadTimer {
-                conn: shared,
+                conn: shared.clone(),
                 metrics: metrics.clone(),
             })
             .header_read_timeout(HEADER_TIMEOUT)
@@ -94,20 +109,38 @@ pub async fn serve(
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         let mut stop = stop.clone();
+        let drain = drain.clone();
         let open = open.clone();
         let closed_tx = closed_tx.clone();
         open.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => log_conn_end(result),
+            let mut close_at = std::pin::pin!(drain_turn(drain));
+            let drained = tokio::select! {
+                result = conn.as_mut() => {
+                    log_conn_end(result);
+                    false
+                }
                 _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
                     conn.as_mut().graceful_shutdown();
                     log_conn_end(conn.await);
+                    false
                 }
-            }
+                () = close_at.as_mut() => {
+                    abort(&tcp);
+                    true
+                }
+            };
             open.fetch_sub(1, Ordering::SeqCst);
             let _ = closed_tx.send(());
+            // A websocket lives on after its HTTP connection is done: close it in its turn too.
+            if !drained && shared.is_websocket() {
+                tokio::select! {
+                    () = shared.dropped() => {}
+                    () = close_at => abort(&tcp),
+                    _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {}
+                }
+            }
         });
     }
     drop(listener);
@@ -121,6 +154,20 @@ pub async fn serve(
     if tokio::time::timeout(grace, all_closed).await.is_err() {
         tracing::warn!("connections still open after the grace period; exiting");
     }
+}
+
+/// Resolves at this connection's moment in the drain window (never, if there is no drain).
+async fn drain_turn(mut drain: watch::Receiver<Option<DrainWindow>>) {
+    let window = match drain.wait_for(Option::is_some).await {
+        Ok(window) => *window,
+        Err(_) => None,
+    };
+    let Some(window) = window else {
+        return std::future::pending().await;
+    };
+    let from = window.from.max(Instant::now());
+    let span = window.until.saturating_duration_since(from);
+    sleep_until(from + span.mul_f64(rand::random::<f64>())).await;
 }
 
 fn log_conn_end(result: Result<(), hyper::Error>) {

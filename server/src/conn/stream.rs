@@ -57,6 +57,8 @@ pub struct Shared {
     metrics: Arc<Metrics>,
     reads: AtomicU64,
     state: Mutex<State>,
+    /// Notified when the stream is dropped (its connection is over).
+    dropped: tokio::sync::Notify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +122,7 @@ impl ConnStream {
                     dropped_at: None,
                     read_waker: None,
                 }),
+                dropped: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -127,9 +130,30 @@ impl ConnStream {
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
     }
+
+    /// The socket, for [`abort`] from outside the stream.
+    pub fn tcp(&self) -> Arc<TcpStream> {
+        self.tcp.clone()
+    }
+}
+
+/// Ends the connection in both directions at once, whoever holds its stream: the client sees
+/// its transport close (and reconnects), the server side reads the end of the stream.
+pub fn abort(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Both);
 }
 
 impl Shared {
+    /// True once the connection has become a websocket.
+    pub fn is_websocket(&self) -> bool {
+        self.lock().mode == Mode::WebSocket
+    }
+
+    /// Resolves once the stream has been dropped (at once if it already was).
+    pub async fn dropped(&self) {
+        self.dropped.notified().await;
+    }
+
     /// Reads that returned data so far (the HTTP timer tells idle from slow with it).
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
@@ -144,6 +168,8 @@ impl Shared {
 impl Drop for ConnStream {
     fn drop(&mut self) {
         self.shared.lock().dropped_at = Some(Instant::now());
+        // Stores a permit when nobody waits yet.
+        self.shared.dropped.notify_one();
     }
 }
 
