@@ -55,6 +55,8 @@ pub const GROUP: &str = "chorus.rs";
     .message("spec.auth applies to flavor chorus only"))]
 #[x_kube(validation = Rule::new("self.flavor == 'chorus' || !has(self.limits)")
     .message("spec.limits applies to flavor chorus only"))]
+#[x_kube(validation = Rule::new("self.flavor == 'chorus' || !has(self.history)")
+    .message("spec.history applies to flavor chorus only"))]
 #[x_kube(validation = Rule::new("self.redis.mode != 'External' || (has(self.redis.external) && self.redis.external.host != '')")
     .message("spec.redis.external.host is required when spec.redis.mode is External"))]
 #[x_kube(validation = Rule::new("self.autoscaling.minReplicas <= self.autoscaling.maxReplicas")
@@ -92,6 +94,10 @@ pub struct RealtimeAppSpec {
     /// Per-replica limits of flavor chorus; each omitted one is the server's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsSpec>,
+    /// Room history for clients that resume after a pod move (flavor chorus); omitted = the
+    /// server's default (100 messages per room for 300 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySpec>,
     #[serde(default)]
     pub service: ServiceSpec,
     #[serde(default)]
@@ -232,6 +238,28 @@ pub struct AuthSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(regex(pattern = r"^[^,]+$")))]
     pub cors_origins: Vec<String>,
+}
+
+/// Room history of chorus-server (`HISTORY_SIZE`, `HISTORY_TTL_SECONDS`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistorySpec {
+    /// Messages kept per room for resume; 0 turns history off.
+    #[serde(default = "default_history_size")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub size: i32,
+    /// How long a room's history outlives its last message.
+    #[serde(default = "default_history_ttl")]
+    #[schemars(range(min = 1))]
+    pub ttl_seconds: i64,
+}
+
+fn default_history_size() -> i32 {
+    100
+}
+
+fn default_history_ttl() -> i64 {
+    300
 }
 
 /// Per-replica limits of chorus-server; each omitted one is the server's default.

@@ -306,6 +306,21 @@ fn auth_settings_and_limits_reach_the_chorus_environment() {
 }
 
 #[test]
+fn history_reaches_the_chorus_environment_with_its_defaults() {
+    let env = env_of(&build(json!({"history": {"size": 500}})));
+    assert_eq!(value(&env, "HISTORY_SIZE"), Some("500"));
+    assert_eq!(value(&env, "HISTORY_TTL_SECONDS"), Some("300"));
+    let env = env_of(&build(json!({"history": {"size": 0, "ttlSeconds": 60}})));
+    assert_eq!(value(&env, "HISTORY_SIZE"), Some("0"), "0 turns it off");
+    assert_eq!(value(&env, "HISTORY_TTL_SECONDS"), Some("60"));
+    let env = env_of(&build(json!({})));
+    assert!(
+        env.iter().all(|e| !e.name.starts_with("HISTORY_")),
+        "omitted: the server's defaults"
+    );
+}
+
+#[test]
 fn sails_gets_the_sails_sockets_settings() {
     let children = build(json!({"flavor": "sails", "image": "acme/sails:1"}));
     let env = env_of(&children);
