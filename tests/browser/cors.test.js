@@ -1,7 +1,8 @@
 // CORS_ORIGINS as a browser sees it: Debian's Chromium opens a page on another origin than
 // chorus-server's, with the Socket.IO client bundles browsers load (socket.io-client 2.x over
 // long-polling with its default credentials, 4.x over websocket). From the allowed origin both
-// sockets join a room and receive a broadcast sent through the HTTP API; from refused origins
+// sockets join a room (the ack says from which offset) and receive a broadcast sent through the
+// HTTP API, with the message's {id, offset} as its last argument; from refused origins
 // both fail to connect, the browser sees 403 answers, and the room holds no socket of theirs.
 'use strict';
 
@@ -145,7 +146,7 @@ test('from an allowed origin: a v2 polling socket and a v4 websocket socket join
   for (const name of ['v2', 'v4']) {
     assert.deepEqual(seen[name].connectErrors, [], `${name} connect errors`);
     assert.deepEqual(seen[name].errors, [], `${name} errors`);
-    assert.deepEqual(seen[name].joinAck, { ok: true }, `${name} join ack`);
+    h.assertJoined(seen[name].joinAck, { what: `${name} join ack` });
   }
   assert.equal(seen.v2.transport, 'polling');
   assert.equal(seen.v4.transport, 'websocket');
@@ -156,8 +157,11 @@ test('from an allowed origin: a v2 polling socket and a v4 websocket socket join
   await waitInPage(page, 'both sockets received the headline',
     () => window.chorus.v2.headlines.length > 0 && window.chorus.v4.headlines.length > 0);
   const got = await page.evaluate(() => window.chorus);
-  assert.deepEqual(got.v2.headlines, [data]);
-  assert.deepEqual(got.v4.headlines, [data]);
+  const metas = ['v2', 'v4'].map((name) => {
+    assert.equal(got[name].headlines.length, 1, `${name} headlines: ${JSON.stringify(got[name].headlines)}`);
+    return h.assertRoomArgs(got[name].headlines[0], data, { what: `${name} headline` });
+  });
+  assert.deepEqual(metas[0], metas[1], 'both sockets got the one message, with its id and offset');
 
   // The browser was shown the page's own origin with credentials allowed (the v2 client sends
   // credentials, so `*` would have been refused by the browser).

@@ -43,17 +43,18 @@ test('claims decide joins and publishes; user:<sub> is joined automatically', as
   assert.equal(forbidden.ok, false);
   assert.equal(forbidden.error, 'forbidden');
   assert.equal(typeof forbidden.message, 'string');
-  assert.deepEqual(await h.ack(bob, 'join', 'team:red'), { ok: true });
-  assert.deepEqual(await h.ack(bob, 'join', 'lobby'), { ok: true });
+  h.assertJoined(await h.ack(bob, 'join', 'team:red'));
+  h.assertJoined(await h.ack(bob, 'join', 'lobby'));
   assert.equal((await h.ack(bob, 'publish', { room: 'team:red', event: 'e', data: 1 })).error, 'forbidden');
   assert.equal((await h.ack(alice, 'publish', { room: 'team:blue', event: 'e', data: 1 })).error, 'forbidden');
 
-  assert.deepEqual(await h.ack(alice, 'publish', { room: 'team:red', event: 'go', data: 'now' }), { ok: true });
-  assert.deepEqual(await bobRec.next(), { event: 'go', args: ['now'] });
+  const id = h.assertPublished(await h.ack(alice, 'publish', { room: 'team:red', event: 'go', data: 'now' }));
+  h.assertRoomMessage(await bobRec.next(), 'go', 'now', { id });
 
   const dm = await h.api(cluster.servers[0].url, 'POST', '/v1/broadcast', { rooms: ['user:bob'], event: 'dm', data: 'psst' }, TOKEN);
   assert.equal(dm.status, 202);
-  assert.deepEqual(await bobRec.next(), { event: 'dm', args: ['psst'] });
+  const dmMeta = h.assertRoomMessage(await bobRec.next(), 'dm', 'psst');
+  assert.notEqual(dmMeta.id, id);
   const unauth = await h.api(cluster.servers[0].url, 'POST', '/v1/broadcast', { event: 'x' });
   assert.deepEqual(unauth.body.error, 'unauthorized');
   assert.equal(await bobRec.next(300), null);
@@ -71,14 +72,14 @@ test('a token that expires without a refresh ends the socket from the server; re
 
   assert.equal((await h.ack(kept, 'refresh', { token: 'nope' })).error, 'unauthorized');
   assert.equal((await h.ack(kept, 'refresh', { token: sign({ sub: 'eve', rooms: ['*'] }) })).error, 'forbidden');
-  assert.deepEqual(await h.ack(kept, 'join', 'old:1'), { ok: true }, 'refused refreshes leave the old token in force');
+  h.assertJoined(await h.ack(kept, 'join', 'old:1'), { what: 'refused refreshes leave the old token in force' });
   assert.deepEqual(await h.ack(kept, 'refresh', { token: sign({ sub: 'kim', rooms: ['new:*'] }) }), { ok: true });
-  assert.deepEqual(await h.ack(kept, 'join', 'new:1'), { ok: true });
+  h.assertJoined(await h.ack(kept, 'join', 'new:1'));
   assert.equal((await h.ack(kept, 'join', 'old:2')).error, 'forbidden');
 
   const [reason] = await droppedGone;
   assert.equal(reason, 'io server disconnect');
   // `kept`'s first token has expired by now too: the refresh moved its end.
   assert.equal(kept.connected, true);
-  assert.deepEqual(await h.ack(kept, 'join', 'new:2'), { ok: true });
+  h.assertJoined(await h.ack(kept, 'join', 'new:2'));
 });

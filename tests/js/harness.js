@@ -2,6 +2,7 @@
 // and stops exactly the processes it started.
 'use strict';
 
+const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
 const net = require('node:net');
 const path = require('node:path');
@@ -132,4 +133,58 @@ function ack(socket, event, data, ms = 5000) {
   return socket.timeout(ms).emitWithAck(event, data);
 }
 
-module.exports = { startRedis, startServer, startCluster, stopAll, api, recorder, once, ack, sleep, until, freePort };
+// What clients see of room history (HISTORY_SIZE, on by default).
+const nonEmptyString = (value, what) => {
+  assert.equal(typeof value, 'string', `${what}: ${JSON.stringify(value)}`);
+  assert.ok(value.length > 0, `${what} is empty`);
+};
+
+// A successful `join` ack: with history on `{ok: true, offset}` (an opaque, non-empty string,
+// where the socket starts receiving), with history off `{ok: true}`. Returns the offset.
+function assertJoined(reply, { history = true, what = 'join ack' } = {}) {
+  if (!history) {
+    assert.deepEqual(reply, { ok: true }, what);
+    return undefined;
+  }
+  assert.ok(reply && typeof reply === 'object', `${what}: ${JSON.stringify(reply)}`);
+  nonEmptyString(reply.offset, `${what} offset`);
+  assert.deepEqual(reply, { ok: true, offset: reply.offset }, what);
+  return reply.offset;
+}
+
+// A successful `publish` ack: `{ok: true, id}` with the message's id (32 hex digits). Returns it.
+function assertPublished(reply, what = 'publish ack') {
+  assert.ok(reply && typeof reply === 'object', `${what}: ${JSON.stringify(reply)}`);
+  assert.match(String(reply.id), /^[0-9a-f]{32}$/, `${what} id`);
+  assert.deepEqual(reply, { ok: true, id: reply.id }, what);
+  return reply.id;
+}
+
+// The arguments a room message arrives with while history is on: the data, then
+// `{id, offset}` (when `id` is given, the id must be that one: the publisher's ack's).
+// Returns that last argument.
+function assertRoomArgs(args, data, { id, what = 'room message' } = {}) {
+  assert.ok(Array.isArray(args), `${what}: arguments ${JSON.stringify(args)}`);
+  assert.equal(args.length, 2, `${what}: arguments ${JSON.stringify(args)}`);
+  assert.deepEqual(args[0], data, `${what} data`);
+  const meta = args[1];
+  assert.ok(meta && typeof meta === 'object', `${what}: last argument ${JSON.stringify(meta)}`);
+  assert.deepEqual(Object.keys(meta).sort(), ['id', 'offset'], `${what}: last argument ${JSON.stringify(meta)}`);
+  nonEmptyString(meta.id, `${what} id`);
+  nonEmptyString(meta.offset, `${what} offset`);
+  if (id !== undefined) assert.equal(meta.id, id, `${what} id is the publish ack's`);
+  return meta;
+}
+
+// The same for an item of `recorder`: the event's name, then its arguments as above.
+function assertRoomMessage(got, event, data, opts = {}) {
+  const what = opts.what || event;
+  assert.ok(got, `${what}: nothing arrived`);
+  assert.equal(got.event, event, `${what}: event ${JSON.stringify(got)}`);
+  return assertRoomArgs(got.args, data, { ...opts, what });
+}
+
+module.exports = {
+  startRedis, startServer, startCluster, stopAll, api, recorder, once, ack, sleep, until, freePort,
+  assertJoined, assertPublished, assertRoomArgs, assertRoomMessage,
+};
