@@ -211,9 +211,17 @@ impl EventMatcher {
         if let Some(inner) = payload
             .strip_prefix(self.prefix.as_str())
             .and_then(|r| r.strip_suffix(']'))
-            && let Ok(d) = serde_json::from_str::<WireData<&str>>(inner)
         {
-            return EventKind::Bench(d.into_delivery());
+            // The data, then possibly more arguments (chorus' `{id, offset}` of a room
+            // message): only the data is read.
+            let mut values =
+                serde_json::Deserializer::from_str(inner).into_iter::<WireData<&str>>();
+            if let Some(Ok(d)) = values.next() {
+                let rest = &inner[values.byte_offset()..];
+                if rest.is_empty() || rest.starts_with(',') {
+                    return EventKind::Bench(d.into_delivery());
+                }
+            }
         }
         self.classify_slow(payload)
     }
@@ -423,6 +431,9 @@ mod tests {
         // keys re-ordered (a server that re-serialises), spaces, escapes
         let slow = r#"[ "bench" , {"i":11.25,"m":1,"p":"x\u0078xx","r":3,"s":8,"t":12.5,"x":-1} ]"#;
         assert_eq!(m.classify(slow), EventKind::Bench(bench(8)));
+        // A room message with history on: the data, then {id, offset}.
+        let with_meta = r#"["bench",{"s":9,"t":12.5,"i":11.25,"r":3,"m":1,"x":-1,"p":"xxxx"},{"id":"ab","offset":"1-2-3"}]"#;
+        assert_eq!(m.classify(with_meta), EventKind::Bench(bench(9)));
         assert_eq!(m.classify(r#"["other",{"s":1}]"#), EventKind::Other);
         assert_eq!(m.classify(r#"["bench",{"s":-1}]"#), EventKind::Malformed);
         assert_eq!(m.classify(r#"["bench"]"#), EventKind::Malformed);

@@ -242,7 +242,10 @@ pub fn container_env(a: &App<'_>, redis: &RedisEndpoint) -> Vec<EnvVar> {
             }
             if let Some(history) = &a.app.spec.history {
                 env.push(plain("HISTORY_SIZE", history.size.to_string()));
-                env.push(plain("HISTORY_TTL_SECONDS", history.ttl_seconds.to_string()));
+                env.push(plain(
+                    "HISTORY_TTL_SECONDS",
+                    history.ttl_seconds.to_string(),
+                ));
             }
         }
         Flavor::Sails => {
