@@ -24,6 +24,7 @@ use crate::{
     api,
     auth::Policy,
     bus::{Adapter, Bus, BusError, LinkState},
+    client,
     cluster::Cluster,
     config::Config,
     conn::{self, DrainWindow, StreamLimits},
@@ -147,6 +148,7 @@ impl Server {
         });
         let router = Router::new()
             .merge(ops::router())
+            .merge(client::router())
             .merge(api::router(state.clone()))
             .layer(middleware::map_response(error::json_errors))
             .layer(DefaultBodyLimit::max(max_payload))

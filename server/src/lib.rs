@@ -18,17 +18,19 @@
 //! | [`bus`] | the pub/sub link (Redis or memory); the Socket.IO adapter type (local) | config |
 //! | [`cluster`] | acknowledged calls to every replica | bus |
 //! | [`history`] | room histories and offsets for `resume` | bus |
-//! | [`delivery`] | messages to every replica over the bus, and to each local socket (or its disconnect when it falls behind) | bus, error, limits, metrics |
-//! | [`realtime`] | the Socket.IO handlers | auth, bus, delivery, error, limits, metrics, validate |
+//! | [`delivery`] | messages to every replica over the bus, and to each local socket (or its disconnect when it falls behind) | bus, error, history, metrics |
+//! | [`realtime`] | the Socket.IO handlers | auth, bus, delivery, error, history, limits, metrics, validate |
 //! | [`state`] | what the HTTP handlers share | bus, cluster, config, delivery, metrics |
 //! | [`ops`] | health, readiness, metrics endpoints; request metrics | bus, metrics, state |
+//! | [`client`] | the JavaScript client helper, served at `/client/chorus.js` | |
 //! | [`api`] | the `/v1` HTTP API and its OpenAPI description | auth, cluster, delivery, error, ops, state, validate |
-//! | [`app`] | wiring, serving and shutdown | api, auth, bus, cluster, config, conn, delivery, error, limits, metrics, ops, origins, realtime, state |
+//! | [`app`] | wiring, serving and shutdown | api, auth, bus, client, cluster, config, conn, delivery, error, history, limits, metrics, ops, origins, realtime, state |
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod bus;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod conn;

@@ -322,3 +322,62 @@ async fn the_openapi_description_lists_the_new_error_answers() {
         assert!(refused.is_object(), "{path} {method}: {refused}");
     }
 }
+
+#[tokio::test]
+async fn the_client_helper_is_served_byte_for_byte_without_a_token() {
+    // With an API token and a JWT secret: the helper is loaded by a page before it has either.
+    let r = Replica::spawn(
+        "client-helper",
+        &[
+            ("API_TOKEN", "tok".into()),
+            ("JWT_SECRET", "a-secret-of-some-length".into()),
+        ],
+    );
+    let file = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../clients/js/chorus.js"
+    ))
+    .expect("clients/js/chorus.js");
+    let http = reqwest::Client::new();
+    let url = format!("{}/client/chorus.js", r.url());
+    let resp = http.get(&url).send().await.expect("answers");
+    assert_eq!(resp.status(), 200);
+    let headers = resp.headers().clone();
+    assert_eq!(
+        header(&headers, "content-type"),
+        Some("application/javascript; charset=utf-8")
+    );
+    assert_eq!(
+        header(&headers, "cache-control"),
+        Some("public, max-age=300")
+    );
+    let body = resp.bytes().await.expect("body");
+    assert!(
+        body.as_ref() == file.as_slice(),
+        "served bytes differ from the repository file"
+    );
+
+    // Revalidation: the ETag answers 304 without a body.
+    let etag = header(&headers, "etag").expect("an ETag").to_owned();
+    let resp = http
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(resp.status(), 304);
+    assert_eq!(header(resp.headers(), "etag"), Some(etag.as_str()));
+    assert!(resp.bytes().await.expect("body").is_empty());
+    let resp = http
+        .get(&url)
+        .header("if-none-match", "\"something-else\"")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(resp.status(), 200);
+
+    // A page on an allowed origin may fetch it too (CORS_ORIGINS is `*` here).
+    let (status, headers, _) = get(&http, &url, Some(APP)).await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "access-control-allow-origin"), Some(APP));
+}
