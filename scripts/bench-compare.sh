@@ -12,7 +12,8 @@
 #
 # Knobs (defaults in brackets):
 #   SERVERS [chorus socketio sails]     chorus = target/release/chorus-server; others = ../shared/bench/peer-<name>;
-#                                       chorus-before = the binary BEFORE_BIN (an older build, for before/after)
+#                                       chorus-before = the binary BEFORE_BIN (an older build, for before/after);
+#                                       chorus-nohistory = chorus with HISTORY_SIZE=0
 #   LOADGENS [chorus-bench node]        chorus-bench = target/release/chorus-bench; node = ../shared/bench/loadgen
 #   SCENARIOS [all below]               REPLICAS [3]   DURATION [10]   ROUNDS [1]
 #   OUT [bench/results/compare-<date>.jsonl]   REPORT_DIR [docs/benchmarks] (empty: no report)
@@ -116,10 +117,11 @@ start_redis() {
 # server_cmd NAME: sets DIR, CMD and GC for a server
 server_cmd() {
   case $1 in
-    chorus) DIR=$ROOT CMD="$ROOT/target/release/chorus-server" GC="" LABEL=chorus ;;
-    chorus-before) DIR=$ROOT CMD=${BEFORE_BIN:?set BEFORE_BIN to the older chorus-server binary} GC="" LABEL=chorus-before ;;
+    chorus) DIR=$ROOT CMD="$ROOT/target/release/chorus-server" GC="" LABEL=chorus EXTRA_ENV="" ;;
+    chorus-nohistory) DIR=$ROOT CMD="$ROOT/target/release/chorus-server" GC="" LABEL=chorus-nohistory EXTRA_ENV="HISTORY_SIZE=0" ;;
+    chorus-before) DIR=$ROOT CMD=${BEFORE_BIN:?set BEFORE_BIN to the older chorus-server binary} GC="" LABEL=chorus-before EXTRA_ENV="" ;;
     *)
-      LABEL=peer-$1
+      LABEL=peer-$1 EXTRA_ENV=""
       DIR=$PEER_WORK/peer-$1
       CMD="node --expose-gc $(cd "$DIR" && node -p 'require("./package.json").main || "server.js"')"
       GC=SIGWINCH ;;
@@ -133,7 +135,7 @@ start_servers() { # name tag
     port=$(free_port)
     # DRAIN_SECONDS=0: chorus-server would otherwise keep its sockets open for the drain delay.
     (cd "$DIR" && PORT=$port REDIS_URL=$REDIS_URL API_TOKEN=$TOKEN NODE_ENV=production \
-      DRAIN_SECONDS=0 exec $CMD) >"$LOGDIR/$tag-s$i.log" 2>&1 &
+      DRAIN_SECONDS=0 exec env $EXTRA_ENV $CMD) >"$LOGDIR/$tag-s$i.log" 2>&1 &
     SERVER_PIDS+=("$!")
     SERVER_URLS+=("http://127.0.0.1:$port")
   done

@@ -21,7 +21,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, value::RawValue};
 use socketioxide::{SendError, SocketError, SocketIo, TransportType, socket::Sid};
 use tokio::sync::{OnceCell, oneshot};
 
@@ -35,7 +35,7 @@ use crate::{
 type Socket = socketioxide::extract::SocketRef<Adapter>;
 
 /// One message for sockets, as it travels between replicas.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Message {
     /// Unique per message, cluster-wide.
     pub id: String,
@@ -46,17 +46,20 @@ pub struct Message {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub except: Vec<Sid>,
     pub event: String,
-    pub data: Value,
+    /// The JSON as the publisher sent it: parsed once where it comes in, then only copied.
+    pub data: Box<RawValue>,
 }
 
 impl Message {
-    pub fn new(rooms: Vec<String>, except: Vec<Sid>, event: String, data: Value) -> Self {
+    pub fn new(rooms: Vec<String>, except: Vec<Sid>, event: String, data: &Value) -> Self {
         Self {
             id: format!("{:032x}", rand::random::<u128>()),
             rooms,
             except,
             event,
-            data,
+            // Serialising a Value cannot fail (its map keys are strings).
+            data: serde_json::value::to_raw_value(data)
+                .unwrap_or_else(|_| RawValue::NULL.to_owned()),
         }
     }
 }
@@ -581,7 +584,7 @@ mod tests {
     fn held_messages_are_bounded_and_only_while_holding() {
         let o = Outbox::new(100);
         let d = Arc::new(Delivered::new(
-            Message::new(vec![], vec![], "e".into(), Value::Null),
+            Message::new(vec![], vec![], "e".into(), &Value::Null),
             None,
             60,
         ));
@@ -593,8 +596,8 @@ mod tests {
 
     #[test]
     fn message_ids_differ() {
-        let a = Message::new(vec![], vec![], "e".into(), Value::Null);
-        let b = Message::new(vec![], vec![], "e".into(), Value::Null);
+        let a = Message::new(vec![], vec![], "e".into(), &Value::Null);
+        let b = Message::new(vec![], vec![], "e".into(), &Value::Null);
         assert_ne!(a.id, b.id);
         assert_eq!(a.id.len(), 32);
     }

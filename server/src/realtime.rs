@@ -407,7 +407,7 @@ async fn publish(
             format!("not allowed to publish to {room:?}"),
         ));
     }
-    let msg = Message::new(vec![room], vec![s.id], event, data);
+    let msg = Message::new(vec![room], vec![s.id], event, &data);
     let id = msg.id.clone();
     ctx.delivery.send(msg).await?;
     Ok(Done {

@@ -62,7 +62,7 @@ pub async fn broadcast(
         body.rooms.unwrap_or_default(),
         except,
         body.event,
-        body.data,
+        &body.data,
     );
     state.metrics.broadcasts.inc();
     state.delivery.send(msg).await?;
