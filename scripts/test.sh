@@ -4,8 +4,9 @@
 #   processes, a Rust Socket.IO client, the operator against an in-memory API and the CRD on
 #   shared/tools/crd-apiserver); the Helm chart and manifests checked with Helm 4's library and
 #   the Kubernetes OpenAPI schemas, and checkov's static checks (pinned Python tools in venvs);
-#   the JavaScript client tests (socket.io-client 4 and 2); a browser test (Debian's Chromium
-#   through puppeteer-core, pages on allowed and refused origins); the benchmark peers' protocol
+#   the JavaScript client tests (socket.io-client 4 and 2); browser tests (Debian's Chromium
+#   through puppeteer-core: pages on allowed and refused origins, and the example chat page
+#   across a SIGKILL and restart of its replica); the benchmark peers' protocol
 #   smoke check and a short chorus/peer comparison through scripts/bench-compare.sh.
 # Needs: cargo, node/npm, python3, kubectl, redis-server, chromium (.ci/run installs what a fresh
 # machine lacks).
@@ -55,9 +56,9 @@ step "JavaScript client tests"
 CHORUS_SERVER_BIN=$root/target/debug/chorus-server npm --prefix tests/js test
 
 if [ ! -x /usr/bin/chromium ]; then
-  cannot_run "browser test (cross-origin pages in Chromium)" "/usr/bin/chromium not found (.ci/run installs Debian's chromium)"
+  cannot_run "browser tests (cross-origin pages and the chat page in Chromium)" "/usr/bin/chromium not found (.ci/run installs Debian's chromium)"
 else
-  step "browser test: Chromium pages on allowed and refused origins (socket.io-client 2 and 4)"
+  step "browser tests: Chromium pages on allowed and refused origins (socket.io-client 2 and 4); the chat page across a replica restart"
   (cd tests/browser && PUPPETEER_SKIP_DOWNLOAD=true npm ci --no-audit --no-fund --loglevel=error)
   CHORUS_SERVER_BIN=$root/target/debug/chorus-server CHROMIUM_BIN=/usr/bin/chromium npm --prefix tests/browser test
 fi

@@ -8,14 +8,9 @@
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const fs = require('node:fs');
-const http = require('node:http');
-const os = require('node:os');
-const path = require('node:path');
-const puppeteer = require('puppeteer-core');
+const chromium = require('./chromium');
 const h = require('../js/harness');
 
-const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const TOKEN = 'browser-test-token';
 const WAIT_MS = 10000;
 
@@ -26,18 +21,7 @@ const FILES = {
   '/socket.io-v4.min.js': ['node_modules/socket.io-client/dist/socket.io.min.js', 'text/javascript'],
 };
 
-function serveStatic(port) {
-  const server = http.createServer((req, res) => {
-    const file = FILES[new URL(req.url, 'http://page').pathname];
-    if (!file) { res.writeHead(404).end(); return; }
-    res.writeHead(200, { 'content-type': file[1], 'cache-control': 'no-store' });
-    fs.createReadStream(path.join(__dirname, file[0])).pipe(res);
-  });
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(port, '127.0.0.1', () => resolve(server));
-  });
-}
+const serveStatic = (port) => chromium.serveStatic(FILES, port);
 
 // The requests a page makes to chorus-server, as the browser's network panel shows them:
 // each polling request and websocket handshake with the status the server answered and the
@@ -88,7 +72,6 @@ async function waitInPage(page, what, fn) {
 }
 
 let browser;
-let profile;
 let server;
 const statics = [];
 let pagePort;
@@ -101,30 +84,13 @@ test.before(async () => {
     CORS_ORIGINS: `http://127.0.0.1:${pagePort}`, API_TOKEN: TOKEN,
   });
   server.otherPort = otherPort;
-  profile = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-chromium-'));
-  browser = await puppeteer.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    userDataDir: profile,
-    timeout: 30000,
-    protocolTimeout: 30000,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  browser = await chromium.launch();
 });
 
 test.after(async () => {
-  if (browser) {
-    const proc = browser.process();
-    let timer;
-    const late = new Promise((resolve) => { timer = setTimeout(resolve, 10000); });
-    await Promise.race([browser.close().catch(() => {}), late]);
-    clearTimeout(timer);
-    if (proc && proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
-  }
+  await chromium.close(browser);
   for (const s of statics) { s.closeAllConnections(); s.close(); }
   await h.stopAll();
-  if (profile) fs.rmSync(profile, { recursive: true, force: true });
 });
 
 async function open(origin) {
