@@ -22,6 +22,7 @@ const skip = missing ? h.cannotRun(SUITE, missing) : false;
 const CLIENTS = Number(process.env.CHAOS_CLIENTS || 200);
 const ROOMS = ['r0', 'r1', 'r2', 'r3', 'r4'];
 const PUBLISH_EVERY = 150; // ms between two sends of one publisher
+const FLOW = 1500; // deliveries between two moves
 const CONVERGE = 60000; // longest wait for every client to have every acknowledged message
 const SERVER_ENV = { DRAIN_SECONDS: '2', HISTORY_SIZE: '2000' };
 
@@ -71,6 +72,8 @@ test('chaos: every acknowledged message reaches every client once and in order a
   }
   for (let i = 0; i < 3; i++) await startReplica();
 
+  let phase = 'start';
+  const rawDupLog = [];
   // The clients, all joined before anything is published.
   const clients = [];
   for (let i = 0; i < CLIENTS; i++) {
@@ -78,11 +81,21 @@ test('chaos: every acknowledged message reaches every client once and in order a
     const socket = kind.connect(proxy.url, { client: `c${i}` });
     sockets.push(socket);
     const chorus = Chorus.wrap(socket, { timeout: 10000, remember: 100000 });
-    const c = { i, kind: kind.name, rooms: roomsOf(i), chorus, got: [], raw: 0, rawIds: new Set(), rawDups: 0, gaps: 0, resumes: 0, errors: [] };
+    const c = { i, kind: kind.name, rooms: roomsOf(i), chorus, got: [], raw: 0, rawIds: new Map(), rawDups: 0, gaps: 0, resumes: 0, errors: [] };
     // What reached the socket, before the helper's duplicate filter (counted, for the report).
+    // Each copy is noted with the connection it came on and the move under way, so a repeated
+    // one can be told apart (a replay after a resume, or a second live copy).
+    let connects = 0;
+    socket.on('connect', () => { connects += 1; });
     socket.on('m', (data, meta) => {
       c.raw += 1;
-      if (meta && meta.id) { if (c.rawIds.has(meta.id)) c.rawDups += 1; else c.rawIds.add(meta.id); }
+      if (!meta || !meta.id) return;
+      const at = { conn: connects, resumes: c.resumes, phase, offset: meta.offset };
+      const first = c.rawIds.get(meta.id);
+      if (first) {
+        c.rawDups += 1;
+        rawDupLog.push(`client ${i} (${kind.name}) ${data.from}:${data.n} id ${meta.id}: first ${JSON.stringify(first)}, again ${JSON.stringify(at)}`);
+      } else c.rawIds.set(meta.id, at);
     });
     chorus.on('m', (data, meta) => { c.got.push({ key: `${data.from}:${data.n}`, from: data.from, n: data.n, id: meta && meta.id }); check(); });
     chorus.on('gap', () => { c.gaps += 1; });
@@ -149,11 +162,18 @@ test('chaos: every acknowledged message reaches every client once and in order a
   // Let messages flow before each move: some deliveries after the previous one.
   const flowing = async (label) => {
     const base = received();
-    await until(`messages flowing (${label})`, () => received() >= base + 500, 30000);
+    await until(`messages flowing (${label})`, () => received() >= base + FLOW, 30000);
   };
 
   const moves = [];
-  const move = async (label, fn) => { await flowing(label); const t0 = Date.now(); await fn(); moves.push(`${label} ${Date.now() - t0} ms`); };
+  const move = async (label, fn) => {
+    await flowing(label);
+    phase = label;
+    const t0 = Date.now();
+    await fn();
+    moves.push(`${label} ${Date.now() - t0} ms`);
+    phase = `after ${label}`;
+  };
   for (const old of live.slice()) {
     await move(`rolling restart ${old.name}`, async () => { await stopReplica(old, 'SIGTERM'); await startReplica(); });
   }
@@ -219,6 +239,7 @@ test('chaos: every acknowledged message reaches every client once and in order a
   console.log(`chaos: copies reaching the sockets ${clients.reduce((s, c) => s + c.raw, 0)}, of them repeated ids dropped by the helper ${clients.reduce((s, c) => s + c.rawDups, 0)}`);
   console.log(`chaos: moves: ${moves.join('; ')}; proxy: ${JSON.stringify(proxy.stats)}; helper errors: ${clients.reduce((s, c) => s + c.errors.length, 0)}`);
   for (const p of problems) console.log(`chaos: ${p}`);
+  for (const d of rawDupLog.slice(0, 20)) console.log(`chaos: repeated copy: ${d}`);
 
   assert.ok(converged || lost > 0, 'convergence');
   assert.equal(lost, 0, 'lost deliveries');
