@@ -86,9 +86,22 @@ test('chaos: every acknowledged message reaches every client once and in order a
     // Each copy is noted with the connection it came on and the move under way, so a repeated
     // one can be told apart (a replay after a resume, or a second live copy).
     let connects = 0;
-    socket.on('connect', () => { connects += 1; });
+    const seq = (o) => (typeof o === 'string' ? o.split('-')[1] : o);
+    c.trace = [];
+    const emit = socket.emit.bind(socket);
+    socket.emit = (event, ...args) => {
+      if (event === 'resume') c.trace.push(`resume(since ${seq(args[0].since)})`);
+      if (event === 'resume' && typeof args[1] === 'function') {
+        const cb = args[1];
+        args[1] = (ack) => { c.trace.push(`ack(${seq(ack && ack.offset)})`); cb(ack); };
+      }
+      return emit(event, ...args);
+    };
+    socket.on('connect', () => { connects += 1; c.trace.push(`connect#${connects}`); });
+    socket.on('disconnect', (reason) => c.trace.push(`disconnect(${reason})`));
     socket.on('m', (data, meta) => {
       c.raw += 1;
+      if (meta) c.trace.push(seq(meta.offset));
       if (!meta || !meta.id) return;
       const at = { conn: connects, resumes: c.resumes, phase, offset: meta.offset };
       const first = c.rawIds.get(meta.id);
@@ -99,7 +112,7 @@ test('chaos: every acknowledged message reaches every client once and in order a
     });
     chorus.on('m', (data, meta) => { c.got.push({ key: `${data.from}:${data.n}`, from: data.from, n: data.n, id: meta && meta.id }); check(); });
     chorus.on('gap', () => { c.gaps += 1; });
-    chorus.on('resumed', () => { c.resumes += 1; });
+    chorus.on('resumed', (r) => { c.resumes += 1; c.trace.push(`resumed(${seq(r.offset)})`); });
     chorus.on('error', (err) => c.errors.push(err.code));
     clients.push(c);
   }
@@ -236,10 +249,13 @@ test('chaos: every acknowledged message reaches every client once and in order a
   }).join(', ');
   console.log(`chaos: clients ${clients.length}; acknowledged/sent per publisher: ${perPublisher}`);
   console.log(`chaos: deliveries expected ${want}, received ${received()} (of them not acknowledged but delivered: ${unacked}); lost ${lost}, duplicates ${dups}, order violations ${orderViolations}, gaps ${gaps}, reconnects (resumes) ${resumes} [${byKind}]`);
-  console.log(`chaos: copies reaching the sockets ${clients.reduce((s, c) => s + c.raw, 0)}, of them repeated ids dropped by the helper ${clients.reduce((s, c) => s + c.rawDups, 0)}`);
+  const rawByKind = KINDS.map((k) => `${k.name} ${clients.filter((c) => c.kind === k.name).reduce((s, c) => s + c.rawDups, 0)}`).join(', ');
+  console.log(`chaos: copies reaching the sockets ${clients.reduce((s, c) => s + c.raw, 0)}, of them repeated ids dropped by the helper ${clients.reduce((s, c) => s + c.rawDups, 0)} [${rawByKind}]`);
   console.log(`chaos: moves: ${moves.join('; ')}; proxy: ${JSON.stringify(proxy.stats)}; helper errors: ${clients.reduce((s, c) => s + c.errors.length, 0)}`);
   for (const p of problems) console.log(`chaos: ${p}`);
   for (const d of rawDupLog.slice(0, 20)) console.log(`chaos: repeated copy: ${d}`);
+  const traced = new Set(rawDupLog.slice(0, 1).map((d) => Number(/^client (\d+)/.exec(d)[1])));
+  for (const i of traced) console.log(`chaos: trace of client ${i} (${clients[i].kind}): ${clients[i].trace.join(' ')}`);
 
   assert.ok(converged || lost > 0, 'convergence');
   assert.equal(lost, 0, 'lost deliveries');
