@@ -156,7 +156,10 @@ test('chaos: every acknowledged message reaches every client once and in order a
     }));
   }
   for (let i = 0; i < 3; i++) {
-    const socket = io(proxy.url, { ...retry, forceNew: true, transports: ['websocket'], query: { client: `pub${i}` } });
+    // An id the proxy sends to replica i, so each replica starts with a socket publisher.
+    let id = `pub${i}`;
+    for (let k = 0; proxy.route(id) !== live[i].port; k++) id = `pub${i}-${k}`;
+    const socket = io(proxy.url, { ...retry, forceNew: true, transports: ['websocket'], query: { client: id } });
     sockets.push(socket);
     const chorus = Chorus.wrap(socket, { timeout: 5000 });
     loops.push(publisher(`sock${i}`, async (rooms, data) => (await chorus.publish(rooms[0], 'm', data)).ok === true));
@@ -211,7 +214,7 @@ test('chaos: every acknowledged message reaches every client once and in order a
   for (;;) { await h.sleep(500); if (received() === last) break; last = received(); }
 
   // Counts.
-  let want = 0; let lost = 0; let dups = 0; let orderViolations = 0; let gaps = 0; let resumes = 0; let unacked = 0;
+  let want = 0; let lost = 0; let dups = 0; let orderViolations = 0; let gaps = 0; let resumes = 0; let unacked = 0; let multi = 0;
   const problems = [];
   for (const c of clients) {
     want += expected[c.i].size;
@@ -233,6 +236,10 @@ test('chaos: every acknowledged message reaches every client once and in order a
       lost += 1;
       if (problems.length < 20) problems.push(`client ${c.i} (${c.kind}, rooms ${c.rooms}): lost ${k}`);
     }
+    for (const g of c.got) {
+      const m = sent.get(g.from).get(g.n);
+      if (m && m.rooms.length > 1 && m.rooms.every((r) => c.rooms.includes(r))) multi += 1;
+    }
     for (const [k, v] of count) {
       if (v > 1) { dups += v - 1; if (problems.length < 20) problems.push(`client ${c.i} (${c.kind}): ${k} ${v} times`); }
       if (!expected[c.i].has(k)) unacked += 1;
@@ -248,7 +255,7 @@ test('chaos: every acknowledged message reaches every client once and in order a
     return `${k.name}: ${cs.reduce((s, c) => s + c.resumes, 0)} resumes`;
   }).join(', ');
   console.log(`chaos: clients ${clients.length}; acknowledged/sent per publisher: ${perPublisher}`);
-  console.log(`chaos: deliveries expected ${want}, received ${received()} (of them not acknowledged but delivered: ${unacked}); lost ${lost}, duplicates ${dups}, order violations ${orderViolations}, gaps ${gaps}, reconnects (resumes) ${resumes} [${byKind}]`);
+  console.log(`chaos: deliveries expected ${want}, received ${received()} (of them not acknowledged but delivered: ${unacked}; sent to two rooms, to a client in both: ${multi}); lost ${lost}, duplicates ${dups}, order violations ${orderViolations}, gaps ${gaps}, reconnects (resumes) ${resumes} [${byKind}]`);
   const rawByKind = KINDS.map((k) => `${k.name} ${clients.filter((c) => c.kind === k.name).reduce((s, c) => s + c.rawDups, 0)}`).join(', ');
   console.log(`chaos: copies reaching the sockets ${clients.reduce((s, c) => s + c.raw, 0)}, of them repeated ids dropped by the helper ${clients.reduce((s, c) => s + c.rawDups, 0)} [${rawByKind}]`);
   console.log(`chaos: moves: ${moves.join('; ')}; proxy: ${JSON.stringify(proxy.stats)}; helper errors: ${clients.reduce((s, c) => s + c.errors.length, 0)}`);

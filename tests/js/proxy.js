@@ -23,11 +23,15 @@ async function startProxy() {
   const open = new Set();
   const stats = { connections: 0, refused: 0, noClient: 0 };
 
+  function route(id) {
+    let best;
+    for (const port of backends) if (best === undefined || weight(id, port) > weight(id, best)) best = port;
+    return best;
+  }
   function pick(id) {
     const last = sticky.get(id);
     if (last !== undefined && backends.includes(last)) return last;
-    let best;
-    for (const port of backends) if (best === undefined || weight(id, port) > weight(id, best)) best = port;
+    const best = route(id);
     if (best !== undefined) sticky.set(id, best);
     return best;
   }
@@ -77,6 +81,7 @@ async function startProxy() {
     port,
     url: `http://127.0.0.1:${port}`,
     stats,
+    route, // the backend a new client with this id would get now
     setBackends(ports) { backends = [...ports].sort((a, b) => a - b); },
     get backends() { return backends.slice(); },
     close() {
