@@ -80,7 +80,7 @@ test('chaos: every acknowledged message reaches every client once and in order a
     const kind = KINDS[i % KINDS.length];
     const socket = kind.connect(proxy.url, { client: `c${i}` });
     sockets.push(socket);
-    const chorus = Chorus.wrap(socket, { timeout: 10000, remember: 100000 });
+    const chorus = Chorus.wrap(socket, { timeout: 10000 }); // default `remember` (1000 ids)
     const c = { i, kind: kind.name, rooms: roomsOf(i), chorus, got: [], raw: 0, rawIds: new Map(), rawDups: 0, gaps: 0, resumes: 0, errors: [] };
     // What reached the socket, before the helper's duplicate filter (counted, for the report).
     // Each copy is noted with the connection it came on and the move under way, so a repeated
