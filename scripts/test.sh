@@ -4,7 +4,8 @@
 #   processes, a Rust Socket.IO client, the operator against an in-memory API and the CRD on
 #   shared/tools/crd-apiserver); the Helm chart and manifests checked with Helm 4's library and
 #   the Kubernetes OpenAPI schemas, and checkov's static checks (pinned Python tools in venvs);
-#   the JavaScript client tests (socket.io-client 4 and 2); browser tests (Debian's Chromium
+#   the JavaScript client tests (socket.io-client 4 and 2, and a chaos test: 200 clients behind a
+#   sticky proxy across restarts, a kill and scaling); browser tests (Debian's Chromium
 #   through puppeteer-core: pages on allowed and refused origins, and the example chat page
 #   across a SIGKILL and restart of its replica); the benchmark peers' protocol
 #   smoke check and a short chorus/peer comparison through scripts/bench-compare.sh.
