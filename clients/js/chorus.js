@@ -75,7 +75,9 @@
 
     // One client event and its ack, as a Promise. Neither client calls a plain ack callback
     // when the connection drops, and v2 has no ack timeout, so both are handled here.
-    function request(event, payload) {
+    // `onOk` runs inside the ack callback, before any message that came after the ack in the
+    // same read is handled (a Promise's `then` would run after them).
+    function request(event, payload, onOk) {
       return new Promise((resolve, reject) => {
         const req = {
           sent: false,
@@ -95,7 +97,10 @@
         pending.add(req);
         if (socket.connected) req.send();
         socket.emit(event, payload, (ack) => {
-          if (ack && ack.ok === true) req.settle(null, ack);
+          if (ack && ack.ok === true) {
+            if (onOk && pending.has(req)) onOk(ack);
+            req.settle(null, ack);
+          }
           else if (ack && ack.ok === false) req.settle(chorusError(ack.error, ack.message, ack));
           else req.settle(chorusError('invalid_response', `unexpected answer to ${event}`, ack));
         });
@@ -143,10 +148,9 @@
     }
 
     function join(room) {
-      return request('join', room).then((ack) => {
+      return request('join', room, (ack) => {
         rooms.add(room);
         if (typeof ack.offset === 'string') offset = ack.offset;
-        return ack;
       });
     }
 
@@ -157,9 +161,8 @@
     }
 
     function publish(room, event, data) {
-      return request('publish', { room, event, data }).then((ack) => {
+      return request('publish', { room, event, data }, (ack) => {
         if (typeof ack.id === 'string') mine.add(ack.id);
-        return ack;
       });
     }
 
@@ -170,10 +173,10 @@
       const list = Array.from(rooms);
       if (!list.length) return Promise.resolve(null);
       const since = offset;
-      return request('resume', { rooms: list, since }).then((ack) => {
-        // No offset with history off, or while the server cannot reach Redis: the old
-        // position is still the best one to resume from next time.
-        if (typeof ack.offset === 'string') offset = ack.offset;
+      // No offset with history off, or while the server cannot reach Redis: the old position
+      // is still the best one to resume from next time.
+      const keep = (ack) => { if (typeof ack.offset === 'string') offset = ack.offset; };
+      return request('resume', { rooms: list, since }, keep).then((ack) => {
         const info = { rooms: list, recovered: ack.recovered === true, offset };
         if (!info.recovered) emitOwn('gap', { rooms: list });
         emitOwn('resumed', info);
