@@ -146,15 +146,29 @@ async fn the_crd_works_on_a_real_api_server() {
         &["apply", "--server-side", "-f", &crd.to_string_lossy()],
         None,
     );
-    server.ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/realtimeapps.chorus.rs",
-            "--timeout=30s",
-        ],
-        None,
-    );
+    // `kubectl wait` gives up at once while the new CRD has no status conditions yet (seen on a
+    // busy machine), so read the condition until it says True.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let established = server.kubectl(
+            &[
+                "get",
+                "crd/realtimeapps.chorus.rs",
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#,
+            ],
+            None,
+        );
+        if String::from_utf8_lossy(&established.stdout).trim() == "True" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the CRD is not Established after 30 s: {}",
+            String::from_utf8_lossy(&established.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     // Every example is accepted, and the API server's defaults are the ones render uses.
     for entry in std::fs::read_dir(root().join("manifests/examples")).expect("examples") {
