@@ -236,10 +236,6 @@ impl Delivery {
         })
     }
 
-    pub fn history_on(&self) -> bool {
-        self.history.is_some()
-    }
-
     /// Subscribes to the message channel and hands what arrives to this replica's sockets,
     /// in the order the bus delivers it, for as long as the process runs.
     pub async fn start(self: &Arc<Self>, io: SocketIo<Adapter>) {
@@ -438,8 +434,8 @@ impl Delivery {
             }
         };
         self.barrier().await;
-        let skip_to = head;
-        self.finish(s, &outbox, replay, skip_to, head, |last| {
+        // The replay covered everything up to the head.
+        self.finish(s, &outbox, replay, head, head, |last| {
             reply(Resumed {
                 recovered,
                 offset: last.map(|s| s.offset()),

@@ -152,15 +152,23 @@ pub struct History {
 }
 
 enum Store {
-    Memory {
-        bus: Bus,
-        mem: Mutex<Memory>,
-    },
-    Redis {
-        bus: Bus,
-        seq_key: String,
-        room_prefix: String,
-    },
+    Memory { bus: Bus, mem: Mutex<Memory> },
+    Redis(RedisStore),
+}
+
+struct RedisStore {
+    bus: Bus,
+    seq_key: String,
+    room_prefix: String,
+}
+
+impl RedisStore {
+    /// A script's KEYS: the sequence hash, then each room's stream.
+    fn keys(&self, rooms: &[String]) -> Vec<String> {
+        std::iter::once(self.seq_key.clone())
+            .chain(rooms.iter().map(|r| format!("{}{r}", self.room_prefix)))
+            .collect()
+    }
 }
 
 struct Memory {
@@ -241,11 +249,11 @@ impl History {
                 }),
             }
         } else {
-            Store::Redis {
+            Store::Redis(RedisStore {
                 bus,
                 seq_key: format!("{prefix}#seq"),
                 room_prefix: format!("{prefix}#h#"),
-            }
+            })
         };
         Some(Arc::new(Self { config, store }))
     }
@@ -286,12 +294,8 @@ impl History {
                 bus.deliver_here(chan.to_owned(), entry.as_bytes().to_vec());
                 Ok(())
             }
-            Store::Redis {
-                bus,
-                seq_key,
-                room_prefix,
-            } => {
-                let keys = redis_keys(seq_key, room_prefix, rooms);
+            Store::Redis(redis) => {
+                let (bus, keys) = (&redis.bus, redis.keys(rooms));
                 let args = [
                     chan.to_owned(),
                     json.to_owned(),
@@ -331,12 +335,8 @@ impl History {
                         .collect(),
                 })
             }
-            Store::Redis {
-                bus,
-                seq_key,
-                room_prefix,
-            } => {
-                let keys = redis_keys(seq_key, room_prefix, rooms);
+            Store::Redis(redis) => {
+                let (bus, keys) = (&redis.bus, redis.keys(rooms));
                 let value = bus
                     .script::<RedisValue>(
                         script(&READ_SCRIPT, READ),
@@ -399,13 +399,6 @@ fn parse_snapshot(value: RedisValue, rooms: usize) -> Option<Snapshot> {
         })
         .collect::<Option<_>>()?;
     (logs.len() == rooms).then_some(Snapshot { head, rooms: logs })
-}
-
-/// A script's KEYS: the sequence hash, then each room's stream.
-fn redis_keys(seq_key: &str, room_prefix: &str, rooms: &[String]) -> Vec<String> {
-    std::iter::once(seq_key.to_owned())
-        .chain(rooms.iter().map(|r| format!("{room_prefix}{r}")))
-        .collect()
 }
 
 fn lock(mem: &Mutex<Memory>) -> std::sync::MutexGuard<'_, Memory> {
