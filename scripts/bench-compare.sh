@@ -16,6 +16,8 @@
 #                                       chorus-nohistory = chorus with HISTORY_SIZE=0
 #   LOADGENS [chorus-bench node]        chorus-bench = target/release/chorus-bench; node = ../shared/bench/loadgen
 #   SCENARIOS [all below]               REPLICAS [3]   DURATION [10]   ROUNDS [1]
+#                                       storm-c<N>-k<K> (not in the default sweep): a reconnect storm,
+#                                       chorus servers and chorus-bench only (the peers cannot resume)
 #   OUT [bench/results/compare-<date>.jsonl]   REPORT_DIR [docs/benchmarks] (empty: no report)
 #   NICE [-10 as root, else 0]          the run's own scheduler autogroup gets this nice value
 #   SHARED_BENCH [../shared/bench]      PEER_WORK [~/.cache/chorus-peers] (writable copy for npm ci)
@@ -186,6 +188,9 @@ scenario_args() {
     multiroom-c*-k*-r*)
       IFS=- read -r _ c k r <<<"$name"
       echo "--clients ${c#c} --rooms ${k#k} --rooms-per-client 2 --broadcast-rooms 3 --rate ${r#r} --duration $DURATION --payload 100" ;;
+    storm-c*-k*)
+      IFS=- read -r _ c k <<<"$name"
+      echo "--reconnect-storm --clients ${c#c} --rooms ${k#k} --rooms-per-client 2 --missed 20 --payload 100 --connect-concurrency 500" ;;
     *) log "unknown scenario $name"; return 1 ;;
   esac
 }
@@ -193,6 +198,10 @@ scenario_args() {
 run_one() { # round scenario loadgen server
   local round=$1 name=$2 lg=$3 server=$4 args res urls pids gen
   args=$(scenario_args "$name")
+  if [[ $name == storm-* ]] && { [[ $server != chorus* ]] || [ "$lg" != chorus-bench ]; }; then
+    log "round $round $name: skipped for $server with $lg (a storm needs resume and chorus-bench)"
+    return 0
+  fi
   case $lg in
     chorus-bench) gen=("$ROOT/target/release/chorus-bench" --threads 2) ;;
     node) gen=(node "$PEER_WORK/loadgen/loadgen.js" --workers 1) ;;
@@ -225,6 +234,11 @@ if "error" in line:
     print(f"  error: {line['error']}", file=sys.stderr)
 elif line.get("mode") == "idle-memory":
     print(f"  {line.get('servers_kib_per_connection')} KiB per connection", file=sys.stderr)
+elif line.get("mode") == "reconnect-storm":
+    print(f"  {line.get('resumed')}/{line.get('clients_connected')} resumed in {line.get('all_resumed_s')} s, "
+          f"replay lost {line.get('replay_lost')} dup {line.get('replay_duplicates')}, "
+          f"servers peak {line.get('servers_peak_cores')} cores, RSS {line.get('servers_rss_connected_mb')} -> "
+          f"{line.get('servers_rss_peak_mb')} MB", file=sys.stderr)
 else:
     cpu, n = line.get("servers_cpu_s") or 0, line.get("received_deliveries") or 0
     print(f"  sent {line.get('sent')}/{line.get('scheduled')}, lost {line.get('lost')}, "

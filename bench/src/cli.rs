@@ -96,6 +96,15 @@ pub struct Args {
     /// the Node peers' full-GC hook), after which RSS is read once it stops falling.
     #[arg(long, value_name = "SIG")]
     pub gc_signal: Option<String>,
+    /// Reconnect-storm mode: connect + join every client, drop every connection at once,
+    /// publish --missed messages to each room over HTTP, then reconnect every client at once
+    /// (client i to the next URL) and `resume`; report the time until all have resumed and
+    /// the servers' CPU and memory meanwhile.
+    #[arg(long, conflicts_with = "idle_memory")]
+    pub reconnect_storm: bool,
+    /// Reconnect-storm: messages published to each room while the clients are away.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub missed: u64,
     /// Broadcast event name.
     #[arg(long, default_value = "bench")]
     pub event: String,
@@ -198,7 +207,7 @@ impl Options {
                 "--via socket publishes to one room: use --broadcast-rooms 1",
             ));
         }
-        if !a.idle_memory && (a.rate <= 0.0 || a.duration <= 0.0) {
+        if !a.idle_memory && !a.reconnect_storm && (a.rate <= 0.0 || a.duration <= 0.0) {
             return Err(usage("--rate and --duration must be > 0"));
         }
         if a.duration > 3600.0 || a.rate * a.duration > 50e6 {
@@ -238,7 +247,7 @@ impl Options {
 
     /// Broadcasts scheduled: floor(rate × duration), none in idle-memory mode.
     pub fn max_seq(&self) -> u64 {
-        if self.args.idle_memory {
+        if self.args.idle_memory || self.args.reconnect_storm {
             0
         } else {
             (self.args.rate * self.args.duration).floor() as u64
@@ -260,6 +269,11 @@ impl Options {
                 0.0
             };
             self.connect_budget_s() + a.idle_wait + a.idle_baseline_wait + gc
+        } else if a.reconnect_storm {
+            // the missed messages (at 500/s, a generous floor), their last acks, the storm
+            // (bounded like a connect phase) and the clients' close
+            let missed = (a.missed * a.rooms as u64) as f64 / 500.0;
+            missed + 11.0 + self.connect_budget_s() + 5.0
         } else {
             a.duration + a.drain + 25.0
         };

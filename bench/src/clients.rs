@@ -449,11 +449,7 @@ impl Client {
     async fn await_ack(&mut self, ws: &mut Ws, text: String, id: u64) -> Result<String, Error> {
         ws.send(Message::text(text)).await?;
         loop {
-            let msg = ws
-                .next()
-                .await
-                .ok_or_else(|| Error::Protocol("connection closed".into()))??;
-            let Message::Text(text) = msg else { continue };
+            let text = engineio::next_text(ws).await?;
             if let Ok(Packet::Message(SioPacket::Ack { id: got, payload })) =
                 engineio::parse_packet(text.as_str())
                 && got == id

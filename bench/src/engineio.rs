@@ -259,6 +259,19 @@ pub fn ack_ok(payload: &str) -> bool {
     )
 }
 
+/// The next text frame (other frames are skipped); an error once the connection is over.
+pub async fn next_text(ws: &mut Ws) -> Result<tokio_tungstenite::tungstenite::Utf8Bytes, Error> {
+    loop {
+        let msg = ws
+            .next()
+            .await
+            .ok_or_else(|| Error::Protocol("connection closed".into()))??;
+        if let Message::Text(text) = msg {
+            return Ok(text);
+        }
+    }
+}
+
 /// `42<id>[<event>,<arg>]`: an event with an ack request; `arg_json` is already JSON.
 pub fn emit_with_ack(id: u64, event: &str, arg_json: &str) -> String {
     let name = serde_json::to_string(event).unwrap_or_else(|_| format!("\"{event}\""));

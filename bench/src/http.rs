@@ -120,6 +120,28 @@ impl HttpPool {
         })
     }
 
+    /// One pool per target, each request bounded at 10 s.
+    pub fn per_target(
+        targets: &[(crate::target::Target, SocketAddr)],
+        token: &str,
+        connections: usize,
+        sends: &Arc<SendState>,
+    ) -> Result<Vec<Self>, Error> {
+        targets
+            .iter()
+            .map(|(t, addr)| {
+                Self::new(
+                    *addr,
+                    &t.authority,
+                    token,
+                    connections,
+                    Duration::from_secs(10),
+                    sends.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// Queues broadcast `seq` (already marked in flight) with its JSON body.
     pub fn post(&self, seq: u64, t_send: f64, body: String) -> bool {
         self.tx

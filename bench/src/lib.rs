@@ -19,6 +19,7 @@ pub mod plan;
 pub mod procstat;
 pub mod report;
 pub mod schedule;
+pub mod storm;
 pub mod target;
 
 use std::time::Duration;
@@ -27,11 +28,13 @@ pub use cli::Options;
 pub use error::Error;
 pub use report::Report;
 
-/// One run (load or idle-memory, by the options).
+/// One run (load, idle-memory or reconnect-storm, by the options).
 pub async fn run(o: &Options) -> Result<Report, Error> {
     clock::now_ms(); // start the shared clock
     if o.args.idle_memory {
         Ok(Report::Idle(Box::new(idle::run(o).await?)))
+    } else if o.args.reconnect_storm {
+        Ok(Report::Storm(Box::new(storm::run(o).await?)))
     } else {
         Ok(Report::Load(Box::new(load::run(o).await?)))
     }

@@ -344,19 +344,7 @@ async fn send_http(
 ) -> Result<ScheduleOutcome, Error> {
     let a = &o.args;
     let (k, m) = (a.rooms, a.broadcast_rooms);
-    let mut pools = resolved
-        .iter()
-        .map(|(t, addr)| {
-            HttpPool::new(
-                *addr,
-                &t.authority,
-                &a.token,
-                a.http_conns,
-                Duration::from_secs(10),
-                sends.clone(),
-            )
-        })
-        .collect::<Result<Vec<HttpPool>, Error>>()?;
+    let mut pools = HttpPool::per_target(resolved, &a.token, a.http_conns, sends)?;
     let event = json_str(&a.event);
     let rooms_json: Vec<String> = (0..k)
         .map(|r| {

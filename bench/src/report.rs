@@ -40,7 +40,13 @@ impl Base {
             loadgen_version: env!("CARGO_PKG_VERSION"),
             server: a.server.clone(),
             scenario: a.label.clone(),
-            mode: if a.idle_memory { "idle-memory" } else { "load" },
+            mode: if a.idle_memory {
+                "idle-memory"
+            } else if a.reconnect_storm {
+                "reconnect-storm"
+            } else {
+                "load"
+            },
             replicas: o.targets.len(),
             clients: a.clients,
             rooms: a.rooms,
@@ -163,11 +169,61 @@ pub struct IdleReport {
     pub error_samples: Vec<String>,
 }
 
+/// One process of a reconnect-storm run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StormRow {
+    pub name: String,
+    pub kind: &'static str,
+    pub pid: u32,
+    /// CPU seconds from the reconnect signal until every client had resumed
+    pub cpu_s: Option<f64>,
+    /// the busiest 250 ms of the storm, in cores
+    pub peak_cores: Option<f64>,
+    /// with every client connected, before the drop
+    pub rss_connected_mb: Option<f64>,
+    pub rss_peak_mb: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StormReport {
+    #[serde(flatten)]
+    pub base: Base,
+    #[serde(flatten)]
+    pub common: Common,
+    /// messages published to each room while the clients were away
+    pub missed_per_room: u64,
+    pub missed_sent: u64,
+    pub missed_send_errors: u64,
+    pub resumed: usize,
+    pub resume_errors: u64,
+    /// resume acks with `recovered: false`
+    pub not_recovered: u64,
+    pub replay_expected: u64,
+    pub replay_received: u64,
+    pub replay_lost: u64,
+    pub replay_duplicates: u64,
+    /// from the reconnect signal until the last client had its resume ack
+    pub all_resumed_s: f64,
+    pub storm_window_s: f64,
+    /// per client, from the reconnect signal to its resume ack
+    pub resume_ms: Summary,
+    pub servers_cpu_s: f64,
+    pub servers_peak_cores: f64,
+    pub servers_rss_connected_mb: f64,
+    pub servers_rss_peak_mb: f64,
+    /// CPU of processes other than the measured ones during the storm, in cores
+    pub other_cpu_cores: Option<f64>,
+    pub noisy_machine: bool,
+    pub processes: Vec<StormRow>,
+    pub error_samples: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum Report {
     Load(Box<LoadReport>),
     Idle(Box<IdleReport>),
+    Storm(Box<StormReport>),
 }
 
 /// The line printed when a run fails.

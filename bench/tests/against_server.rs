@@ -2,7 +2,7 @@
 //! expected delivery arrives once, nothing unexpected, in HTTP, socket-publish and
 //! multi-room runs, and idle-memory connects every client.
 
-use chorus_bench::report::{IdleReport, LoadReport};
+use chorus_bench::report::{IdleReport, LoadReport, StormReport};
 use chorus_bench::{Options, Report};
 use chorus_server::app::Server;
 use chorus_server::config::Config;
@@ -59,7 +59,7 @@ async fn load(url: &str, extra: &[&str]) -> LoadReport {
         .expect("run completes")
     {
         Report::Load(r) => *r,
-        Report::Idle(_) => panic!("expected a load report"),
+        _ => panic!("expected a load report"),
     }
 }
 
@@ -225,4 +225,68 @@ async fn load_and_idle_runs_against_chorus_server() {
          {rss_after_mb} after, {hwm_mb} peak",
         r.loadgen_rss_mb
     );
+}
+
+/// A reconnect storm against one replica (clients come back to it): every client resumes,
+/// and gets every message its rooms were sent while it was away, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_storm_resumes_every_client_with_what_it_missed() {
+    let url = start_server().await;
+    let pid = std::process::id().to_string();
+    let opts = options(
+        &url,
+        &[
+            "--reconnect-storm",
+            "--clients",
+            "60",
+            "--rooms",
+            "6",
+            "--rooms-per-client",
+            "2",
+            "--missed",
+            "7",
+            "--pids",
+            &pid,
+        ],
+    );
+    let Report::Storm(r) = chorus_bench::run_bounded(&opts)
+        .await
+        .expect("run completes")
+    else {
+        panic!("expected a reconnect-storm report");
+    };
+    let r: StormReport = *r;
+    let line = serde_json::to_string(&r).unwrap_or_default();
+    let c = &r.common;
+    assert_joined(
+        60,
+        c.clients_connected,
+        c.connect_errors,
+        c.join_errors,
+        &line,
+    );
+    assert_eq!(r.base.mode, "reconnect-storm", "{line}");
+    assert_eq!((r.missed_sent, r.missed_send_errors), (42, 0), "{line}");
+    assert_eq!(
+        (r.resumed, r.resume_errors, r.not_recovered),
+        (60, 0, 0),
+        "{line}"
+    );
+    // each client is in 2 of the 6 rooms, each room was sent 7
+    assert_eq!(r.replay_expected, 60 * 2 * 7, "{line}");
+    assert_eq!(r.replay_received, r.replay_expected, "{line}");
+    assert_eq!((r.replay_lost, r.replay_duplicates), (0, 0), "{line}");
+    assert_eq!(r.resume_ms.n, 60, "{line}");
+    assert!(
+        r.all_resumed_s > 0.0 && r.all_resumed_s <= r.storm_window_s,
+        "{line}"
+    );
+    // the server row is this process: it did the storm's work and holds memory
+    let s1 = r
+        .processes
+        .iter()
+        .find(|p| p.kind == "server")
+        .expect("server row");
+    assert!(s1.cpu_s.is_some_and(|c| c > 0.0), "{line}");
+    assert!(s1.rss_peak_mb > 1.0, "{line}");
 }
