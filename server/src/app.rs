@@ -32,7 +32,7 @@ use crate::{
     error::{self, ErrorCode, Failure},
     history::{History, HistoryConfig},
     limits::{Capacity, SocketLimitConfig},
-    metrics::{Limit, Metrics},
+    metrics::{BusLabels, Limit, Metrics},
     ops,
     origins::{self, Origins},
     realtime::{self, SocketCtx},
@@ -77,14 +77,20 @@ pub struct Server {
 impl Server {
     /// Builds everything and binds the port; nothing is served until [`Server::serve`].
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
-        let bus = match &config.redis_url {
-            Some(url) => Bus::redis(url)?,
-            None => Bus::memory(),
+        let bus = match &config.redis_urls[..] {
+            [] => Bus::memory(),
+            urls => Bus::redis(urls)?,
         };
         tokio::spawn(bus.clone().run_health());
 
         let metrics = Arc::new(Metrics::new());
-        tokio::spawn(track_link(bus.state(), metrics.clone()));
+        tokio::spawn(track_up(bus.state(), metrics.redis_connected.clone()));
+        for link in bus.links().iter().filter(|l| !l.is_memory()) {
+            let up = metrics.bus_up.get_or_create(&BusLabels {
+                bus: link.display().to_owned(),
+            });
+            tokio::spawn(track_up(link.state(), up.clone()));
+        }
 
         let origins = Arc::new(Origins::new(&config.cors_origins).map_err(ServerError::Cors)?);
         let max_payload = usize::try_from(config.max_payload).unwrap_or(usize::MAX);
@@ -331,10 +337,15 @@ async fn listen(port: u16) -> Result<TcpListener, ServerError> {
     }
 }
 
-async fn track_link(mut state: tokio::sync::watch::Receiver<LinkState>, metrics: Arc<Metrics>) {
+/// Keeps `up` at 1 while the link (or the bus) is connected.
+async fn track_up(
+    mut state: tokio::sync::watch::Receiver<LinkState>,
+    up: prometheus_client::metrics::gauge::Gauge,
+) {
     loop {
-        let up = *state.borrow_and_update() == LinkState::Connected;
-        metrics.redis_connected.set(i64::from(up));
+        up.set(i64::from(
+            *state.borrow_and_update() == LinkState::Connected,
+        ));
         if state.changed().await.is_err() {
             return;
         }
@@ -351,10 +362,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     conn::raise_nofile_limit();
     let server = Server::bind(&config).await?;
+    let redis: Vec<&str> = config
+        .redis_urls
+        .iter()
+        .map(|u| u.display.as_str())
+        .collect();
     tracing::info!(
         addr = %server.addr,
         node = server.node(),
-        redis = config.redis_url.as_ref().map_or("none (single node)", |u| u.display.as_str()),
+        redis = if redis.is_empty() { "none (single node)".to_owned() } else { redis.join(", ") },
         "chorus-server listening"
     );
     server.serve(shutdown_signal()).await

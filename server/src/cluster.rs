@@ -6,9 +6,15 @@
 //! replicas received it, each replica applies the call to its own sockets and answers on the
 //! caller's response channel, and the caller waits for exactly that many answers or reports
 //! a timeout. The caller is itself subscribed, so its own sockets go through the same path.
+//!
+//! With several Redis the call goes out on each, a replica applies it once (the first copy)
+//! and answers on each, and the caller waits until as many different replicas have answered,
+//! on any Redis, as the Redis that counted the most subscribers: one Redis lost or frozen
+//! during the call costs nothing.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    hash::{Hash, Hasher},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -20,10 +26,16 @@ use serde::{Deserialize, Serialize};
 use socketioxide::{SocketIo, extract::SocketRef, socket::Sid};
 use tokio::sync::{OnceCell, mpsc};
 
-use crate::bus::{Adapter, Bus, BusError};
+use crate::{
+    bus::{Adapter, Bus, BusError},
+    dedupe::Recent,
+};
 
 /// How long a caller waits for every replica's answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests remembered as served: well past a call's lifetime, a few MB at most.
+const SERVED_MAX: usize = 50_000;
+const SERVED_WINDOW_MS: u64 = 60_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -56,6 +68,9 @@ struct Request {
 pub struct Reply {
     id: u64,
     pub node: String,
+    /// Tells replicas apart even when two share a name.
+    #[serde(default)]
+    uid: String,
     pub outcome: Outcome,
 }
 
@@ -75,6 +90,9 @@ pub enum ClusterError {
 pub struct Cluster {
     bus: Bus,
     node: String,
+    uid: String,
+    /// Requests already served (a copy comes by every Redis).
+    served: Mutex<Recent>,
     req_chan: String,
     res_chan: String,
     next_id: AtomicU64,
@@ -90,6 +108,8 @@ impl Cluster {
             bus,
             req_chan: format!("{prefix}#cluster#req"),
             res_chan: format!("{prefix}#cluster#res#{uid}"),
+            uid,
+            served: Mutex::new(Recent::new(SERVED_MAX, SERVED_WINDOW_MS)),
             node,
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
@@ -109,14 +129,14 @@ impl Cluster {
         let mut responses = self.bus.subscribe_channel(self.res_chan.clone()).await;
         let this = self.clone();
         tokio::spawn(async move {
-            while let Some((_, payload)) = requests.recv().await {
-                this.serve(&payload).await;
+            while let Some(item) = requests.recv().await {
+                this.serve(&item.payload).await;
             }
         });
         let this = self.clone();
         tokio::spawn(async move {
-            while let Some((_, payload)) = responses.recv().await {
-                match serde_json::from_slice::<Reply>(&payload) {
+            while let Some(item) = responses.recv().await {
+                match serde_json::from_slice::<Reply>(&item.payload) {
                     Ok(reply) => {
                         let pending = this.pending.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(tx) = pending.get(&reply.id) {
@@ -145,16 +165,19 @@ impl Cluster {
             op,
         };
         let payload = serde_json::to_vec(&request).unwrap_or_default();
-        let expected = self
-            .bus
-            .publish_count(self.req_chan.clone(), payload)
-            .await?;
+        let counts = self.bus.publish_each(&self.req_chan, &payload).await;
+        let Some(expected) = counts.iter().flatten().copied().max() else {
+            return Err(ClusterError::Unavailable(BusError::Unavailable));
+        };
 
         let mut replies = Vec::with_capacity(expected);
+        let mut from = HashSet::new();
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
         while replies.len() < expected {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(reply)) => replies.push(reply),
+                // One answer per replica, whichever Redis brought it first.
+                Ok(Some(reply)) if from.insert(reply.uid.clone()) => replies.push(reply),
+                Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
                     return Err(ClusterError::Timeout {
                         missing: expected - replies.len(),
@@ -176,17 +199,40 @@ impl Cluster {
             }
         };
         let Some(io) = self.io.get() else { return };
+        let key = request_key(&request.reply_to, request.id);
+        let first = self.served.lock().unwrap_or_else(|e| e.into_inner()).first(
+            key,
+            None,
+            crate::dedupe::now_ms(),
+        );
+        if !first {
+            return;
+        }
         let outcome = apply(io, request.op);
         let reply = Reply {
             id: request.id,
             node: self.node.clone(),
+            uid: self.uid.clone(),
             outcome,
         };
         let payload = serde_json::to_vec(&reply).unwrap_or_default();
-        if let Err(e) = self.bus.publish_count(request.reply_to, payload).await {
-            tracing::debug!("could not answer a cluster call: {e}");
+        if self
+            .bus
+            .publish_each(&request.reply_to, &payload)
+            .await
+            .iter()
+            .all(Option::is_none)
+        {
+            tracing::debug!("could not answer a cluster call: no Redis took the answer");
         }
     }
+}
+
+/// One request among all callers' (its caller's response channel and number).
+fn request_key(reply_to: &str, id: u64) -> u128 {
+    let mut h = std::hash::DefaultHasher::new();
+    reply_to.hash(&mut h);
+    (u128::from(h.finish()) << 64) | u128::from(id)
 }
 
 /// Applies one call to this replica's own sockets.

@@ -57,7 +57,8 @@ pub struct Config {
     #[arg(long, env = "PORT", default_value_t = 3000)]
     pub port: u16,
 
-    /// redis://[:password@]host:port[/db] or rediss://; unset runs a single node.
+    /// redis://[:password@]host:port[/db] or rediss://; several, comma-separated, are
+    /// independent buses (no single point of failure); unset runs a single node.
     // Read raw and checked in `from_args`: clap's own errors would echo the password.
     #[arg(
         long = "redis-url",
@@ -67,9 +68,9 @@ pub struct Config {
     )]
     redis_url_raw: Option<Secret>,
 
-    /// The parsed `--redis-url`.
+    /// The parsed `--redis-url`s; empty for a single node.
     #[arg(skip)]
-    pub redis_url: Option<RedisUrl>,
+    pub redis_urls: Vec<RedisUrl>,
 
     /// Redis channel prefix: apps sharing one Redis must not hear each other.
     #[arg(long = "channel-prefix", env = "REDIS_CHANNEL_PREFIX", default_value = "chorus", value_parser = parse_prefix)]
@@ -215,6 +216,33 @@ impl fmt::Debug for RedisUrl {
     }
 }
 
+/// Redis servers at most in `REDIS_URL`.
+pub const MAX_REDIS: usize = 4;
+
+/// One or several comma-separated URLs (a password is percent-encoded, so it holds no comma).
+fn parse_redis_urls(s: &str) -> Result<Vec<RedisUrl>, String> {
+    let urls = s
+        .split(',')
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, u)| {
+            parse_redis_url(u).map_err(|why| match s.contains(',') {
+                true => format!("URL {}: {why}", i + 1),
+                false => why,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.len() > MAX_REDIS {
+        return Err(format!("at most {MAX_REDIS} Redis URLs"));
+    }
+    for (i, u) in urls.iter().enumerate() {
+        if urls[..i].iter().any(|v| v.info.addr() == u.info.addr()) {
+            return Err(format!("URL {}: {} is listed twice", i + 1, u.display));
+        }
+    }
+    Ok(urls)
+}
+
 fn parse_redis_url(s: &str) -> Result<RedisUrl, String> {
     use redis::IntoConnectionInfo;
     let scheme_ok = s.starts_with("redis://") || s.starts_with("rediss://");
@@ -309,14 +337,13 @@ impl Config {
             .take()
             .filter(|r| !r.expose().is_empty())
         {
-            let url = parse_redis_url(raw.expose()).map_err(|why| {
+            config.redis_urls = parse_redis_urls(raw.expose()).map_err(|why| {
                 clap::Error::raw(
                     clap::error::ErrorKind::ValueValidation,
                     format!("invalid value for '--redis-url <REDIS_URL>' (REDIS_URL): {why}\n"),
                 )
                 .format(&mut Self::command())
             })?;
-            config.redis_url = Some(url);
         }
         config.public_rooms.retain(|p| !p.trim().is_empty());
         config.cors_origins.retain(|o| !o.trim().is_empty());
@@ -348,7 +375,7 @@ mod tests {
     fn defaults_are_the_spec_ones() {
         let c = parse(&[]).expect("defaults parse");
         assert_eq!(c.port, 3000);
-        assert!(c.redis_url.is_none());
+        assert!(c.redis_urls.is_empty());
         assert_eq!(c.channel_prefix, "chorus");
         assert_eq!(c.max_payload, 1_048_576);
         assert_eq!(c.drain_seconds, 5);
@@ -464,7 +491,9 @@ mod tests {
     #[test]
     fn redis_password_never_shows() {
         let c = parse(&["--redis-url", "redis://:hunter2@127.0.0.1:6390/2"]).expect("parses");
-        let url = c.redis_url.expect("set");
+        let [url] = &c.redis_urls[..] else {
+            panic!("one URL: {:?}", c.redis_urls)
+        };
         assert_eq!(url.display, "127.0.0.1:6390/2");
         assert!(!format!("{url:?}").contains("hunter2"));
         assert_eq!(
@@ -473,5 +502,33 @@ mod tests {
         );
         let c = parse(&["--api-token", "tok-secret"]).expect("parses");
         assert!(!format!("{c:?}").contains("tok-secret"));
+    }
+
+    #[test]
+    fn several_redis_urls_are_independent_buses() {
+        let c = parse(&[
+            "--redis-url",
+            "redis://:a%2Cb@127.0.0.1:6390, redis://:hunter2@127.0.0.1:6391/1",
+        ])
+        .expect("parses");
+        let shown: Vec<&str> = c.redis_urls.iter().map(|u| u.display.as_str()).collect();
+        assert_eq!(shown, ["127.0.0.1:6390/0", "127.0.0.1:6391/1"]);
+        assert_eq!(
+            c.redis_urls[0].info.redis_settings().password(),
+            Some("a,b"),
+            "a percent-encoded comma belongs to the password"
+        );
+        for (bad, why) in [
+            ("redis://127.0.0.1:1,redis://127.0.0.1:1/2", "listed twice"),
+            ("redis://127.0.0.1:1,", "URL 2"),
+            (
+                "redis://h:1,redis://h:2,redis://h:3,redis://h:4,redis://h:5",
+                "at most 4",
+            ),
+        ] {
+            let err = parse(&["--redis-url", bad]).expect_err(bad).to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+            assert!(!err.contains("hunter2"));
+        }
     }
 }

@@ -13,7 +13,7 @@
 //! repeated at the seam.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -26,9 +26,10 @@ use socketioxide::{SendError, SocketError, SocketIo, TransportType, socket::Sid}
 use tokio::sync::{OnceCell, oneshot};
 
 use crate::{
-    bus::{Adapter, Bus},
+    bus::{Adapter, Bus, Item},
+    dedupe::{self, Recent},
     error::Failure,
-    history::{History, Recovery, Stamp, recover},
+    history::{History, Position, Recovery, Replayed, Stamp, recover},
     metrics::{Limit, Metrics},
 };
 
@@ -48,11 +49,16 @@ pub struct Message {
     pub event: String,
     /// The JSON as the publisher sent it: parsed once where it comes in, then only copied.
     pub data: Box<RawValue>,
+    /// When it was published (ms since the Unix epoch, the publisher's clock): a copy that
+    /// comes later than a replica remembers ids is dropped (`dedupe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t: Option<u64>,
 }
 
 impl Message {
     pub fn new(rooms: Vec<String>, except: Vec<Sid>, event: String, data: &Value) -> Self {
         Self {
+            t: Some(dedupe::now_ms()),
             id: format!("{:032x}", rand::random::<u128>()),
             rooms,
             except,
@@ -67,30 +73,21 @@ impl Message {
 /// A message as this replica hands it out.
 struct Delivered {
     msg: Message,
-    /// Set for room messages kept in the history.
-    stamp: Option<Stamp>,
+    /// Set for room messages kept in the history: where a socket stands once it has this one.
+    position: Option<Position>,
     offset: Option<String>,
     /// What one copy weighs in a socket's backlog (its encoded size).
     size: usize,
 }
 
 impl Delivered {
-    fn new(msg: Message, stamp: Option<Stamp>, size: usize) -> Self {
+    fn new(msg: Message, position: Option<Position>, size: usize) -> Self {
         Self {
-            offset: stamp.map(|s| s.offset()),
+            offset: position.as_ref().map(Position::offset),
             msg,
-            stamp,
+            position,
             size,
         }
-    }
-
-    fn parse(payload: &[u8]) -> Result<Self, serde_json::Error> {
-        let (stamp, json) = Stamp::decode(payload);
-        Ok(Self::new(
-            serde_json::from_slice(json)?,
-            stamp,
-            payload.len(),
-        ))
     }
 }
 
@@ -207,9 +204,12 @@ pub struct Delivery {
     metrics: Arc<Metrics>,
     history: Option<Arc<History>>,
     io: OnceCell<SocketIo<Adapter>>,
-    /// Barriers waiting for the delivery loop (see [`Delivery::barrier`]).
-    barriers: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// Barriers waiting for the delivery loop (see [`Delivery::barrier`]): how many links'
+    /// markers are still to come.
+    barriers: Mutex<HashMap<u64, (usize, oneshot::Sender<()>)>>,
     next_barrier: AtomicU64,
+    /// Messages already taken (another Redis's copy is dropped).
+    taken: Mutex<Recent>,
 }
 
 /// Marks a barrier in the delivery loop's queue; no message starts with it.
@@ -233,6 +233,7 @@ impl Delivery {
             io: OnceCell::new(),
             barriers: Mutex::new(HashMap::new()),
             next_barrier: AtomicU64::new(0),
+            taken: Mutex::new(Recent::new(dedupe::MAX_IDS, dedupe::WINDOW_MS)),
         })
     }
 
@@ -246,23 +247,56 @@ impl Delivery {
             .await;
         let this = self.clone();
         tokio::spawn(async move {
-            while let Some((_, payload)) = incoming.recv().await {
-                if let Some(id) = barrier_id(&payload) {
-                    let waiting = this.lock_barriers().remove(&id);
-                    if let Some(done) = waiting {
-                        let _ = done.send(());
-                    }
-                    continue;
-                }
-                match Delivered::parse(&payload) {
-                    Ok(d) => this.fan_out(Arc::new(d)),
-                    Err(e) => tracing::warn!("unreadable message on the bus: {e}"),
-                }
+            // The last stamp taken from each link: where a socket stands after a message.
+            let mut at: Vec<Option<Stamp>> = vec![None; this.bus.links().len()];
+            while let Some(item) = incoming.recv().await {
+                this.take(item, &mut at);
             }
         });
     }
 
-    fn lock_barriers(&self) -> MutexGuard<'_, HashMap<u64, oneshot::Sender<()>>> {
+    /// One item of the delivery queue: a barrier marker, or a message for sockets.
+    fn take(&self, item: Item, at: &mut [Option<Stamp>]) {
+        if let Some(id) = barrier_id(&item.payload) {
+            let mut barriers = self.lock_barriers();
+            if let Some((left, _)) = barriers.get_mut(&id) {
+                *left = left.saturating_sub(1);
+                if *left == 0
+                    && let Some((_, done)) = barriers.remove(&id)
+                {
+                    let _ = done.send(());
+                }
+            }
+            return;
+        }
+        let (stamp, json) = Stamp::decode(&item.payload);
+        let msg: Message = match serde_json::from_slice(json) {
+            Ok(msg) => msg,
+            Err(e) => return tracing::warn!("unreadable message on the bus: {e}"),
+        };
+        if let (Some(stamp), Some(slot)) = (stamp, at.get_mut(item.link)) {
+            *slot = Some(stamp);
+        }
+        if !self.first_copy(&msg) {
+            self.metrics.duplicate_copies.inc();
+            return;
+        }
+        let position = stamp.map(|_| Position::of(at.iter().flatten().copied()));
+        self.fan_out(Arc::new(Delivered::new(msg, position, item.payload.len())));
+    }
+
+    /// True for the first copy of a message this replica sees.
+    fn first_copy(&self, msg: &Message) -> bool {
+        let Some(id) = dedupe::parse_id(&msg.id) else {
+            return true;
+        };
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let first = taken.first(id, msg.t, dedupe::now_ms());
+        self.metrics.dedupe_ids.set(taken.len() as i64);
+        first
+    }
+
+    fn lock_barriers(&self) -> MutexGuard<'_, HashMap<u64, (usize, oneshot::Sender<()>)>> {
         self.barriers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -271,22 +305,36 @@ impl Delivery {
     /// reached the loop (the Redis client hands pushes over on a queue of its own), so the seam
     /// waits for a marker sent through the same path after the read: Redis sends it to this
     /// replica after every message published before it.
+    /// With several Redis the marker goes by each that is up, and the barrier waits for all of
+    /// them.
     async fn barrier(&self) {
         let id = self.next_barrier.fetch_add(1, Ordering::Relaxed);
         let (done, wait) = oneshot::channel();
-        self.lock_barriers().insert(id, done);
+        // Counted before anything is sent: a marker may come back before the count is known.
+        self.lock_barriers()
+            .insert(id, (self.bus.links().len(), done));
         let mut marker = vec![BARRIER];
         marker.extend_from_slice(&id.to_be_bytes());
         let sent = if self.bus.is_memory() {
-            self.bus.deliver_here(self.chan.clone(), marker)
+            usize::from(self.bus.deliver_here(self.chan.clone(), marker))
         } else {
-            self.bus
-                .publish_count(self.barrier_chan.clone(), marker)
-                .await
-                .is_ok_and(|n| n > 0)
+            let counts = self.bus.publish_each(&self.barrier_chan, &marker).await;
+            counts.iter().filter(|n| n.is_some_and(|n| n > 0)).count()
         };
+        // Links that did not take the marker will not bring it back.
+        let missing = self.bus.links().len() - sent;
+        {
+            let mut barriers = self.lock_barriers();
+            if let Some((left, _)) = barriers.get_mut(&id) {
+                *left = left.saturating_sub(missing);
+                if *left == 0 {
+                    barriers.remove(&id);
+                    return;
+                }
+            }
+        }
         // Bounded: a link that fails now must not hold the socket's messages forever.
-        if !sent || tokio::time::timeout(BARRIER_WAIT, wait).await.is_err() {
+        if sent == 0 || tokio::time::timeout(BARRIER_WAIT, wait).await.is_err() {
             self.lock_barriers().remove(&id);
         }
     }
@@ -302,15 +350,23 @@ impl Delivery {
             Some(history) if !msg.rooms.is_empty() => {
                 history.publish(&self.chan, &msg.rooms, &json).await
             }
-            _ => self
-                .bus
-                .publish_count(self.chan.clone(), json.into_bytes())
-                .await
-                .map(|_| ()),
+            _ => {
+                let (chan, payload): (Arc<str>, Arc<[u8]>) =
+                    (self.chan.as_str().into(), json.into_bytes().into());
+                self.bus
+                    .first_ok(move |link| {
+                        let (chan, payload) = (chan.to_string(), payload.to_vec());
+                        async move { link.publish_count(chan, payload).await.map(|_| ()) }
+                    })
+                    .await
+            }
         };
         if let Err(e) = sent {
             tracing::debug!("cluster delivery failed, delivering locally: {e}");
-            self.fan_out(Arc::new(Delivered::new(msg, None, size)));
+            // A copy that a frozen Redis sends later must not reach the sockets again.
+            if self.first_copy(&msg) {
+                self.fan_out(Arc::new(Delivered::new(msg, None, size)));
+            }
             self.metrics.local_only_deliveries.inc();
             return Err(Failure::cluster_unavailable(
                 "delivered to this replica's sockets only: the cluster link (Redis) is down",
@@ -393,7 +449,7 @@ impl Delivery {
         };
         self.barrier().await;
         self.finish(s, &outbox, Vec::new(), None, head, |last| {
-            reply(last.map(|s| s.offset()));
+            reply(last.map(|p| p.offset()));
         });
     }
 
@@ -403,7 +459,7 @@ impl Delivery {
         &self,
         s: &Socket,
         rooms: Vec<String>,
-        since: Option<Stamp>,
+        since: Option<Position>,
         reply: impl FnOnce(Resumed),
     ) {
         let Some(outbox) = s.extensions.get::<Arc<Outbox>>() else {
@@ -421,74 +477,74 @@ impl Delivery {
         };
         outbox.hold();
         s.join(rooms.clone());
-        let (replay, recovered, head) = match history.read(&rooms).await {
-            Ok(snapshot) => {
-                let Recovery { replay, recovered } =
-                    recover(&snapshot, since, history.config().ttl);
+        let (replay, recovered, seen, head) = match history.read(&rooms).await {
+            Ok(snapshots) => {
+                let Recovery {
+                    replay,
+                    recovered,
+                    seen,
+                    head,
+                } = recover(&snapshots, since.as_ref(), history.config().ttl);
                 let (replay, complete) = self.replayable(replay, outbox.limit);
-                (replay, recovered && complete, Some(snapshot.head))
+                (replay, recovered && complete, Some(seen), Some(head))
             }
             Err(e) => {
                 tracing::debug!("history unavailable for a resume: {e}");
-                (Vec::new(), false, None)
+                (Vec::new(), false, None, None)
             }
         };
         self.barrier().await;
-        // The replay covered everything up to the head.
-        self.finish(s, &outbox, replay, head, head, |last| {
+        self.finish(s, &outbox, replay, seen.as_ref(), head, |last| {
             reply(Resumed {
                 recovered,
-                offset: last.map(|s| s.offset()),
+                offset: last.map(|p| p.offset()),
             });
         });
     }
 
     /// Parses the replay, keeping the newest entries that fit in the socket's buffer; false
     /// when some had to be left out.
-    fn replayable(&self, replay: Vec<(Stamp, String)>, limit: usize) -> (Vec<Delivered>, bool) {
+    fn replayable(&self, replay: Vec<Replayed>, limit: usize) -> (Vec<Delivered>, bool) {
         let mut bytes = 0;
         let mut kept = Vec::new();
-        for (stamp, json) in replay.into_iter().rev() {
+        for Replayed { position, json } in replay.into_iter().rev() {
             bytes += json.len();
             if bytes > limit {
                 return (kept.into_iter().rev().collect(), false);
             }
             match serde_json::from_str::<Message>(&json) {
-                Ok(msg) => kept.push(Delivered::new(msg, Some(stamp), json.len())),
+                Ok(msg) => kept.push(Delivered::new(msg, Some(position), json.len())),
                 Err(e) => tracing::warn!("unreadable history entry: {e}"),
             }
         }
         (kept.into_iter().rev().collect(), true)
     }
 
-    /// Sends the replay, then the held live messages (skipping those at or before `skip_to`,
-    /// which the replay covered), then calls `reply` with the last stamp the socket got (or
-    /// `head`), all under the socket's lock so nothing live comes in between.
+    /// Sends the replay, then the held live messages (skipping those the histories read hold:
+    /// the replay covered them, or the client had them), then calls `reply` with where the
+    /// socket stands (`head` and the held messages sent), all under the socket's lock so nothing
+    /// live comes in between.
     fn finish(
         &self,
         s: &Socket,
         outbox: &Outbox,
         replay: Vec<Delivered>,
-        skip_to: Option<Stamp>,
-        head: Option<Stamp>,
-        reply: impl FnOnce(Option<Stamp>),
+        seen: Option<&HashSet<String>>,
+        head: Option<Position>,
+        reply: impl FnOnce(Option<Position>),
     ) {
         let mut held = outbox.lock();
         let mut last = head;
         for d in &replay {
             self.send_now(s, outbox, d);
         }
-        let covered = |stamp: Option<Stamp>| matches!((stamp, skip_to), (Some(m), Some(h)) if m.epoch == h.epoch && m.seq <= h.seq);
         for d in std::mem::take(&mut held.messages) {
-            if covered(d.stamp) {
+            if seen.is_some_and(|ids| ids.contains(&d.msg.id)) {
                 continue;
             }
             self.send_now(s, outbox, &d);
-            if let (Some(m), Some(l)) = (d.stamp, last)
-                && m.epoch == l.epoch
-                && m.seq > l.seq
-            {
-                last = Some(m);
+            if let (Some(last), Some(p)) = (last.as_mut(), &d.position) {
+                last.merge(p);
             }
         }
         held.bytes = 0;

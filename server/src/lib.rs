@@ -15,10 +15,11 @@
 //! | [`validate`] | input rules for rooms, events, socket ids | error |
 //! | [`origins`] | which browser origins may connect; CORS answers | config, error |
 //! | [`auth`] | the API token, socket JWTs (checks, expiry timers, minting), room patterns | config |
-//! | [`bus`] | the pub/sub link (Redis or memory); the Socket.IO adapter type (local) | config |
-//! | [`cluster`] | acknowledged calls to every replica | bus |
+//! | [`bus`] | the pub/sub links (one per Redis, or memory); the Socket.IO adapter type (local) | config |
+//! | [`dedupe`] | the bounded memory of ids already taken | |
+//! | [`cluster`] | acknowledged calls to every replica | bus, dedupe |
 //! | [`history`] | room histories and offsets for `resume` | bus |
-//! | [`delivery`] | messages to every replica over the bus, and to each local socket (or its disconnect when it falls behind) | bus, error, history, metrics |
+//! | [`delivery`] | messages to every replica over the bus, and to each local socket (or its disconnect when it falls behind) | bus, dedupe, error, history, metrics |
 //! | [`realtime`] | the Socket.IO handlers | auth, bus, delivery, error, history, limits, metrics, validate |
 //! | [`state`] | what the HTTP handlers share | bus, cluster, config, delivery, metrics |
 //! | [`ops`] | health, readiness, metrics endpoints; request metrics | bus, metrics, state |
@@ -34,6 +35,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod dedupe;
 pub mod delivery;
 pub mod error;
 pub mod history;

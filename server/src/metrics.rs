@@ -19,6 +19,12 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// One Redis of the bus, as `host:port/db`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BusLabels {
+    pub bus: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub code: String,
@@ -56,6 +62,10 @@ pub struct Metrics {
     pub socket_drops: Counter,
     pub limit_refusals: Family<LimitLabels, Counter>,
     pub slow_socket_disconnects: Counter,
+    pub bus_up: Family<BusLabels, Gauge>,
+    pub bus_failures: Family<BusLabels, Counter>,
+    pub duplicate_copies: Counter,
+    pub dedupe_ids: Gauge,
 }
 
 impl Metrics {
@@ -76,6 +86,31 @@ impl Metrics {
         let socket_drops = Counter::default();
         let limit_refusals = Family::<LimitLabels, Counter>::default();
         let slow_socket_disconnects = Counter::default();
+        let bus_up = Family::<BusLabels, Gauge>::default();
+        let bus_failures = Family::<BusLabels, Counter>::default();
+        let duplicate_copies = Counter::default();
+        let dedupe_ids = Gauge::default();
+        registry.register(
+            "chorus_bus_up",
+            "1 while this Redis of the bus is up, by Redis (host:port/db)",
+            bus_up.clone(),
+        );
+        registry.register(
+            "chorus_bus_failures",
+            "Publishes, history writes and reads that one Redis of the bus failed or missed \
+             while down, by Redis",
+            bus_failures.clone(),
+        );
+        registry.register(
+            "chorus_bus_duplicate_copies",
+            "Copies of messages dropped because another Redis (or a late one) brought them first",
+            duplicate_copies.clone(),
+        );
+        registry.register(
+            "chorus_bus_dedupe_ids",
+            "Message ids this replica remembers to drop second copies",
+            dedupe_ids.clone(),
+        );
         registry.register(
             "chorus_sockets_connected",
             "Sockets connected to this replica",
@@ -93,7 +128,7 @@ impl Metrics {
         );
         registry.register(
             "chorus_redis_connected",
-            "1 while the Redis link is up (0 when down or not configured)",
+            "1 while at least one Redis of the bus is up (0 when all are down or none is configured)",
             redis_connected.clone(),
         );
         registry.register(
@@ -146,6 +181,10 @@ impl Metrics {
             socket_drops,
             limit_refusals,
             slow_socket_disconnects,
+            bus_up,
+            bus_failures,
+            duplicate_copies,
+            dedupe_ids,
         }
     }
 

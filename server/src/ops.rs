@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 
 use crate::{
     bus::LinkState,
-    metrics::{RequestLabels, RouteLabels},
+    metrics::{BusLabels, RequestLabels, RouteLabels},
     state::AppState,
 };
 
@@ -37,8 +37,19 @@ async fn healthz() -> Json<serde_json::Value> {
 pub struct Readiness {
     /// `ready`, `starting` (Redis not reached yet) or `draining` (shutting down).
     pub status: &'static str,
-    /// `connected`, `single` or `degraded`.
+    /// `connected` (at least one Redis up), `single` or `degraded`.
     pub cluster: &'static str,
+    /// Each Redis of the bus, with several Redis only (one reads as `cluster`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub buses: Vec<BusStatus>,
+}
+
+/// One Redis of the bus.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BusStatus {
+    /// `host:port/db`, never the password.
+    pub host: String,
+    pub up: bool,
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Readiness>) {
@@ -55,11 +66,22 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Readine
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let buses = state
+        .bus
+        .links()
+        .iter()
+        .filter(|_| state.bus.is_plural())
+        .map(|l| BusStatus {
+            host: l.display().to_owned(),
+            up: l.is_up(),
+        })
+        .collect();
     (
         code,
         Json(Readiness {
             status,
             cluster: link.as_str(),
+            buses,
         }),
     )
 }
@@ -72,6 +94,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .metrics
         .sockets_connected
         .set(i64::try_from(sockets).unwrap_or(i64::MAX));
+    for link in state.bus.links().iter().filter(|l| !l.is_memory()) {
+        let failures = state.metrics.bus_failures.get_or_create(&BusLabels {
+            bus: link.display().to_owned(),
+        });
+        failures.inc_by(link.failures().saturating_sub(failures.get()));
+    }
     (
         [(
             header::CONTENT_TYPE,

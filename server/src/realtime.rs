@@ -16,7 +16,7 @@ use crate::{
     bus::Adapter,
     delivery::{self, Delivery, Message, Outbox},
     error::{Ack, Done, ErrorCode, Failure},
-    history::Stamp,
+    history::Position,
     limits::{Admit, Capacity, SocketLimitConfig, SocketLimits},
     metrics::{ErrorLabels, Limit, Metrics},
     validate,
@@ -311,7 +311,7 @@ async fn on_resume(
         let body = body.map_err(|_| Failure::invalid("expected {rooms, since}"))?;
         let since = match &body.since {
             None => None,
-            Some(offset) => Some(Stamp::parse_offset(offset).ok_or_else(|| {
+            Some(offset) => Some(Position::parse(offset).ok_or_else(|| {
                 Failure::invalid("since is not an offset this server handed out")
             })?),
         };

@@ -1,6 +1,5 @@
-//! The pub/sub bus under message delivery and the cluster calls.
+//! One link of the bus: a Redis server, or this process for a single node.
 //!
-//! Two backends:
 //! - memory: a single node; a publish reaches this process's own subscribers.
 //! - Redis: one RESP3 connection (redis-rs `ConnectionManager`) carrying both commands and
 //!   subscriptions. It keeps the set of wanted channels itself, pings Redis every second so an
@@ -14,7 +13,7 @@ use std::{
     future::Future,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -24,12 +23,14 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::RedisUrl;
 
-/// The Socket.IO adapter: local rooms only. What crosses replicas travels on the [`Bus`]
-/// (`delivery`, `cluster`).
-pub type Adapter = socketioxide::adapter::LocalAdapter;
-
-/// A message as it arrives: its channel and payload.
-pub type ChanItem = (String, Vec<u8>);
+/// A message as it arrives: the link it came by (its index in the bus), its channel and
+/// payload.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub link: usize,
+    pub chan: String,
+    pub payload: Vec<u8>,
+}
 
 /// Upper bound on any single Redis command.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -89,7 +90,8 @@ struct Wanted {
 
 /// State shared with redis-rs's push callback (which must not own the connection).
 struct Shared {
-    handlers: RwLock<HashMap<String, mpsc::UnboundedSender<ChanItem>>>,
+    index: usize,
+    handlers: RwLock<HashMap<String, mpsc::UnboundedSender<Item>>>,
     /// Channels to (re)subscribe whenever the link comes up.
     wanted: Mutex<Wanted>,
     /// True while the link is believed up and every wanted channel is subscribed.
@@ -103,7 +105,13 @@ impl Shared {
     fn deliver(&self, chan: String, payload: Vec<u8>) -> bool {
         let handlers = self.handlers.read().unwrap_or_else(|e| e.into_inner());
         match handlers.get(&chan) {
-            Some(tx) => tx.send((chan, payload)).is_ok(),
+            Some(tx) => tx
+                .send(Item {
+                    link: self.index,
+                    chan,
+                    payload,
+                })
+                .is_ok(),
             None => false,
         }
     }
@@ -154,15 +162,21 @@ struct RedisLink {
 
 /// Cheap to clone; clones share one connection and one handler table.
 #[derive(Clone)]
-pub struct Bus {
+pub struct Link {
     shared: Arc<Shared>,
     redis: Option<Arc<RedisLink>>,
+    /// Set when something meant for every link was not sent on this one (it was down), so
+    /// that the link's history can be marked as having a gap when it returns.
+    missed: Arc<AtomicBool>,
+    /// Operations this link failed or missed, ever (metrics).
+    failures: Arc<AtomicU64>,
 }
 
-impl Bus {
-    fn with_state(state: LinkState) -> Arc<Shared> {
+impl Link {
+    fn with_state(index: usize, state: LinkState) -> Arc<Shared> {
         let (state, _) = watch::channel(state);
         Arc::new(Shared {
+            index,
             handlers: RwLock::new(HashMap::new()),
             wanted: Mutex::new(Wanted::default()),
             up: AtomicBool::new(false),
@@ -171,18 +185,21 @@ impl Bus {
         })
     }
 
-    /// A single-node bus: publishes loop back to this process's own subscribers.
+    /// A single node's link: publishes loop back to this process's own subscribers.
     pub fn memory() -> Self {
         Self {
-            shared: Self::with_state(LinkState::Single),
+            shared: Self::with_state(0, LinkState::Single),
             redis: None,
+            missed: Arc::default(),
+            failures: Arc::default(),
         }
     }
 
-    /// A Redis bus. An unreachable Redis is not an error: the link comes up in the background
-    /// (see [`Bus::run_health`]) and [`Bus::state`] tells when. Needs a tokio runtime.
-    pub fn redis(url: &RedisUrl) -> Result<Self, BusError> {
-        let shared = Self::with_state(LinkState::Starting);
+    /// A link to one Redis, link number `index` of the bus. An unreachable Redis is not an
+    /// error: the link comes up in the background (see [`Link::run_health`]) and
+    /// [`Link::state`] tells when. Needs a tokio runtime.
+    pub fn redis(url: &RedisUrl, index: usize) -> Result<Self, BusError> {
+        let shared = Self::with_state(index, LinkState::Starting);
         let client = redis::Client::open(url.info.clone())?;
         let push_shared = shared.clone();
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -201,12 +218,19 @@ impl Bus {
                 conn,
                 display: url.display.clone(),
             })),
+            missed: Arc::default(),
+            failures: Arc::default(),
         })
     }
 
-    /// True for a single node's in-process bus.
+    /// True for a single node's in-process link.
     pub fn is_memory(&self) -> bool {
         self.redis.is_none()
+    }
+
+    /// `host:port/db` of the Redis (no password); empty for a single node.
+    pub fn display(&self) -> &str {
+        self.redis.as_ref().map_or("", |r| r.display.as_str())
     }
 
     /// Watch the link state (readiness, metrics).
@@ -214,8 +238,25 @@ impl Bus {
         self.shared.state.subscribe()
     }
 
-    pub fn is_clustered(&self) -> bool {
-        self.redis.is_some()
+    /// True while the link is up and every wanted channel is subscribed.
+    pub fn is_up(&self) -> bool {
+        self.redis.is_none() || self.shared.up.load(Ordering::SeqCst)
+    }
+
+    /// Records that something meant for every link was not sent on this one.
+    pub fn note_missed(&self) {
+        self.missed.store(true, Ordering::SeqCst);
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Operations this link failed or missed since the process started.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether something was missed since the last call (and clears it).
+    pub fn take_missed(&self) -> bool {
+        self.missed.swap(false, Ordering::SeqCst)
     }
 
     /// Keeps the Redis link alive: pings every [`PING_INTERVAL`] (or at once when woken),
@@ -339,26 +380,16 @@ impl Bus {
         result.map(Some)
     }
 
-    /// Subscribes to one channel. Never fails for a Redis that is down: the channel is
-    /// subscribed as soon as the link returns.
-    pub async fn subscribe_channel(&self, chan: String) -> mpsc::UnboundedReceiver<ChanItem> {
-        self.subscribe_channels(vec![chan]).await
-    }
-
-    /// Subscribes to several channels whose messages arrive on one queue, in the order Redis
-    /// sent them.
-    pub async fn subscribe_channels(
-        &self,
-        chans: Vec<String>,
-    ) -> mpsc::UnboundedReceiver<ChanItem> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// Subscribes to channels whose messages go to `tx`, in the order Redis sent them. Never
+    /// fails for a Redis that is down: the channels are subscribed as soon as the link returns.
+    pub async fn subscribe_channels(&self, chans: &[String], tx: &mpsc::UnboundedSender<Item>) {
         {
             let mut handlers = self
                 .shared
                 .handlers
                 .write()
                 .unwrap_or_else(|e| e.into_inner());
-            for chan in &chans {
+            for chan in chans {
                 handlers.insert(chan.clone(), tx.clone());
             }
         }
@@ -370,7 +401,7 @@ impl Bus {
         };
         if up
             && let Some(link) = &self.redis
-            && let Err(e) = bounded(link.conn.clone().subscribe(&chans)).await
+            && let Err(e) = bounded(link.conn.clone().subscribe(chans)).await
         {
             tracing::debug!(
                 ?chans,
@@ -379,7 +410,6 @@ impl Bus {
             self.shared.mark_down();
             self.shared.wake.notify_one();
         }
-        rx
     }
 }
 

@@ -1,0 +1,437 @@
+//! Room history, so a client that lost its connection can `resume` on any replica.
+//!
+//! Every room message gets a [`Stamp`]: the history's epoch, a sequence number that grows by one
+//! per room message across the whole app, and the time. The stamp is assigned, the message kept
+//! in each of its rooms' histories and published on the bus in one step (one Lua script on
+//! Redis; one lock in memory), so the bus carries room messages in sequence order and every
+//! replica sees them in that order. That is what makes the seam between replay and live
+//! messages exact: a socket that read the history up to sequence `H` gets, live, exactly the
+//! messages after `H`.
+//!
+//! On Redis a room's history is a stream `<prefix>#h#<room>` capped at `HISTORY_SIZE` entries
+//! and expiring `HISTORY_TTL_SECONDS` after its last message; the epoch and the sequence are
+//! the hash `<prefix>#seq`. A new epoch starts whenever that hash is gone (a Redis that lost its
+//! data), so offsets from before can never be mistaken for current ones.
+//!
+//! With several Redis each keeps its own history of what it was sent, with its own epoch and
+//! sequence (see `offsets`). A Redis that a replica could not reach while publishing gets a gap
+//! mark when it returns, so a resume does not take it alone for complete over that time.
+
+mod offsets;
+mod recovery;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use redis::{FromRedisValue, Script, Value as RedisValue};
+
+use crate::bus::{Bus, BusError, Link, LinkState};
+
+pub use offsets::{MAX_STAMPS, Position, Stamp};
+pub use recovery::{Recovery, Replayed, RoomLog, Snapshot, recover};
+
+/// `HISTORY_SIZE` and `HISTORY_TTL_SECONDS`.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryConfig {
+    pub size: usize,
+    pub ttl: Duration,
+}
+
+/// The histories of this app's rooms.
+pub struct History {
+    config: HistoryConfig,
+    store: Store,
+}
+
+enum Store {
+    Memory { bus: Bus, mem: Mutex<Memory> },
+    Redis(RedisStore),
+}
+
+struct RedisStore {
+    bus: Bus,
+    seq_key: String,
+    room_prefix: String,
+}
+
+impl RedisStore {
+    /// A script's KEYS: the sequence hash, then each room's stream.
+    fn keys(&self, rooms: &[String]) -> Vec<String> {
+        std::iter::once(self.seq_key.clone())
+            .chain(rooms.iter().map(|r| format!("{}{r}", self.room_prefix)))
+            .collect()
+    }
+}
+
+struct Memory {
+    epoch: u64,
+    seq: u64,
+    rooms: HashMap<String, MemoryRoom>,
+    swept: Instant,
+}
+
+struct MemoryRoom {
+    entries: VecDeque<Arc<str>>,
+    added: u64,
+    expires: Instant,
+}
+
+/// Stamps, keeps and publishes one room message. KEYS: the sequence hash, then each room's
+/// stream. ARGV: channel, message JSON, size, TTL in ms, an epoch to use if none exists.
+const PUBLISH: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stamped = 's' .. epoch .. '-' .. seq .. '-' .. ms .. '|' .. ARGV[2]
+for i = 2, #KEYS do
+  redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[3], '*', 'm', stamped)
+  redis.call('PEXPIRE', KEYS[i], ARGV[4])
+end
+redis.call('PUBLISH', ARGV[1], stamped)
+return 1
+";
+
+/// Reads the head and each room's history. KEYS: the sequence hash, then each room's stream.
+/// ARGV: an epoch to start if none exists (so a socket that joins before the first message
+/// already holds an offset of the epoch that message will have).
+/// Returns {epoch, seq, secs, micros, gap, then per room {added, {entries...}}}.
+const READ: &str = r"
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+local t = redis.call('TIME')
+local out = {redis.call('HGET', KEYS[1], 'epoch'), redis.call('HGET', KEYS[1], 'seq') or '0', t[1], t[2],
+  redis.call('HGET', KEYS[1], 'gap') or '0'}
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[i])
+    local added = 0
+    for j = 1, #info, 2 do
+      if info[j] == 'entries-added' then added = info[j + 1] end
+    end
+    local entries = {}
+    for j, e in ipairs(redis.call('XRANGE', KEYS[i], '-', '+')) do entries[j] = e[2][2] end
+    out[#out + 1] = {added, entries}
+  else
+    out[#out + 1] = {0, {}}
+  end
+end
+return out
+";
+
+/// Marks a gap: the sequence moves on by one and the gap is there, so only a client that has a
+/// later message of this Redis counts it as complete. KEYS: the sequence hash. Nothing to mark
+/// in a Redis without history (a new epoch starts with its first message).
+const GAP: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'gap', redis.call('HINCRBY', KEYS[1], 'seq', 1))
+end
+return 1
+";
+
+/// How often expired rooms are dropped from the in-memory history.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+impl History {
+    /// `None` when `HISTORY_SIZE` is 0 (history off).
+    pub fn new(bus: Bus, prefix: &str, config: HistoryConfig) -> Option<Arc<Self>> {
+        if config.size == 0 {
+            return None;
+        }
+        let store = if bus.is_memory() {
+            Store::Memory {
+                bus,
+                mem: Mutex::new(Memory {
+                    epoch: new_epoch(),
+                    seq: 0,
+                    rooms: HashMap::new(),
+                    swept: Instant::now(),
+                }),
+            }
+        } else {
+            let seq_key = format!("{prefix}#seq");
+            if bus.is_plural() {
+                for link in bus.links() {
+                    tokio::spawn(mark_gaps(link.clone(), seq_key.clone()));
+                }
+            }
+            Store::Redis(RedisStore {
+                bus,
+                seq_key,
+                room_prefix: format!("{prefix}#h#"),
+            })
+        };
+        Some(Arc::new(Self { config, store }))
+    }
+
+    pub fn config(&self) -> HistoryConfig {
+        self.config
+    }
+
+    /// Stamps `json` (a message for `rooms`), keeps it in each room's history and publishes it
+    /// on `chan`, all in one step.
+    pub async fn publish(&self, chan: &str, rooms: &[String], json: &str) -> Result<(), BusError> {
+        match &self.store {
+            Store::Memory { bus, mem } => {
+                let mut mem = lock(mem);
+                mem.seq += 1;
+                let stamp = Stamp {
+                    epoch: mem.epoch,
+                    seq: mem.seq,
+                    ms: now_ms(),
+                };
+                let entry: Arc<str> = stamp.encode(json).into();
+                let now = Instant::now();
+                mem.sweep(now);
+                for room in rooms {
+                    let log = mem.rooms.entry(room.clone()).or_insert_with(|| MemoryRoom {
+                        entries: VecDeque::new(),
+                        added: 0,
+                        expires: now,
+                    });
+                    log.entries.push_back(entry.clone());
+                    while log.entries.len() > self.config.size {
+                        log.entries.pop_front();
+                    }
+                    log.added += 1;
+                    log.expires = now + self.config.ttl;
+                }
+                // Under the lock: the bus then carries messages in sequence order.
+                bus.deliver_here(chan.to_owned(), entry.as_bytes().to_vec());
+                Ok(())
+            }
+            Store::Redis(redis) => {
+                let keys: Arc<[String]> = redis.keys(rooms).into();
+                let args: Arc<[String]> = [
+                    chan.to_owned(),
+                    json.to_owned(),
+                    self.config.size.to_string(),
+                    self.config.ttl.as_millis().to_string(),
+                    format!("{:x}", new_epoch()),
+                ]
+                .into();
+                // Answered once one Redis has it: the others follow in the background.
+                redis
+                    .bus
+                    .first_ok(move |link| {
+                        let (keys, args) = (keys.clone(), args.clone());
+                        async move {
+                            link.script::<RedisValue>(
+                                script(&PUBLISH_SCRIPT, PUBLISH),
+                                &keys,
+                                &args,
+                            )
+                            .await
+                            .map(|_| ())
+                        }
+                    })
+                    .await
+            }
+        }
+    }
+
+    /// What each Redis that can be read now (or the memory store) holds for `rooms`; an error
+    /// when none can.
+    pub async fn read(&self, rooms: &[String]) -> Result<Vec<Snapshot>, BusError> {
+        match &self.store {
+            Store::Memory { mem, .. } => {
+                let mut mem = lock(mem);
+                let now = Instant::now();
+                mem.sweep(now);
+                Ok(vec![Snapshot {
+                    head: Stamp {
+                        epoch: mem.epoch,
+                        seq: mem.seq,
+                        ms: now_ms(),
+                    },
+                    gap: 0,
+                    rooms: rooms
+                        .iter()
+                        .map(|r| match mem.rooms.get(r) {
+                            Some(log) if log.expires > now => RoomLog {
+                                added: log.added,
+                                entries: log.entries.iter().map(|e| e.to_string()).collect(),
+                            },
+                            _ => RoomLog::default(),
+                        })
+                        .collect(),
+                }])
+            }
+            Store::Redis(redis) => {
+                let keys = redis.keys(rooms);
+                let args = [format!("{:x}", new_epoch())];
+                let reads = redis
+                    .bus
+                    .each(|link| {
+                        let (keys, args) = (&keys, &args);
+                        async move {
+                            let value = link
+                                .script::<RedisValue>(script(&READ_SCRIPT, READ), keys, args)
+                                .await?
+                                .unwrap_or(RedisValue::Nil);
+                            parse_snapshot(value, rooms.len()).ok_or_else(|| {
+                                BusError::Redis(redis::RedisError::from((
+                                    redis::ErrorKind::Parse,
+                                    "unexpected answer to the history read",
+                                )))
+                            })
+                        }
+                    })
+                    .await;
+                let mut snapshots = Vec::new();
+                let mut failure = None;
+                for read in reads {
+                    match read {
+                        Ok(s) => snapshots.push(s),
+                        Err(e) => failure = failure.or(Some(e)),
+                    }
+                }
+                match failure {
+                    Some(e) if snapshots.is_empty() => Err(e),
+                    _ => Ok(snapshots),
+                }
+            }
+        }
+    }
+
+    /// The heads of the sequences: where a socket that joins now starts.
+    pub async fn head(&self) -> Result<Position, BusError> {
+        let snapshots = self.read(&[]).await?;
+        Ok(Position::of(snapshots.iter().map(|s| s.head)))
+    }
+}
+
+/// Marks a gap in one Redis's history whenever it is up again after this replica could not
+/// send it something (see [`GAP`]).
+async fn mark_gaps(link: Link, seq_key: String) {
+    let mut state = link.state();
+    loop {
+        // Checked on every change of the link and every second while it is up: a write that
+        // Redis refused (a full Redis) leaves the link up.
+        let up = *state.borrow_and_update() == LinkState::Connected;
+        if up && link.take_missed() {
+            let keys = [seq_key.clone()];
+            match link
+                .script::<RedisValue>(script(&GAP_SCRIPT, GAP), &keys, &[])
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(redis = %link.display(), "marked a gap in this Redis's history")
+                }
+                Err(e) => {
+                    tracing::debug!(redis = %link.display(), "could not mark a gap yet: {e}");
+                    link.note_missed();
+                }
+            }
+        }
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(crate::bus::PING_INTERVAL) => {}
+        }
+    }
+}
+
+static PUBLISH_SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+static READ_SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+static GAP_SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+
+fn script(cell: &'static std::sync::OnceLock<Script>, code: &str) -> &'static Script {
+    cell.get_or_init(|| Script::new(code))
+}
+
+impl Memory {
+    fn sweep(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.swept) >= SWEEP_EVERY {
+            self.rooms.retain(|_, log| log.expires > now);
+            self.swept = now;
+        }
+    }
+}
+
+fn parse_snapshot(value: RedisValue, rooms: usize) -> Option<Snapshot> {
+    let RedisValue::Array(items) = value else {
+        return None;
+    };
+    let mut items = items.into_iter();
+    let mut text = || String::from_redis_value(items.next()?).ok();
+    let epoch = text()?;
+    let seq = text()?.parse().ok()?;
+    let secs: u64 = text()?.parse().ok()?;
+    let micros: u64 = text()?.parse().ok()?;
+    let gap = text()?.parse().ok()?;
+    let head = Stamp {
+        epoch: u64::from_str_radix(&epoch, 16).ok()?,
+        seq,
+        ms: secs * 1000 + micros / 1000,
+    };
+    let logs: Vec<RoomLog> = items
+        .map(|item| {
+            let (added, entries) = <(u64, Vec<String>)>::from_redis_value(item).ok()?;
+            Some(RoomLog { added, entries })
+        })
+        .collect::<Option<_>>()?;
+    (logs.len() == rooms).then_some(Snapshot {
+        head,
+        gap,
+        rooms: logs,
+    })
+}
+
+fn lock(mem: &Mutex<Memory>) -> std::sync::MutexGuard<'_, Memory> {
+    mem.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A random epoch, never 0 (0 means "none yet").
+fn new_epoch() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(300);
+
+    #[tokio::test]
+    async fn memory_history_keeps_size_per_room_and_publishes_in_order() {
+        let bus = Bus::memory();
+        let mut rx = bus.subscribe_channel("c".into()).await;
+        let h = History::new(bus, "p", HistoryConfig { size: 2, ttl: TTL }).expect("on");
+        for n in 0..3 {
+            h.publish(
+                "c",
+                &["a".into(), "b".into()],
+                &format!(r#"{{"id":"m{n}","n":{n}}}"#),
+            )
+            .await
+            .expect("memory");
+        }
+        let mut published = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            published.push(Stamp::decode(&item.payload).0.expect("stamped").seq);
+        }
+        assert_eq!(published, vec![1, 2, 3]);
+        let snaps = h.read(&["a".into(), "z".into()]).await.expect("memory");
+        let [snap] = &snaps[..] else {
+            panic!("one snapshot: {snaps:?}")
+        };
+        assert_eq!(snap.head.seq, 3);
+        assert_eq!(snap.rooms[0].added, 3);
+        assert_eq!(snap.rooms[0].entries.len(), 2);
+        assert_eq!(snap.rooms[1], RoomLog::default());
+        let r = recover(&snaps, Some(&Position::of([snap.head])), TTL);
+        assert!(r.replay.is_empty() && r.recovered);
+    }
+}

@@ -1,0 +1,369 @@
+//! Several Redis (docs/server.md, "Several Redis"): three replicas on two independent Redis,
+//! under steady load from socket and HTTP publishers, while one Redis dies and returns and
+//! then the other dies, or while each in turn is frozen. Counted message by message: nothing
+//! lost, nothing twice, no failed broadcast or cluster call, and resume still works.
+
+mod support;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::json;
+use support::{Api, Client, Redis, Replica};
+
+const ROOMS: [&str; 3] = ["r0", "r1", "r2"];
+/// 102 readers in all, each in every room.
+const READERS_PER_REPLICA: usize = 34;
+
+struct Setup {
+    redis: [Redis; 2],
+    replicas: Vec<Replica>,
+}
+
+fn start() -> Setup {
+    let redis = [Redis::start(), Redis::start()];
+    let url = format!("{},{}", redis[0].url(), redis[1].url());
+    let replicas: Vec<Replica> = (0..3)
+        .map(|i| Replica::spawn(&format!("node-{i}"), &[("REDIS_URL", url.clone())]))
+        .collect();
+    for r in &replicas {
+        r.wait_ready();
+    }
+    Setup { redis, replicas }
+}
+
+/// What `/readyz` says of the buses: (cluster, [up...]).
+async fn buses(r: &Replica) -> (String, Vec<bool>) {
+    let (status, body) = Api::new(&r.url(), None).get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let up = body["buses"]
+        .as_array()
+        .expect("buses listed")
+        .iter()
+        .map(|b| {
+            let host = b["host"].as_str().expect("host");
+            assert!(host.starts_with("127.0.0.1:"), "{b}");
+            b["up"].as_bool().expect("up")
+        })
+        .collect();
+    (body["cluster"].as_str().unwrap_or_default().to_owned(), up)
+}
+
+async fn wait_buses(s: &Setup, want: [bool; 2]) {
+    for r in &s.replicas {
+        support::eventually(
+            &format!("{} sees buses {want:?}", r.name),
+            Duration::from_secs(20),
+            || async { buses(r).await.1 == want },
+        )
+        .await;
+    }
+}
+
+/// One reader's messages: (publisher, n) -> copies, and the last offset.
+#[derive(Default)]
+struct Seen {
+    copies: BTreeMap<(String, u64), u32>,
+    last: Option<String>,
+}
+
+/// Reads every `m` event until `stop`, then until quiet.
+fn read(
+    c: Arc<Client>,
+    seen: Arc<std::sync::Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let wait = if stop.load(Ordering::SeqCst) {
+                Duration::from_secs(3)
+            } else {
+                Duration::from_millis(500)
+            };
+            match c.next_message(wait).await {
+                Some((name, args)) if name == "m" => {
+                    let from = args[0]["from"].as_str().unwrap_or("?").to_owned();
+                    let n = args[0]["n"].as_u64().unwrap_or(u64::MAX);
+                    let mut s = seen.lock().expect("seen");
+                    *s.copies.entry((from, n)).or_default() += 1;
+                    s.last = args
+                        .get(1)
+                        .and_then(|m| m["offset"].as_str())
+                        .map(str::to_owned);
+                }
+                Some(_) => {}
+                None if stop.load(Ordering::SeqCst) => return,
+                None => {}
+            }
+        }
+    })
+}
+
+/// Per publisher, the numbers and rooms of its acknowledged messages.
+type Acked = HashMap<String, Vec<(u64, &'static str)>>;
+
+/// Publishers: per replica, a socket publisher and an HTTP publisher, each sending numbered
+/// messages to one room in turn, one after the other's ack. Returns what was acknowledged.
+struct Load {
+    acked: Arc<std::sync::Mutex<Acked>>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    calls: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn start_load(s: &Setup) -> Load {
+    let load = Load {
+        acked: Arc::default(),
+        failures: Arc::default(),
+        calls: Arc::default(),
+        stop: Arc::default(),
+        tasks: Vec::new(),
+    };
+    let mut tasks = Vec::new();
+    for (i, r) in s.replicas.iter().enumerate() {
+        let api = Api::new(&r.url(), None);
+        for (kind, via_socket) in [("sock", true), ("http", false)] {
+            let name = format!("{kind}-{i}");
+            let (acked, failures, stop) =
+                (load.acked.clone(), load.failures.clone(), load.stop.clone());
+            let (socket, api) = (
+                if via_socket {
+                    Some(Arc::new(Client::connect(&r.url()).await))
+                } else {
+                    None
+                },
+                api.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) && n < 5000 {
+                    let room = ROOMS[(n % 3) as usize];
+                    let data = json!({"from": name, "n": n});
+                    let ok = match &socket {
+                        Some(c) => {
+                            let ack = c
+                                .ack("publish", json!({"room": room, "event": "m", "data": data}))
+                                .await;
+                            (ack["ok"] == json!(true))
+                                .then_some(())
+                                .ok_or_else(|| ack.to_string())
+                        }
+                        None => {
+                            let (status, body) = api
+                                .post(
+                                    "/v1/broadcast",
+                                    json!({"rooms": [room], "event": "m", "data": data}),
+                                )
+                                .await;
+                            (status == 200 || status == 202)
+                                .then_some(())
+                                .ok_or_else(|| format!("{status} {body}"))
+                        }
+                    };
+                    match ok {
+                        Ok(()) => acked
+                            .lock()
+                            .expect("acked")
+                            .entry(name.clone())
+                            .or_default()
+                            .push((n, room)),
+                        Err(e) => failures
+                            .lock()
+                            .expect("failures")
+                            .push(format!("{name} #{n}: {e}")),
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                }
+            }));
+        }
+        // Cluster calls: this replica lists a room's sockets, again and again.
+        let (failures, stop, calls) =
+            (load.failures.clone(), load.stop.clone(), load.calls.clone());
+        let api = Api::new(&r.url(), None);
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let (status, body) = api.get("/v1/rooms/r0/sockets").await;
+                let listed = body["sockets"].as_array().map_or(0, Vec::len);
+                if status != 200 || listed != 3 * READERS_PER_REPLICA {
+                    failures
+                        .lock()
+                        .expect("failures")
+                        .push(format!("room listing: {status}, {listed} sockets: {body}"));
+                }
+                calls.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    Load { tasks, ..load }
+}
+
+/// Every reader joins all three rooms; returns them with their seen-lists.
+async fn readers(
+    s: &Setup,
+    stop: &Arc<AtomicBool>,
+) -> Vec<(
+    Arc<Client>,
+    Arc<std::sync::Mutex<Seen>>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let mut out = Vec::new();
+    for r in &s.replicas {
+        for _ in 0..READERS_PER_REPLICA {
+            let c = Arc::new(Client::connect(&r.url()).await);
+            let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+            for room in ROOMS {
+                let ack = c.join(room).await;
+                seen.lock().expect("seen").last = ack["offset"].as_str().map(str::to_owned);
+            }
+            let task = read(c.clone(), seen.clone(), stop.clone());
+            out.push((c, seen, task));
+        }
+    }
+    out
+}
+
+/// Checks that every reader got every acknowledged message exactly once, and returns the
+/// deliveries counted.
+fn check(acked: &Acked, seen: &Seen, who: usize) -> usize {
+    let mut want: HashSet<(String, u64)> = HashSet::new();
+    for (from, list) in acked {
+        for (n, _) in list {
+            want.insert((from.clone(), *n));
+        }
+    }
+    let twice: Vec<_> = seen.copies.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "reader {who} got {} messages twice: {:?}",
+        twice.len(),
+        &twice[..twice.len().min(10)]
+    );
+    let missing: Vec<_> = want
+        .iter()
+        .filter(|k| !seen.copies.contains_key(*k))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "reader {who} missed {} of {}: {:?}",
+        missing.len(),
+        want.len(),
+        missing.iter().take(10).collect::<Vec<_>>()
+    );
+    want.len()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outage {
+    Kill,
+    Freeze,
+}
+
+async fn run(outage: Outage) {
+    if !support::tools_present(&["redis-server"]) {
+        return;
+    }
+    let mut s = start();
+    wait_buses(&s, [true, true]).await;
+    let stop_readers = Arc::new(AtomicBool::new(false));
+    let readers = readers(&s, &stop_readers).await;
+    let load = start_load(&s).await;
+    let pause = || tokio::time::sleep(Duration::from_millis(1500));
+
+    // Redis i goes down (killed or frozen) or comes back (restarted, empty, or thawed).
+    let turn = |redis: &mut Redis, down: bool| match (outage, down) {
+        (Outage::Kill, true) => redis.stop(),
+        (Outage::Kill, false) => redis.restart(),
+        (Outage::Freeze, true) => redis.signal("STOP"),
+        (Outage::Freeze, false) => redis.signal("CONT"),
+    };
+    for (i, down, after) in [
+        (0, true, [false, true]),
+        (0, false, [true, true]),
+        (1, true, [true, false]),
+    ] {
+        pause().await;
+        turn(&mut s.redis[i], down);
+        wait_buses(&s, after).await;
+    }
+    pause().await;
+
+    load.stop.store(true, Ordering::SeqCst);
+    for t in load.tasks {
+        t.await.expect("publisher");
+    }
+    stop_readers.store(true, Ordering::SeqCst);
+    let failures = load.failures.lock().expect("failures").clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    let acked = load.acked.lock().expect("acked").clone();
+    let mut deliveries = 0;
+    let mut lasts = Vec::new();
+    for (who, (_, seen, task)) in readers.into_iter().enumerate() {
+        task.await.expect("reader");
+        let seen = seen.lock().expect("seen");
+        deliveries += check(&acked, &seen, who);
+        lasts.push(seen.last.clone());
+    }
+    let published: usize = acked.values().map(Vec::len).sum();
+    eprintln!(
+        "{outage:?}: {published} messages acknowledged, {deliveries} deliveries, 0 lost, 0 twice, {} cluster calls",
+        load.calls.load(Ordering::Relaxed)
+    );
+
+    // Resume with one Redis gone: a client away while messages are sent gets them back.
+    let r = &s.replicas;
+    let away = Client::connect(&r[0].url()).await;
+    let last = away.join("later").await["offset"]
+        .as_str()
+        .expect("offset")
+        .to_owned();
+    drop(away);
+    let publisher = Client::connect(&r[1].url()).await;
+    for n in 0..5 {
+        let ack = publisher
+            .ack(
+                "publish",
+                json!({"room": "later", "event": "m", "data": {"from": "late", "n": n}}),
+            )
+            .await;
+        assert_eq!(ack["ok"], json!(true), "{ack}");
+    }
+    let back = Client::connect(&r[2].url()).await;
+    let ack = back
+        .ack("resume", json!({"rooms": ["later"], "since": last}))
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert_eq!(ack["recovered"], json!(true), "{ack}");
+    let mut got = Vec::new();
+    while let Some((name, args)) = back.next_message(Duration::from_millis(500)).await {
+        assert_eq!(name, "m");
+        got.push(args[0]["n"].as_u64().expect("n"));
+    }
+    assert_eq!(got, vec![0, 1, 2, 3, 4], "replayed in order, each once");
+    if outage == Outage::Freeze {
+        s.redis[1].signal("CONT");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_either_redis_loses_nothing() {
+    run(Outage::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_loses_nothing() {
+    run(Outage::Freeze).await;
+}
