@@ -175,39 +175,42 @@ fn rows() -> Vec<Row> {
         },
     ];
     // Three Redis buses: the app runs while one is up; Degraded says when some are down.
-    let three = || json!({"redis": {"replicas": 3}});
-    rows.push(Row {
-        what: "3 of 3 Redis buses ready",
-        spec: three(),
-        seen: seen(up(), buses(3, 3)),
-        expect: vec![
+    let some_down = || {
+        vec![
             (Ready, true, Reason::Ready),
-            (RedisReady, true, Reason::RedisReady),
-            (Degraded, false, Reason::AsExpected),
-        ],
-    });
-    for ready in [1, 2] {
-        rows.push(Row {
-            what: "some Redis buses down",
-            spec: three(),
-            seen: seen(up(), buses(3, ready)),
-            expect: vec![
+            (RedisReady, true, Reason::SomeBusesDown),
+            (Degraded, true, Reason::SomeBusesDown),
+        ]
+    };
+    for (ready, what, expect) in [
+        (
+            3,
+            "3 of 3 Redis buses ready",
+            vec![
                 (Ready, true, Reason::Ready),
-                (RedisReady, true, Reason::SomeBusesDown),
-                (Degraded, true, Reason::SomeBusesDown),
+                (RedisReady, true, Reason::RedisReady),
+                (Degraded, false, Reason::AsExpected),
             ],
+        ),
+        (2, "2 of 3 Redis buses ready", some_down()),
+        (1, "1 of 3 Redis buses ready", some_down()),
+        (
+            0,
+            "0 of 3 Redis buses ready",
+            vec![
+                (Ready, false, Reason::RedisNotReady),
+                (RedisReady, false, Reason::RedisNotReady),
+                (Degraded, false, Reason::AsExpected),
+            ],
+        ),
+    ] {
+        rows.push(Row {
+            what,
+            spec: json!({"redis": {"replicas": 3}}),
+            seen: seen(up(), buses(3, ready)),
+            expect,
         });
     }
-    rows.push(Row {
-        what: "0 of 3 Redis buses ready",
-        spec: three(),
-        seen: seen(up(), buses(3, 0)),
-        expect: vec![
-            (Ready, false, Reason::RedisNotReady),
-            (RedisReady, false, Reason::RedisNotReady),
-            (Degraded, false, Reason::AsExpected),
-        ],
-    });
     // Each problem, though everything runs: Degraded says it, and so does Ready.
     for reason in [
         Reason::SecretNotFound,
