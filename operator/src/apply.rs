@@ -31,6 +31,7 @@ use crate::{
 /// The hash of what the operator last applied to a child; equal hash, nothing to apply.
 pub const APPLIED_ANNOTATION: &str = "chorus.rs/applied-hash";
 
+/// Which values a child has in the fields it cannot change in place (None: the defaults).
 fn immutable_fields<K: ResourceExt>(obj: &K) -> Option<&String> {
     obj.annotations().get(IMMUTABLE_ANNOTATION)
 }
