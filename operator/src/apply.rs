@@ -23,13 +23,18 @@ use crate::{
     crd::RealtimeApp,
     error::{Error, ObjectName},
     reconcile::Context,
-    resources::{Child, Children, MANAGER, digest, is_owned_by},
+    resources::{Child, Children, IMMUTABLE_ANNOTATION, MANAGER, digest, is_owned_by},
     secrets,
     status::Problem,
 };
 
 /// The hash of what the operator last applied to a child; equal hash, nothing to apply.
 pub const APPLIED_ANNOTATION: &str = "chorus.rs/applied-hash";
+
+/// Which values a child has in the fields it cannot change in place (None: the defaults).
+fn immutable_fields<K: ResourceExt>(obj: &K) -> Option<&String> {
+    obj.annotations().get(IMMUTABLE_ANNOTATION)
+}
 
 /// Writes the children of `app`, in its namespace.
 pub struct Applier<'a> {
@@ -180,17 +185,43 @@ impl<'a> Applier<'a> {
             .annotations
             .get_or_insert_with(BTreeMap::new)
             .insert(APPLIED_ANNOTATION.into(), hash.clone());
-        let live = self.live::<K>(&name).await?;
-        if let Some(live) = live.as_ref() {
-            if !self.owns(live, &name, problems) {
+        let mut live = self.live::<K>(&name).await?;
+        if let Some(current) = live.as_ref() {
+            if !self.owns(current, &name, problems) {
                 return Ok(None);
             }
-            if live.annotations().get(APPLIED_ANNOTATION) == Some(&hash) {
-                return Ok(Some(live.clone()));
+            if current.annotations().get(APPLIED_ANNOTATION) == Some(&hash) {
+                return Ok(Some(current.clone()));
+            }
+            if immutable_fields(current) != immutable_fields(&obj) {
+                live = self.replace(&name, &obj).await?;
             }
         }
         let applied = self.write(&name, &obj, live.is_some()).await?;
         Ok(Some(applied))
+    }
+
+    /// Deletes the child `name` when its fields that cannot change in place differ from
+    /// `obj`'s, so that the apply after it creates it anew (the API server would refuse the
+    /// change). Read from the API, not the caches: a cache that has not yet seen an earlier
+    /// replacement must not have the new object deleted. Returns what is left: None once
+    /// deleted, else the live object (already as wanted).
+    async fn replace<K: Cached>(&self, name: &str, obj: &K) -> Result<Option<K>, Error> {
+        let live = self
+            .api::<K>()
+            .get_opt(name)
+            .await
+            .map_err(|source| Error::Read {
+                object: self.object::<K>(name),
+                source,
+            })?;
+        match live {
+            Some(live) if immutable_fields(&live) != immutable_fields(obj) => {
+                self.delete::<K>(name, live.uid()).await?;
+                Ok(None)
+            }
+            other => Ok(other),
+        }
     }
 
     /// The one pass that deletes what this app owns and no longer wants: every child of the

@@ -49,8 +49,11 @@ names!(
     Reason {
         /// Ready is True.
         Ready,
-        /// RedisReady: the managed Redis pod is ready.
+        /// RedisReady: the managed Redis pod is ready (every bus, with several).
         RedisReady,
+        /// RedisReady (still True) and Degraded: some of several Redis buses are down, the
+        /// app runs on the others.
+        SomeBusesDown,
         /// RedisReady: an external Redis, not probed.
         ExternalRedis,
         /// RedisReady is False (and so is Ready, when nothing worse is wrong).

@@ -57,6 +57,10 @@ pub const GROUP: &str = "chorus.rs";
     .message("spec.limits applies to flavor chorus only"))]
 #[x_kube(validation = Rule::new("self.flavor == 'chorus' || !has(self.history)")
     .message("spec.history applies to flavor chorus only"))]
+#[x_kube(validation = Rule::new("self.flavor == 'chorus' || !has(self.redis) || !has(self.redis.replicas) || self.redis.replicas == 1")
+    .message("spec.redis.replicas above 1 needs flavor chorus: the sails and socketio Redis adapters speak to one Redis"))]
+#[x_kube(validation = Rule::new("!has(self.redis) || !has(self.redis.replicas) || self.redis.replicas == 1 || !has(self.redis.mode) || self.redis.mode == 'Managed'")
+    .message("spec.redis.replicas above 1 applies to a managed Redis only (spec.redis.mode Managed)"))]
 #[x_kube(validation = Rule::new("self.redis.mode != 'External' || (has(self.redis.external) && self.redis.external.host != '')")
     .message("spec.redis.external.host is required when spec.redis.mode is External"))]
 #[x_kube(validation = Rule::new("self.autoscaling.minReplicas <= self.autoscaling.maxReplicas")
@@ -169,11 +173,17 @@ pub enum RedisMode {
     External,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
     #[serde(default)]
     pub mode: RedisMode,
+    /// Managed, flavor chorus: how many independent Redis buses (no replication between
+    /// them; the servers publish to all and listen on all), so that losing one loses no
+    /// message. 1 for sails and socketio, whose adapters speak to one Redis.
+    #[serde(default = "default_redis_replicas")]
+    #[schemars(range(min = 1, max = 3))]
+    pub replicas: i32,
     /// Managed: the Redis image (default: a pinned Redis 7 image chosen by the operator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -183,6 +193,25 @@ pub struct RedisSpec {
     /// External: where the Redis is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalRedis>,
+}
+
+impl Default for RedisSpec {
+    fn default() -> Self {
+        Self {
+            mode: RedisMode::default(),
+            replicas: default_redis_replicas(),
+            image: None,
+            resources: None,
+            external: None,
+        }
+    }
+}
+
+/// The most managed Redis buses an app may ask for.
+pub const MAX_REDIS_REPLICAS: i32 = 3;
+
+fn default_redis_replicas() -> i32 {
+    1
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -431,7 +460,15 @@ pub struct RealtimeAppStatus {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct RedisStatus {
     pub endpoint: String,
+    /// At least one Redis bus is ready (an external Redis is not probed: true).
     pub ready: bool,
+    /// Managed: the Redis buses wanted (`spec.redis.replicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buses: Option<i32>,
+    /// Managed: the Redis buses ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_buses: Option<i32>,
 }

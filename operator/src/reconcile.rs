@@ -340,6 +340,9 @@ async fn converge(
         if let Some(np) = &redis.network_policy {
             applier.apply(np.clone(), problems).await?;
         }
+        if let Some(pdb) = &redis.pdb {
+            applier.apply(pdb.clone(), problems).await?;
+        }
     }
     // With a Secret the pods read missing, new pods could not start: leave the running
     // Deployment as it is until the Secret exists.

@@ -67,35 +67,50 @@ pub fn status(app: &RealtimeApp, seen: &Observed, now: Time) -> RealtimeAppStatu
         d.metadata.generation.is_some() && dstatus.observed_generation >= d.metadata.generation
     });
 
-    // An external Redis is not probed: it counts as up.
-    let redis_up = match &seen.redis {
-        None => true,
-        Some(sts) => {
-            sts.as_ref()
-                .and_then(|s| s.status.as_ref())
-                .and_then(|s| s.ready_replicas)
-                .unwrap_or(0)
-                >= 1
-        }
-    };
+    // (wanted, ready) Redis buses of a managed Redis; an external one is not probed and
+    // counts as up. A StatefulSet still scaling down may report more ready than wanted.
+    let buses = seen.redis.as_ref().map(|sts| {
+        let wanted = app.spec.redis.replicas.max(1);
+        let ready = sts
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+            .clamp(0, wanted);
+        (wanted, ready)
+    });
+    let redis_up = buses.is_none_or(|(_, ready)| ready >= 1);
     let endpoint = &seen.redis_endpoint;
-    let redis_ready = match (&seen.redis, redis_up) {
-        (None, _) => verdict(
+    let redis_ready = match buses {
+        None => verdict(
             true,
             Reason::ExternalRedis,
             format!("using the external Redis at {endpoint} (not probed)"),
         ),
-        (Some(_), true) => verdict(
+        Some((1, 1)) => verdict(
             true,
             Reason::RedisReady,
             format!("Redis at {endpoint} is ready"),
         ),
-        (Some(_), false) => verdict(
+        Some((1, _)) => verdict(
             false,
             Reason::RedisNotReady,
             "waiting for the Redis pod to be ready",
         ),
+        Some((n, ready)) => {
+            let message = format!("{ready} of {n} Redis buses ready");
+            match ready {
+                0 => verdict(false, Reason::RedisNotReady, message),
+                r if r < n => verdict(true, Reason::SomeBusesDown, message),
+                _ => verdict(true, Reason::RedisReady, message),
+            }
+        }
     };
+    // Some buses down but not all: the app runs on the others (Ready stays True), and a
+    // person should look.
+    let buses_down = buses
+        .filter(|&(n, ready)| ready >= 1 && ready < n)
+        .map(|(n, ready)| format!("{} of {n} Redis buses down", n - ready));
 
     let servers = if seen.deployment.is_none() {
         verdict(
@@ -137,10 +152,18 @@ pub fn status(app: &RealtimeApp, seen: &Observed, now: Time) -> RealtimeAppStatu
         )
     };
 
-    // Degraded is True for a problem; Ready is False with the first cause.
-    let degraded = match seen.problems.first() {
-        Some(p) => verdict(true, p.reason, join(&seen.problems)),
-        None => verdict(false, Reason::AsExpected, "no problems found"),
+    // Degraded is True for a problem, or for some Redis buses down; Ready is False with a
+    // problem's first cause (not for buses down while one is up).
+    let degraded = if let Some(p) = seen.problems.first() {
+        let mut message = join(&seen.problems);
+        if let Some(down) = &buses_down {
+            message = format!("{message}; {down}");
+        }
+        verdict(true, p.reason, message)
+    } else if let Some(down) = buses_down {
+        verdict(true, Reason::SomeBusesDown, down)
+    } else {
+        verdict(false, Reason::AsExpected, "no problems found")
     };
     let summary = if let Some(p) = seen.problems.first() {
         verdict(false, p.reason, join(&seen.problems))
@@ -149,10 +172,14 @@ pub fn status(app: &RealtimeApp, seen: &Observed, now: Time) -> RealtimeAppStatu
     } else if !servers.ok {
         verdict(false, servers.reason, servers.message.clone())
     } else {
+        let redis = match buses {
+            Some((n, up)) if n > 1 => format!("{up} of {n} Redis buses ready"),
+            _ => "Redis ready".to_owned(),
+        };
         verdict(
             true,
             Reason::Ready,
-            format!("{ready}/{desired} server replicas ready, Redis ready"),
+            format!("{ready}/{desired} server replicas ready, {redis}"),
         )
     };
 
@@ -197,6 +224,8 @@ pub fn status(app: &RealtimeApp, seen: &Observed, now: Time) -> RealtimeAppStatu
         redis: Some(RedisStatus {
             endpoint: seen.redis_endpoint.clone(),
             ready: redis_up,
+            buses: buses.map(|(n, _)| n),
+            ready_buses: buses.map(|(_, ready)| ready),
         }),
         conditions,
     }

@@ -141,6 +141,11 @@ fn schema_is_structural_with_defaults_enums_and_bounds() {
         spec["redis"]["properties"]["mode"]["enum"],
         json!(["Managed", "External"])
     );
+    let buses = &spec["redis"]["properties"]["replicas"];
+    assert_eq!(
+        (&buses["default"], &buses["minimum"], &buses["maximum"]),
+        (&json!(1), &json!(1.0), &json!(3.0))
+    );
     assert_eq!(
         spec["service"]["properties"]["sessionAffinity"]["default"],
         json!("ClientIP")

@@ -190,7 +190,7 @@ async fn the_crd_works_on_a_real_api_server() {
     let chat = server.json(&["get", "rtapp", "chat", "-o", "json"]);
     assert_eq!(
         chat["spec"],
-        json!({"flavor": "chorus", "replicas": 2, "redis": {"mode": "Managed"},
+        json!({"flavor": "chorus", "replicas": 2, "redis": {"mode": "Managed", "replicas": 1},
                "service": {"type": "ClusterIP", "port": 80, "sessionAffinity": "ClientIP"},
                "autoscaling": {"enabled": false, "minReplicas": 2, "maxReplicas": 10, "targetCPUUtilizationPercentage": 70},
                "disruptionBudget": {"maxUnavailable": 1}, "networkPolicy": {"enabled": true}})
@@ -226,6 +226,14 @@ async fn the_crd_works_on_a_real_api_server() {
         r#"{"service": {"type": "Ingress"}}"#.into(),
         "Unsupported value: \"Ingress\"".into(),
     ));
+    cases.push((
+        r#"{"redis": {"replicas": 4}}"#.into(),
+        "should be less than or equal to 3".into(),
+    ));
+    cases.push((
+        r#"{"redis": {"replicas": 0}}"#.into(),
+        "should be greater than or equal to 1".into(),
+    ));
     for (i, (spec, message)) in cases.iter().enumerate() {
         let doc = format!(
             "{{\"apiVersion\":\"chorus.rs/v1alpha1\",\"kind\":\"RealtimeApp\",\"metadata\":{{\"name\":\"bad-{i}\"}},\"spec\":{spec}}}"
@@ -238,6 +246,16 @@ async fn the_crd_works_on_a_real_api_server() {
             "{spec}: expected {message:?} in:\n{stderr}"
         );
     }
+
+    // Several Redis buses: accepted for flavor chorus, up to 3.
+    let buses = r#"{"apiVersion":"chorus.rs/v1alpha1","kind":"RealtimeApp","metadata":{"name":"buses"},"spec":{"redis":{"replicas":3}}}"#;
+    server.ok(&["apply", "-f", "-"], Some(buses));
+    let stored = server.json(&["get", "rtapp", "buses", "-o", "json"]);
+    assert_eq!(
+        stored["spec"]["redis"],
+        json!({"mode": "Managed", "replicas": 3})
+    );
+    server.ok(&["delete", "rtapp", "buses"], None);
 
     // Printer columns.
     let table = server.ok(&["get", "rtapp"], None);

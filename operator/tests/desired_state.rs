@@ -624,7 +624,7 @@ fn network_policy_and_service_options() {
             "--maxmemory",
             "214748320",
             "--maxmemory-policy",
-            "allkeys-lru"
+            "noeviction"
         ])
     );
 }
@@ -658,7 +658,7 @@ fn managed_redis_has_a_memory_limit_and_maxmemory_under_it() {
     let policy = args.iter().position(|a| a == "--maxmemory-policy");
     assert_eq!(
         policy.and_then(|i| args.get(i + 1)).map(String::as_str),
-        Some("allkeys-lru")
+        Some("noeviction")
     );
 
     // Given resources replace the defaults; maxmemory follows their memory limit.
@@ -921,4 +921,210 @@ fn chorus_server_and_redis_run_as_uids_above_10000() {
         server.security_context.as_ref().and_then(|s| s.run_as_user),
         Some(1000)
     );
+}
+
+/// The managed Redis objects as JSON: (StatefulSet, Service, PodDisruptionBudget).
+fn redis_objects(spec: Value) -> (Value, Value, Option<Value>) {
+    let r = build(spec).redis.expect("managed redis");
+    (
+        serde_json::to_value(&r.statefulset).expect("json"),
+        serde_json::to_value(&r.service).expect("json"),
+        r.pdb.map(|p| serde_json::to_value(p).expect("json")),
+    )
+}
+
+#[test]
+fn one_redis_bus_renders_exactly_as_before() {
+    // `replicas: 1` is the default: the same objects, and a single ClusterIP Service.
+    let default = build(json!({}));
+    let one = build(json!({"redis": {"replicas": 1}}));
+    assert_eq!(default.objects(), one.objects());
+    let (sts, svc, pdb) = redis_objects(json!({"redis": {"replicas": 1}}));
+    assert_eq!(sts["spec"]["replicas"], json!(1));
+    for absent in [
+        &sts["metadata"]["annotations"],
+        &sts["spec"]["podManagementPolicy"],
+        &sts["spec"]["template"]["spec"]["affinity"],
+        &sts["spec"]["template"]["spec"]["topologySpreadConstraints"],
+        &svc["metadata"]["annotations"],
+        &svc["spec"]["clusterIP"],
+    ] {
+        assert_eq!(absent, &Value::Null);
+    }
+    assert!(pdb.is_none(), "no Redis PDB for one bus");
+    let env = env_of(&default);
+    assert_eq!(value(&env, "REDIS_HOST"), Some("chat-redis.team.svc"));
+    // The REDIS_URL of one bus is the single URL it always was.
+    assert_eq!(
+        redis_url(&json!({}), Some(b"pw")),
+        "redis://:pw@chat-redis.team.svc:6379/0"
+    );
+}
+
+#[test]
+fn several_redis_buses_are_independent_spread_pods_behind_a_headless_service() {
+    for n in [2, 3] {
+        let spec = json!({"redis": {"replicas": n}});
+        let (sts, svc, pdb) = redis_objects(spec.clone());
+        let s = &sts["spec"];
+        assert_eq!(s["replicas"], json!(n));
+        assert_eq!(s["podManagementPolicy"], json!("Parallel"));
+        assert_eq!(s["serviceName"], json!("chat-redis"));
+        assert_eq!(svc["metadata"]["name"], json!("chat-redis"));
+        assert_eq!(svc["spec"]["clusterIP"], json!("None"), "headless");
+        assert_eq!(svc["spec"]["ports"][0]["port"], json!(6379));
+        let redis_pods =
+            json!({"app.kubernetes.io/component": "redis", "app.kubernetes.io/instance": "chat"});
+        assert_eq!(svc["spec"]["selector"], redis_pods);
+        // Independent: nothing makes one a replica of another.
+        let args = s["template"]["spec"]["containers"][0]["args"].to_string();
+        assert!(
+            !args.contains("replicaof") && !args.contains("slaveof"),
+            "{args}"
+        );
+        // Spread: preferred, so fewer nodes than buses still run them all.
+        let pod = &s["template"]["spec"];
+        let anti = &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            [0];
+        assert_eq!(
+            anti["podAffinityTerm"]["topologyKey"],
+            json!("kubernetes.io/hostname")
+        );
+        assert_eq!(
+            anti["podAffinityTerm"]["labelSelector"]["matchLabels"],
+            redis_pods
+        );
+        assert!(
+            pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                .is_null()
+        );
+        let spread = &pod["topologySpreadConstraints"][0];
+        assert_eq!(spread["whenUnsatisfiable"], json!("ScheduleAnyway"));
+        assert_eq!(spread["labelSelector"]["matchLabels"], redis_pods);
+        // At most one bus down through a voluntary disruption.
+        let pdb = pdb.expect("a Redis PodDisruptionBudget");
+        assert_eq!(pdb["metadata"]["name"], json!("chat-redis"));
+        assert_eq!(pdb["spec"]["maxUnavailable"], json!(1));
+        assert_eq!(pdb["spec"]["selector"]["matchLabels"], redis_pods);
+        // Every object is in the apply order, the server PDB too.
+        let names: Vec<(String, String)> = build(spec)
+            .objects()
+            .iter()
+            .map(|o| {
+                (
+                    o["kind"].as_str().unwrap_or("").to_owned(),
+                    o["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        for wanted in [
+            ("PodDisruptionBudget", "chat-redis"),
+            ("PodDisruptionBudget", "chat"),
+            ("Service", "chat-redis"),
+        ] {
+            assert!(
+                names.contains(&(wanted.0.into(), wanted.1.into())),
+                "{wanted:?} in {names:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn redis_url_lists_every_bus_with_the_password_percent_encoded() {
+    let password = "p@ss/w#rd:1%2?x";
+    for n in [2usize, 3] {
+        let url = redis_url(
+            &json!({"redis": {"replicas": n}}),
+            Some(password.as_bytes()),
+        );
+        let urls: Vec<&str> = url.split(',').collect();
+        assert_eq!(urls.len(), n, "{url}");
+        for (i, one) in urls.iter().enumerate() {
+            let parsed = url::Url::parse(one).unwrap_or_else(|e| panic!("{one}: {e}"));
+            assert_eq!(parsed.scheme(), "redis");
+            let host = format!("chat-redis-{i}.chat-redis.team.svc");
+            assert_eq!(
+                parsed.host_str(),
+                Some(host.as_str()),
+                "in pod order: {url}"
+            );
+            assert_eq!(parsed.port(), Some(6379));
+            assert_eq!(parsed.path(), "/0");
+            let decoded =
+                percent_encoding::percent_decode_str(parsed.password().expect("password"))
+                    .decode_utf8()
+                    .expect("utf-8");
+            assert_eq!(decoded, password, "{one}");
+        }
+    }
+    assert_eq!(
+        redis_url(&json!({"redis": {"replicas": 2}}), Some(b"a@b")),
+        "redis://:a%40b@chat-redis-0.chat-redis.team.svc:6379/0,redis://:a%40b@chat-redis-1.chat-redis.team.svc:6379/0"
+    );
+    // The pods read it from the Secret; REDIS_HOST names the Service of them all.
+    let env = env_of(&build(json!({"redis": {"replicas": 3}})));
+    assert_eq!(
+        secret_ref(&env, "REDIS_URL"),
+        Some(("chat-redis-url".into(), "url".into()))
+    );
+    assert_eq!(value(&env, "REDIS_HOST"), Some("chat-redis.team.svc"));
+    // The bus list is configuration: changing it rolls the server pods.
+    let one = checksum(json!({}), "s1");
+    let two = checksum(json!({"redis": {"replicas": 2}}), "s1");
+    let three = checksum(json!({"redis": {"replicas": 3}}), "s1");
+    assert!(one != two && two != three && one != three);
+}
+
+#[test]
+fn chorus_redis_refuses_writes_when_full_and_the_adapters_evict() {
+    let policy = |spec: Value| {
+        let (_, args) = redis_container(spec);
+        let i = args
+            .iter()
+            .position(|a| a == "--maxmemory-policy")
+            .expect("policy");
+        args[i + 1].clone()
+    };
+    // An evicted history stream would make a resume claim messages it no longer has.
+    assert_eq!(policy(json!({})), "noeviction");
+    assert_eq!(policy(json!({"redis": {"replicas": 3}})), "noeviction");
+    for flavor in ["sails", "socketio"] {
+        assert_eq!(
+            policy(json!({"flavor": flavor, "image": "x"})),
+            "allkeys-lru"
+        );
+    }
+}
+
+#[test]
+fn redis_bus_counts_the_crd_refuses_are_refused_by_the_build_too() {
+    // What an older CRD without the bounds and CEL rules lets through.
+    for (spec, message) in [
+        (
+            json!({"redis": {"replicas": 0}}),
+            "spec.redis.replicas must be between 1 and 3, not 0",
+        ),
+        (
+            json!({"redis": {"replicas": 4}}),
+            "spec.redis.replicas must be between 1 and 3, not 4",
+        ),
+        (
+            json!({"flavor": "sails", "image": "i", "redis": {"replicas": 2}}),
+            "spec.redis.replicas above 1 needs flavor chorus: the sails Redis adapter speaks to one Redis",
+        ),
+        (
+            json!({"flavor": "socketio", "image": "i", "redis": {"replicas": 2}}),
+            "spec.redis.replicas above 1 needs flavor chorus: the socketio Redis adapter speaks to one Redis",
+        ),
+        (
+            json!({"redis": {"mode": "External", "external": {"host": "r"}, "replicas": 2}}),
+            "spec.redis.replicas above 1 applies to a managed Redis only (spec.redis.mode Managed)",
+        ),
+    ] {
+        let err = resources::build(&app(spec.clone()), &config(), &Inputs::default())
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some(message), "{spec}");
+    }
 }

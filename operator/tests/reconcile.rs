@@ -82,6 +82,14 @@ impl World {
         reconcile(Arc::new(self.app(name)), self.ctx.clone()).await
     }
 
+    /// One more reconcile, which must find nothing to write.
+    async fn reconcile_writes_nothing(&self, name: &str) {
+        let mark = self.api.log_len();
+        self.reconcile(name).await.expect("a no-op reconcile");
+        let writes = self.api.writes_since(mark);
+        assert!(writes.is_empty(), "{writes:#?}");
+    }
+
     fn condition(&self, name: &str, type_: &str) -> Value {
         condition(&self.api.get(&app_path(NS, name)).expect("app"), type_)
     }
@@ -160,7 +168,7 @@ async fn a_new_app_gets_every_child_then_its_status() {
     assert_eq!(status["endpoint"], json!("chat.team.svc:80"));
     assert_eq!(
         status["redis"],
-        json!({"endpoint": "chat-redis.team.svc:6379", "ready": false})
+        json!({"endpoint": "chat-redis.team.svc:6379", "ready": false, "buses": 1, "readyBuses": 0})
     );
     let types: Vec<&str> = status["conditions"]
         .as_array()
@@ -199,14 +207,7 @@ async fn a_second_reconcile_with_nothing_changed_writes_nothing() {
     w.reconcile("chat").await.expect("first");
     w.pods_become_ready("chat", 2);
     w.reconcile("chat").await.expect("second (status changes)");
-    let mark = w.api.log_len();
-    w.reconcile("chat").await.expect("third");
-    assert_eq!(
-        w.api.writes_since(mark).len(),
-        0,
-        "{:#?}",
-        w.api.writes_since(mark)
-    );
+    w.reconcile_writes_nothing("chat").await;
 }
 
 #[tokio::test]
@@ -809,4 +810,132 @@ async fn a_redis_url_secret_the_app_does_not_own_is_left_alone_and_reported() {
         w.api.get(&deployment_path(NS, "chat")).is_none(),
         "no pods that would read someone else's URL"
     );
+}
+
+#[tokio::test]
+async fn redis_buses_come_and_go_with_spec_redis_replicas() {
+    let w = World::new();
+    w.add_app("chat", json!({}));
+    w.reconcile("chat").await.expect("one bus");
+    let service = format!("/api/v1/namespaces/{NS}/services/chat-redis");
+    let pdb = format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/chat-redis");
+    let sts = statefulset_path(NS, "chat-redis");
+    // One bus: a ClusterIP Service (an address allocated), as always.
+    let cluster_ip = |w: &World| {
+        let svc = w.api.get(&service).expect("Redis Service");
+        let ip = svc["spec"]["clusterIP"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        (svc, ip)
+    };
+    let (one, ip) = cluster_ip(&w);
+    assert!(!ip.is_empty() && ip != "None", "{one}");
+    assert!(w.api.get(&pdb).is_none(), "no Redis PDB for one bus");
+    let password = String::from_utf8(w.secret_value("chat-redis", "password")).expect("text");
+    let url = |w: &World| String::from_utf8(w.secret_value("chat-redis-url", "url")).expect("text");
+    assert_eq!(
+        url(&w),
+        format!("redis://:{password}@chat-redis.team.svc:6379/0")
+    );
+    let checksum_one = w.checksum("chat");
+    let set_buses = |n: i64| {
+        w.api.edit(&app_path(NS, "chat"), |a| {
+            a["spec"]["redis"]["replicas"] = json!(n)
+        })
+    };
+
+    // Two: a clusterIP cannot change in place (the API refuses it), nor the StatefulSet's
+    // podManagementPolicy: both are made anew.
+    set_buses(2);
+    w.reconcile("chat").await.expect("two buses");
+    let (two, ip) = cluster_ip(&w);
+    assert_eq!(ip, "None", "headless");
+    assert_ne!(two["metadata"]["uid"], one["metadata"]["uid"], "replaced");
+    let set = w.api.get(&sts).expect("StatefulSet");
+    assert_eq!(set["spec"]["replicas"], json!(2));
+    assert_eq!(set["spec"]["podManagementPolicy"], json!("Parallel"));
+    let budget = w.api.get(&pdb).expect("Redis PDB");
+    assert_eq!(budget["spec"]["maxUnavailable"], json!(1));
+    assert_eq!(
+        url(&w),
+        format!(
+            "redis://:{password}@chat-redis-0.chat-redis.team.svc:6379/0,\
+             redis://:{password}@chat-redis-1.chat-redis.team.svc:6379/0"
+        )
+    );
+    assert_ne!(
+        w.checksum("chat"),
+        checksum_one,
+        "the servers roll onto both buses"
+    );
+
+    // One of two down: the app runs on the other and says so.
+    w.pods_become_ready("chat", 2);
+    w.api
+        .set_status(&sts, json!({"replicas": 2, "readyReplicas": 1}));
+    w.reconcile("chat").await.expect("one bus down");
+    let redis_ready = w.condition("chat", "RedisReady");
+    assert_eq!(
+        (&redis_ready["status"], &redis_ready["reason"]),
+        (&json!("True"), &json!("SomeBusesDown"))
+    );
+    assert_eq!(w.condition("chat", "Degraded")["status"], json!("True"));
+    assert_eq!(w.condition("chat", "Ready")["status"], json!("True"));
+    let app = w.api.get(&app_path(NS, "chat")).expect("app");
+    assert_eq!(
+        (
+            &app["status"]["redis"]["buses"],
+            &app["status"]["redis"]["readyBuses"]
+        ),
+        (&json!(2), &json!(1))
+    );
+
+    // Three: the same Service and StatefulSet, scaled.
+    set_buses(3);
+    w.reconcile("chat").await.expect("three buses");
+    let three = w.api.get(&service).expect("Redis Service");
+    assert_eq!(three["metadata"]["uid"], two["metadata"]["uid"], "kept");
+    assert_eq!(
+        w.api.get(&sts).expect("StatefulSet")["spec"]["replicas"],
+        json!(3)
+    );
+    assert_eq!(url(&w).split(',').count(), 3);
+
+    // Back to one: a ClusterIP Service again, the Redis PDB gone, the URL as it was.
+    set_buses(1);
+    w.reconcile("chat").await.expect("one bus again");
+    let (again, ip) = cluster_ip(&w);
+    assert!(!ip.is_empty() && ip != "None", "{again}");
+    let set = w.api.get(&sts).expect("StatefulSet");
+    assert_eq!(set["spec"]["replicas"], json!(1));
+    assert_eq!(set["spec"]["podManagementPolicy"], json!("OrderedReady"));
+    assert!(w.api.get(&pdb).is_none(), "the Redis PDB is deleted");
+    assert!(
+        w.api
+            .get(&format!(
+                "/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/chat"
+            ))
+            .is_some(),
+        "the server PDB stays"
+    );
+    assert_eq!(
+        url(&w),
+        format!("redis://:{password}@chat-redis.team.svc:6379/0")
+    );
+    assert_eq!(w.checksum("chat"), checksum_one);
+    let deleted: Vec<String> = w
+        .api
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == json!("Deleted"))
+        .map(|e| e["note"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        deleted.contains(&"deleted PodDisruptionBudget chat-redis".to_owned()),
+        "{deleted:?}"
+    );
+    // And once settled, a reconcile with nothing changed writes nothing.
+    w.reconcile("chat").await.expect("settled");
+    w.reconcile_writes_nothing("chat").await;
 }

@@ -49,6 +49,15 @@ fn redis(ready: i32) -> Option<Option<StatefulSet>> {
     ))
 }
 
+/// A Redis StatefulSet of `replicas` buses of which `ready` are ready.
+fn buses(replicas: i32, ready: i32) -> Option<Option<StatefulSet>> {
+    Some(Some(
+        serde_json::from_value(json!({"metadata": {"name": "chat-redis"},
+                                      "status": {"replicas": replicas, "readyReplicas": ready}}))
+        .expect("statefulset"),
+    ))
+}
+
 fn problem(reason: Reason, message: &str) -> Problem {
     Problem {
         reason,
@@ -165,6 +174,43 @@ fn rows() -> Vec<Row> {
             ],
         },
     ];
+    // Three Redis buses: the app runs while one is up; Degraded says when some are down.
+    let some_down = || {
+        vec![
+            (Ready, true, Reason::Ready),
+            (RedisReady, true, Reason::SomeBusesDown),
+            (Degraded, true, Reason::SomeBusesDown),
+        ]
+    };
+    for (ready, what, expect) in [
+        (
+            3,
+            "3 of 3 Redis buses ready",
+            vec![
+                (Ready, true, Reason::Ready),
+                (RedisReady, true, Reason::RedisReady),
+                (Degraded, false, Reason::AsExpected),
+            ],
+        ),
+        (2, "2 of 3 Redis buses ready", some_down()),
+        (1, "1 of 3 Redis buses ready", some_down()),
+        (
+            0,
+            "0 of 3 Redis buses ready",
+            vec![
+                (Ready, false, Reason::RedisNotReady),
+                (RedisReady, false, Reason::RedisNotReady),
+                (Degraded, false, Reason::AsExpected),
+            ],
+        ),
+    ] {
+        rows.push(Row {
+            what,
+            spec: json!({"redis": {"replicas": 3}}),
+            seen: seen(up(), buses(3, ready)),
+            expect,
+        });
+    }
     // Each problem, though everything runs: Degraded says it, and so does Ready.
     for reason in [
         Reason::SecretNotFound,
@@ -280,5 +326,74 @@ fn the_operator_guide_names_every_condition_and_reason_and_event() {
     assert!(
         missing.is_empty(),
         "docs/operator.md, Status, does not name {missing:?}"
+    );
+}
+
+#[test]
+fn the_status_says_how_many_redis_buses_are_up() {
+    let up = || Some(deployment(1, 1, [2, 2, 2, 2]));
+    let spec = json!({"redis": {"replicas": 3}});
+    let now = Time(Timestamp::UNIX_EPOCH);
+    let messages = |ready: i32| {
+        let st = status::status(
+            &app(spec.clone()),
+            &seen(up(), buses(3, ready)),
+            now.clone(),
+        );
+        let redis = st.redis.clone().expect("status.redis");
+        assert_eq!(
+            (redis.buses, redis.ready_buses, redis.ready),
+            (Some(3), Some(ready), ready >= 1),
+            "{ready} of 3"
+        );
+        let message = |t| {
+            status::condition(&st, t)
+                .expect("condition")
+                .message
+                .clone()
+        };
+        (message(RedisReady), message(Degraded), message(Ready))
+    };
+    assert_eq!(
+        messages(3),
+        (
+            "3 of 3 Redis buses ready".into(),
+            "no problems found".into(),
+            "2/2 server replicas ready, 3 of 3 Redis buses ready".into()
+        )
+    );
+    assert_eq!(
+        messages(2),
+        (
+            "2 of 3 Redis buses ready".into(),
+            "1 of 3 Redis buses down".into(),
+            "2/2 server replicas ready, 2 of 3 Redis buses ready".into()
+        )
+    );
+    assert_eq!(messages(1).1, "2 of 3 Redis buses down");
+    assert_eq!(messages(0).0, "0 of 3 Redis buses ready");
+
+    // A problem and buses down: Degraded names both, the problem first.
+    let mut with_problem = seen(up(), buses(3, 2));
+    with_problem.problems = vec![problem(Reason::SecretNotFound, "Secret team/jwt not found")];
+    let st = status::status(&app(spec.clone()), &with_problem, now.clone());
+    let degraded = status::condition(&st, Degraded).expect("Degraded");
+    assert_eq!(degraded.reason, "SecretNotFound");
+    assert_eq!(
+        degraded.message,
+        "Secret team/jwt not found; 1 of 3 Redis buses down"
+    );
+
+    // A StatefulSet still scaling down from 3 counts no more buses than wanted.
+    let st = status::status(&app(json!({})), &seen(up(), buses(3, 3)), now.clone());
+    let redis = st.redis.expect("status.redis");
+    assert_eq!((redis.buses, redis.ready_buses), (Some(1), Some(1)));
+    // An external Redis is not counted.
+    let external = json!({"redis": {"mode": "External", "external": {"host": "r"}}});
+    let st = status::status(&app(external), &seen(up(), None), now);
+    let redis = st.redis.expect("status.redis");
+    assert_eq!(
+        (redis.buses, redis.ready_buses, redis.ready),
+        (None, None, true)
     );
 }

@@ -10,27 +10,45 @@ use crate::crd::{AuthSpec, Flavor, RedisMode, SecretKeyRef};
 /// Where the app's Redis is and how to authenticate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisEndpoint {
+    /// `REDIS_HOST`: the Redis, or with several managed buses their (headless) Service.
     pub host: String,
     pub port: i32,
     pub db: i32,
     pub tls: bool,
     pub password: Option<SecretKeyRef>,
+    /// The host of each independent bus, in pod ordinal order: `REDIS_URL` lists one URL
+    /// per bus. `[host]` for a single Redis.
+    pub buses: Vec<String>,
 }
 
 impl RedisEndpoint {
     pub fn of(a: &App<'_>) -> Result<Self, BuildError> {
         let redis = &a.app.spec.redis;
+        let n = super::redis::buses(a)?;
         match redis.mode {
-            RedisMode::Managed => Ok(Self {
-                host: format!("{}.{}.svc", a.redis_name(), a.namespace),
-                port: 6379,
-                db: 0,
-                tls: false,
-                password: Some(SecretKeyRef {
-                    name: a.redis_name(),
-                    key: "password".into(),
-                }),
-            }),
+            RedisMode::Managed => {
+                let service = format!("{}.{}.svc", a.redis_name(), a.namespace);
+                // Several buses: each pod by its DNS name under the headless Service, so
+                // that a server reaches every bus rather than one the Service picks.
+                let buses = if n > 1 {
+                    (0..n)
+                        .map(|i| format!("{}-{i}.{service}", a.redis_name()))
+                        .collect()
+                } else {
+                    vec![service.clone()]
+                };
+                Ok(Self {
+                    host: service,
+                    port: 6379,
+                    db: 0,
+                    tls: false,
+                    password: Some(SecretKeyRef {
+                        name: a.redis_name(),
+                        key: "password".into(),
+                    }),
+                    buses,
+                })
+            }
             RedisMode::External => {
                 let ext = redis
                     .external
@@ -43,6 +61,7 @@ impl RedisEndpoint {
                     db: ext.db,
                     tls: ext.tls,
                     password: ext.password_secret_ref.clone(),
+                    buses: vec![ext.host.clone()],
                 })
             }
         }
@@ -53,15 +72,31 @@ impl RedisEndpoint {
         format!("{}:{}", self.host, self.port)
     }
 
-    /// The URL with `password` percent-encoded: a password may hold any byte, and
-    /// `@ / # : % ?` would otherwise end the userinfo early (clients percent-decode it).
+    /// `REDIS_URL`: one URL per bus, comma-separated in bus order, each with `password`
+    /// percent-encoded: a password may hold any byte, and `@ / # : % ?` would otherwise end
+    /// the userinfo early (clients percent-decode it). A comma cannot appear unencoded in
+    /// one, so the list splits back unambiguously.
     pub fn url(&self, password: Option<&[u8]>) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
         let auth = match password {
             Some(p) => format!(":{}@", percent_encode(p, USERINFO)),
             None => String::new(),
         };
-        format!("{scheme}://{auth}{}:{}/{}", self.host, self.port, self.db)
+        self.buses
+            .iter()
+            .map(|host| format!("{scheme}://{auth}{host}:{}/{}", self.port, self.db))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The bus hosts that `REDIS_HOST` does not already name (none for a single Redis):
+    /// configuration the pod template's checksum must cover, since `REDIS_URL` comes from
+    /// a Secret whose value it does not see.
+    pub fn other_buses(&self) -> impl Iterator<Item = &str> {
+        self.buses
+            .iter()
+            .map(String::as_str)
+            .filter(|b| *b != self.host)
     }
 }
 

@@ -14,9 +14,12 @@ use k8s_openapi::{
         core::v1::{
             Capabilities, PodSecurityContext, SeccompProfile, Secret, SecurityContext, Service,
         },
-        policy::v1::PodDisruptionBudget,
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
 };
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -33,6 +36,11 @@ pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Pod-template annotation that changes when the injected configuration does.
 pub const CHECKSUM_ANNOTATION: &str = "chorus.rs/config-checksum";
+/// The values a child has in fields the API server will not change in place (a Service's
+/// clusterIP, a StatefulSet's podManagementPolicy), when they are not the defaults: when the
+/// live child's annotation differs from the desired one's, the operator deletes the child
+/// and creates it again. Absent at the defaults, so children made before it match.
+pub const IMMUTABLE_ANNOTATION: &str = "chorus.rs/immutable-fields";
 /// A pinned Redis 7 image for managed Redis.
 pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.4.1-alpine";
 
@@ -64,6 +72,16 @@ pub enum BuildError {
     MissingExternalHost,
     #[error("{field}: not a quantity: {value:?}")]
     InvalidQuantity { field: &'static str, value: String },
+    #[error("spec.redis.replicas must be between 1 and {max}, not {0}", max = crate::crd::MAX_REDIS_REPLICAS)]
+    RedisReplicasOutOfRange(i32),
+    #[error(
+        "spec.redis.replicas above 1 needs flavor chorus: the {0} Redis adapter speaks to one Redis"
+    )]
+    RedisReplicasNeedChorus(&'static str),
+    #[error(
+        "spec.redis.replicas above 1 applies to a managed Redis only (spec.redis.mode Managed)"
+    )]
+    RedisReplicasNeedManaged,
 }
 
 /// Every object for one RealtimeApp. Generated Secrets appear only in [`Generated`]: they are
@@ -98,6 +116,9 @@ impl Children {
             push(&mut out, &r.service);
             if let Some(np) = &r.network_policy {
                 push(&mut out, np);
+            }
+            if let Some(pdb) = &r.pdb {
+                push(&mut out, pdb);
             }
         }
         for obj in [
@@ -366,6 +387,27 @@ pub fn digest<'p>(parts: impl IntoIterator<Item = &'p [u8]>) -> String {
         h.update(p);
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A PodDisruptionBudget `name` over one component's pods.
+pub fn pdb(
+    a: &App<'_>,
+    name: String,
+    component: &str,
+    max_unavailable: i32,
+) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: a.meta(name, component),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(max_unavailable)),
+            selector: Some(LabelSelector {
+                match_labels: Some(a.selector(component)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
 }
 
 /// The `restricted` Pod Security Standard, pod level.

@@ -1,4 +1,5 @@
-//! The managed Redis: password Secret, StatefulSet, Service, NetworkPolicy.
+//! The managed Redis: password Secret, StatefulSet, Service, NetworkPolicy, and with
+//! several buses a PodDisruptionBudget.
 
 use std::collections::BTreeMap;
 
@@ -6,21 +7,29 @@ use k8s_openapi::{
     api::{
         apps::v1::{StatefulSet, StatefulSetSpec},
         core::v1::{
-            Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-            PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretKeySelector,
-            Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+            Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+            ExecAction, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe,
+            ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec,
+            TCPSocketAction, TopologySpreadConstraint, Volume, VolumeMount,
+            WeightedPodAffinityTerm,
         },
         networking::v1::{
             NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
             NetworkPolicySpec,
         },
+        policy::v1::PodDisruptionBudget,
     },
     apimachinery::pkg::{
-        api::resource::Quantity, apis::meta::v1::LabelSelector, util::intstr::IntOrString,
+        api::resource::Quantity,
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
     },
 };
 
-use super::{App, BuildError, random_token, restricted_container, restricted_pod};
+use super::{
+    App, BuildError, IMMUTABLE_ANNOTATION, random_token, restricted_container, restricted_pod,
+};
+use crate::crd::{Flavor, MAX_REDIS_REPLICAS, RedisMode};
 
 const COMPONENT: &str = "redis";
 const PORT: i32 = 6379;
@@ -35,14 +44,43 @@ pub struct ManagedRedis {
     pub statefulset: StatefulSet,
     pub service: Service,
     pub network_policy: Option<NetworkPolicy>,
+    /// With several buses: at most one down at a time through voluntary disruptions.
+    pub pdb: Option<PodDisruptionBudget>,
 }
 
 pub fn managed(a: &App<'_>) -> Result<ManagedRedis, BuildError> {
+    let n = buses(a)?;
     Ok(ManagedRedis {
-        statefulset: statefulset(a)?,
-        service: service(a),
+        statefulset: statefulset(a, n)?,
+        service: service(a, n),
         network_policy: a.app.spec.network_policy.enabled.then(|| network_policy(a)),
+        pdb: (n > 1).then(|| super::pdb(a, a.redis_name(), COMPONENT, 1)),
     })
+}
+
+/// How many Redis buses the app wants (`spec.redis.replicas`), refusing what the CRD's
+/// bounds and CEL rules refuse, for a CRD older than them.
+pub fn buses(a: &App<'_>) -> Result<i32, BuildError> {
+    let redis = &a.app.spec.redis;
+    let n = redis.replicas;
+    if !(1..=MAX_REDIS_REPLICAS).contains(&n) {
+        return Err(BuildError::RedisReplicasOutOfRange(n));
+    }
+    if n > 1 && a.flavor() != Flavor::Chorus {
+        return Err(BuildError::RedisReplicasNeedChorus(a.flavor().as_str()));
+    }
+    if n > 1 && redis.mode != RedisMode::Managed {
+        return Err(BuildError::RedisReplicasNeedManaged);
+    }
+    Ok(n)
+}
+
+/// Marks `meta` with the values of fields the API server will not change in place
+/// (see [`IMMUTABLE_ANNOTATION`]).
+fn immutable(meta: &mut ObjectMeta, fields: &str) {
+    meta.annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(IMMUTABLE_ANNOTATION.into(), fields.into());
 }
 
 /// Redis's resources when `spec.redis.resources` is omitted: enough for a pub/sub bus, and
@@ -121,7 +159,7 @@ pub fn password_secret(a: &App<'_>) -> Secret {
     }
 }
 
-fn statefulset(a: &App<'_>) -> Result<StatefulSet, BuildError> {
+fn statefulset(a: &App<'_>, n: i32) -> Result<StatefulSet, BuildError> {
     let spec = &a.app.spec.redis;
     let resources = spec.resources.clone().unwrap_or_else(default_resources);
     let mut args = [
@@ -135,14 +173,20 @@ fn statefulset(a: &App<'_>) -> Result<StatefulSet, BuildError> {
     .map(String::from)
     .to_vec();
     if let Some(bytes) = maxmemory(&resources)? {
-        // Nothing in this Redis is authoritative (no persistence; the adapters' pub/sub
-        // keeps no keys, and whatever keys an app keeps can be rebuilt): when full, evict the
-        // least recently used key rather than refuse writes.
+        // chorus-server keeps each room's history in Redis streams: a stream evicted
+        // silently would let a resume claim messages it no longer has, so a full Redis
+        // refuses the write and the publisher is told. The Sails and Socket.IO adapters
+        // keep nothing there that cannot be rebuilt: evict the least recently used key
+        // rather than refuse writes.
+        let policy = match a.flavor() {
+            Flavor::Chorus => "noeviction",
+            Flavor::Sails | Flavor::Socketio => "allkeys-lru",
+        };
         args.extend([
             "--maxmemory".to_owned(),
             bytes.to_string(),
             "--maxmemory-policy".to_owned(),
-            "allkeys-lru".to_owned(),
+            policy.to_owned(),
         ]);
     }
     let password = EnvVar {
@@ -208,22 +252,32 @@ fn statefulset(a: &App<'_>) -> Result<StatefulSet, BuildError> {
         }]),
         ..Container::default()
     };
+    let mut metadata = a.meta(a.redis_name(), COMPONENT);
+    let several = n > 1;
+    if several {
+        immutable(&mut metadata, "podManagementPolicy=Parallel");
+    }
     Ok(StatefulSet {
-        metadata: a.meta(a.redis_name(), COMPONENT),
+        metadata,
         spec: Some(StatefulSetSpec {
-            replicas: Some(1),
+            replicas: Some(n),
+            // Independent buses need no order: one that is down must not hold back another
+            // from starting (as OrderedReady would).
+            pod_management_policy: several.then(|| "Parallel".into()),
             service_name: Some(a.redis_name()),
             selector: LabelSelector {
                 match_labels: Some(a.selector(COMPONENT)),
                 ..LabelSelector::default()
             },
             template: PodTemplateSpec {
-                metadata: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                metadata: Some(ObjectMeta {
                     labels: Some(a.labels(COMPONENT)),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    affinity: several.then(|| spread_affinity(a)),
+                    topology_spread_constraints: several.then(|| spread_zones(a)),
                     security_context: Some(restricted_pod(REDIS_UID)),
                     automount_service_account_token: Some(false),
                     volumes: Some(vec![Volume {
@@ -240,10 +294,56 @@ fn statefulset(a: &App<'_>) -> Result<StatefulSet, BuildError> {
     })
 }
 
-fn service(a: &App<'_>) -> Service {
+/// Several buses on one node would all go with it: prefer a node without another.
+fn spread_affinity(a: &App<'_>) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(a.selector(COMPONENT)),
+                            ..LabelSelector::default()
+                        }),
+                        topology_key: "kubernetes.io/hostname".into(),
+                        ..PodAffinityTerm::default()
+                    },
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
+/// And across zones where the nodes have them; preferred only, so that a cluster with
+/// fewer nodes or zones than buses still runs them all.
+fn spread_zones(a: &App<'_>) -> Vec<TopologySpreadConstraint> {
+    vec![TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: "topology.kubernetes.io/zone".into(),
+        when_unsatisfiable: "ScheduleAnyway".into(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(a.selector(COMPONENT)),
+            ..LabelSelector::default()
+        }),
+        ..TopologySpreadConstraint::default()
+    }]
+}
+
+/// One bus: a ClusterIP Service, as always. Several: headless, so that each pod has a DNS
+/// name (`<name>-redis-<i>.<name>-redis.<ns>.svc`) and REDIS_URL reaches every one.
+fn service(a: &App<'_>, n: i32) -> Service {
+    let mut metadata = a.meta(a.redis_name(), COMPONENT);
+    let headless = n > 1;
+    if headless {
+        immutable(&mut metadata, "clusterIP=None");
+    }
     Service {
-        metadata: a.meta(a.redis_name(), COMPONENT),
+        metadata,
         spec: Some(ServiceSpec {
+            cluster_ip: headless.then(|| "None".into()),
             selector: Some(a.selector(COMPONENT)),
             ports: Some(vec![ServicePort {
                 name: Some("redis".into()),

@@ -14,7 +14,7 @@ use k8s_openapi::{
             Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe,
             ResourceRequirements, Secret, Service, ServicePort, ServiceSpec, TCPSocketAction,
         },
-        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+        policy::v1::PodDisruptionBudget,
     },
     apimachinery::pkg::{
         api::resource::Quantity,
@@ -139,13 +139,20 @@ pub fn deployment(
     let env = container_env(a, redis);
     let port = a.container_port();
     // The checksum covers what the operator injects and the secret values behind it, so a
-    // change of either rolls the pods, and nothing else does.
+    // change of either rolls the pods, and nothing else does. The Redis buses besides
+    // REDIS_HOST are in it too (their list reaches the pods only inside REDIS_URL); a single
+    // Redis adds nothing, so its checksum is the one it always was.
     let env_json = serde_json::to_vec(&env).unwrap_or_default();
-    let checksum = digest([
-        env_json.as_slice(),
-        port.to_string().as_bytes(),
-        inputs.secrets_digest.as_bytes(),
-    ]);
+    let port_text = port.to_string();
+    let checksum = digest(
+        [
+            env_json.as_slice(),
+            port_text.as_bytes(),
+            inputs.secrets_digest.as_bytes(),
+        ]
+        .into_iter()
+        .chain(redis.other_buses().map(str::as_bytes)),
+    );
     let (liveness, readiness) = probes(a);
     let chorus = a.flavor() == Flavor::Chorus;
     let container = Container {
@@ -308,18 +315,12 @@ pub fn hpa(a: &App<'_>) -> Option<HorizontalPodAutoscaler> {
 
 /// A PodDisruptionBudget whenever more than one replica is wanted.
 pub fn pdb(a: &App<'_>) -> Option<PodDisruptionBudget> {
-    (a.app.spec.replicas > 1).then(|| PodDisruptionBudget {
-        metadata: a.meta(a.name.clone(), COMPONENT),
-        spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(
-                a.app.spec.disruption_budget.max_unavailable,
-            )),
-            selector: Some(LabelSelector {
-                match_labels: Some(a.selector(COMPONENT)),
-                ..LabelSelector::default()
-            }),
-            ..PodDisruptionBudgetSpec::default()
-        }),
-        ..PodDisruptionBudget::default()
+    (a.app.spec.replicas > 1).then(|| {
+        super::pdb(
+            a,
+            a.name.clone(),
+            COMPONENT,
+            a.app.spec.disruption_budget.max_unavailable,
+        )
     })
 }

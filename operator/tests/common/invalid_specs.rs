@@ -30,6 +30,18 @@ pub const INVALID: &[(&str, &str)] = &[
         "spec.redis.external.host is required when spec.redis.mode is External",
     ),
     (
+        r#"{"flavor": "sails", "image": "i", "redis": {"replicas": 2}}"#,
+        "spec.redis.replicas above 1 needs flavor chorus: the sails and socketio Redis adapters speak to one Redis",
+    ),
+    (
+        r#"{"flavor": "socketio", "image": "i", "redis": {"replicas": 3}}"#,
+        "spec.redis.replicas above 1 needs flavor chorus: the sails and socketio Redis adapters speak to one Redis",
+    ),
+    (
+        r#"{"redis": {"mode": "External", "external": {"host": "r"}, "replicas": 2}}"#,
+        "spec.redis.replicas above 1 applies to a managed Redis only (spec.redis.mode Managed)",
+    ),
+    (
         r#"{"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}"#,
         "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas",
     ),

@@ -127,6 +127,10 @@ impl State {
                 if self.objects.contains_key(&obj_path) {
                     return (409, status(409, "AlreadyExists", "already exists"), vec![]);
                 }
+                let mut body = body;
+                if let Err(refused) = self.immutable_fields(&mut body, None) {
+                    return (422, refused, vec![]);
+                }
                 let obj = self.stored(body, None);
                 self.managers
                     .entry(obj_path.clone())
@@ -153,6 +157,10 @@ impl State {
                     managers.update(req.manager, existing.as_ref(), &merged);
                     merged
                 };
+                let mut merged = merged;
+                if let Err(refused) = self.immutable_fields(&mut merged, existing.as_ref()) {
+                    return (422, refused, vec![]);
+                }
                 let (code, event) = if existing.is_some() {
                     (200, "MODIFIED")
                 } else {
@@ -197,6 +205,33 @@ impl State {
             for path in orphans {
                 changes.extend(self.remove(&path));
             }
+        }
+    }
+
+    /// What the API server defaults, and refuses to change in place, in the fields whose
+    /// change makes the operator replace a child: a Service's clusterIP (allocated unless
+    /// `None`; an update without one keeps the old one) and a StatefulSet's
+    /// podManagementPolicy (default OrderedReady).
+    fn immutable_fields(&mut self, obj: &mut Value, old: Option<&Value>) -> Result<(), Value> {
+        let (field, default) = match obj["kind"].as_str() {
+            Some("Service") => (
+                "clusterIP",
+                old.map(|o| o["spec"]["clusterIP"].clone())
+                    .unwrap_or_else(|| json!(format!("10.96.0.{}", self.rv % 250 + 1))),
+            ),
+            Some("StatefulSet") => ("podManagementPolicy", json!("OrderedReady")),
+            _ => return Ok(()),
+        };
+        let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+            return Ok(());
+        };
+        let value = spec.entry(field).or_insert(default).clone();
+        match old.map(|o| &o["spec"][field]) {
+            Some(was) if !was.is_null() && *was != value => {
+                let message = format!("spec.{field}: Invalid value: {value}: field is immutable");
+                Err(status(422, "Invalid", &message))
+            }
+            _ => Ok(()),
         }
     }
 
