@@ -13,7 +13,8 @@
 # Knobs (defaults in brackets):
 #   SERVERS [chorus socketio sails]     chorus = target/release/chorus-server; others = ../shared/bench/peer-<name>;
 #                                       chorus-before = the binary BEFORE_BIN (an older build, for before/after);
-#                                       chorus-nohistory = chorus with HISTORY_SIZE=0
+#                                       chorus-nohistory = chorus with HISTORY_SIZE=0;
+#                                       chorus-2bus = chorus on two independent Redis (REDIS_URL lists both)
 #   LOADGENS [chorus-bench node]        chorus-bench = target/release/chorus-bench; node = ../shared/bench/loadgen
 #   SCENARIOS [all below]               REPLICAS [3]   DURATION [10]   ROUNDS [1]
 #                                       storm-c<N>-k<K> (not in the default sweep): a reconnect storm,
@@ -75,6 +76,7 @@ fi
 LOGDIR=$(mktemp -d "${TMPDIR:-/tmp}/chorus-compare.XXXXXX")
 TOKEN=bench-$RANDOM$RANDOM$RANDOM
 REDIS_PID=""
+REDIS2_PID=""
 SERVER_PIDS=()
 SERVER_URLS=()
 
@@ -97,22 +99,23 @@ stop_servers() {
 cleanup() {
   stop_servers
   [ -z "$REDIS_PID" ] || stop_pid "$REDIS_PID"
+  [ -z "$REDIS2_PID" ] || stop_pid "$REDIS2_PID"
 }
 trap cleanup EXIT
 trap 'log interrupted; exit 130' INT TERM
 
-start_redis() {
-  local port i
+start_redis() { # [name]: sets STARTED_PID and STARTED_URL
+  local port i name=${1:-redis}
   port=$(free_port)
   redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
-    --loglevel warning >"$LOGDIR/redis.log" 2>&1 &
-  REDIS_PID=$!
-  REDIS_URL=redis://127.0.0.1:$port
+    --loglevel warning >"$LOGDIR/$name.log" 2>&1 &
+  STARTED_PID=$!
+  STARTED_URL=redis://127.0.0.1:$port
   for ((i = 0; i < 100; i++)); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
     sleep 0.1
   done
-  log "redis-server did not start: $(cat "$LOGDIR/redis.log")"
+  log "redis-server did not start: $(cat "$LOGDIR/$name.log")"
   exit 1
 }
 
@@ -121,6 +124,7 @@ server_cmd() {
   case $1 in
     chorus) DIR=$ROOT CMD="$ROOT/target/release/chorus-server" GC="" LABEL=chorus EXTRA_ENV="" ;;
     chorus-nohistory) DIR=$ROOT CMD="$ROOT/target/release/chorus-server" GC="" LABEL=chorus-nohistory EXTRA_ENV="HISTORY_SIZE=0" ;;
+    chorus-2bus) DIR=$ROOT CMD="$ROOT/target/release/chorus-server" GC="" LABEL=chorus-2bus EXTRA_ENV="REDIS_URL=$REDIS_URL,$REDIS2_URL" ;;
     chorus-before) DIR=$ROOT CMD=${BEFORE_BIN:?set BEFORE_BIN to the older chorus-server binary} GC="" LABEL=chorus-before EXTRA_ENV="" ;;
     *)
       LABEL=peer-$1 EXTRA_ENV=""
@@ -196,7 +200,7 @@ scenario_args() {
 }
 
 run_one() { # round scenario loadgen server
-  local round=$1 name=$2 lg=$3 server=$4 args res urls pids gen
+  local round=$1 name=$2 lg=$3 server=$4 args res urls pids gen extra
   args=$(scenario_args "$name")
   if [[ $name == storm-* ]] && { [[ $server != chorus* ]] || [ "$lg" != chorus-bench ]; }; then
     log "round $round $name: skipped for $server with $lg (a storm needs resume and chorus-bench)"
@@ -213,8 +217,10 @@ run_one() { # round scenario loadgen server
   pids=$(IFS=,; echo "${SERVER_PIDS[*]}")
   res=$LOGDIR/$round-$name-$lg-$server.json
   log "round $round $name: $server with $lg"
+  extra="redis:$REDIS_PID"
+  if [ "$server" = chorus-2bus ]; then extra="$extra,redis2:$REDIS2_PID"; fi
   # shellcheck disable=SC2086 # args are words
-  API_TOKEN=$TOKEN "${gen[@]}" --urls "$urls" --pids "$pids" --extra-pids "redis:$REDIS_PID" \
+  API_TOKEN=$TOKEN "${gen[@]}" --urls "$urls" --pids "$pids" --extra-pids "$extra" \
     --server "$LABEL" --label "$name" $args >"$res" 2>"${res%.json}.err" ||
     log "  generator exited non-zero (see ${res%.json}.err)"
   stop_servers
@@ -248,7 +254,12 @@ EOF
 }
 
 mkdir -p "$(dirname "$OUT")"
-start_redis
+start_redis redis
+REDIS_PID=$STARTED_PID REDIS_URL=$STARTED_URL
+if want_server chorus-2bus; then
+  start_redis redis2
+  REDIS2_PID=$STARTED_PID REDIS2_URL=$STARTED_URL
+fi
 log "servers: $SERVERS; generators: $LOADGENS; $ROUNDS round(s); out $OUT; logs $LOGDIR"
 T0=$(date +%s)
 step=0

@@ -478,12 +478,15 @@ async fn idle_until(ws: &mut Ws, phase: &mut watch::Receiver<Phase>, until: Phas
 }
 
 /// The processes' CPU, read every [`CPU_WINDOW_MS`]: total over the storm and the busiest
-/// window.
+/// window (the whole storm's average when it was shorter than a window).
 struct CpuPeak {
     procs: Vec<Proc>,
     first: Vec<Option<CpuSplit>>,
     last: Vec<Option<CpuSplit>>,
+    first_ms: f64,
     last_ms: f64,
+    /// full windows read so far
+    windows: usize,
     peak: Vec<f64>,
     servers_peak: f64,
 }
@@ -495,7 +498,9 @@ impl CpuPeak {
             procs: procs.to_vec(),
             last: first.clone(),
             first,
+            first_ms: now_ms(),
             last_ms: now_ms(),
+            windows: 0,
             peak: vec![0.0; procs.len()],
             servers_peak: 0.0,
         }
@@ -508,18 +513,25 @@ impl CpuPeak {
             return;
         }
         let snap = cpu_snapshot(&self.procs);
-        let secs = (now - self.last_ms) / 1000.0;
-        let mut servers = 0.0;
-        for (k, (a, b)) in self.last.iter().zip(&snap).enumerate() {
-            if let (Some(a), Some(b)) = (a, b) {
-                let cores = (b.total() - a.total()) / secs;
-                self.peak[k] = self.peak[k].max(cores);
-                if self.procs[k].kind == "server" {
-                    servers += cores;
+        // CPU time is counted in ticks (10 ms): over a short remainder a rate would be noise,
+        // so only full windows make the peak; the remainder counts in the totals.
+        let full = now - self.last_ms >= CPU_WINDOW_MS;
+        let base = if full { &self.last } else { &self.first };
+        let secs = (now - if full { self.last_ms } else { self.first_ms }) / 1000.0;
+        if full || self.windows == 0 {
+            let mut servers = 0.0;
+            for (k, (a, b)) in base.iter().zip(&snap).enumerate() {
+                if let (Some(a), Some(b)) = (a, b) {
+                    let cores = (b.total() - a.total()) / secs.max(1e-3);
+                    self.peak[k] = self.peak[k].max(cores);
+                    if self.procs[k].kind == "server" {
+                        servers += cores;
+                    }
                 }
             }
+            self.servers_peak = self.servers_peak.max(servers);
         }
-        self.servers_peak = self.servers_peak.max(servers);
+        self.windows += usize::from(full);
         self.last = snap;
         self.last_ms = now;
     }

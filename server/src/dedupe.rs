@@ -10,7 +10,8 @@
 
 use std::collections::{HashSet, VecDeque};
 
-/// Ids remembered at most: about 40 bytes each.
+/// Ids remembered at most: 49 bytes each (32 in the order queue, 17 in the set), about 12 MiB
+/// once both tables have grown to their power-of-two size.
 pub const MAX_IDS: usize = 200_000;
 /// How long an id is remembered at most, in ms.
 pub const WINDOW_MS: u64 = 120_000;

@@ -1,8 +1,11 @@
 //! One link of the bus: a Redis server, or this process for a single node.
 //!
 //! - memory: a single node; a publish reaches this process's own subscribers.
-//! - Redis: one RESP3 connection (redis-rs `ConnectionManager`) carrying both commands and
-//!   subscriptions. It keeps the set of wanted channels itself, pings Redis every second so an
+//! - Redis: two RESP3 connections (redis-rs `ConnectionManager`), one for commands and one for
+//!   subscriptions. Apart, because Redis applies its pub/sub output limit (32 MB by default) to
+//!   everything a subscribed connection is sent: the history reads of a reconnect storm over
+//!   the subscribed connection made Redis drop it, and with it the messages on their way. The
+//!   link keeps the set of wanted channels itself, pings both connections every second so an
 //!   idle replica notices a dead link, and resubscribes everything when the link comes back.
 //!
 //! Every Redis operation is bounded by [`OP_TIMEOUT`] and fails at once while the link is
@@ -156,11 +159,14 @@ impl Shared {
 }
 
 struct RedisLink {
+    /// Commands: publishes, scripts.
     conn: ConnectionManager,
+    /// Subscriptions only; what arrives goes to the push callback.
+    sub: ConnectionManager,
     display: String,
 }
 
-/// Cheap to clone; clones share one connection and one handler table.
+/// Cheap to clone; clones share the connections and one handler table.
 #[derive(Clone)]
 pub struct Link {
     shared: Arc<Shared>,
@@ -202,20 +208,26 @@ impl Link {
         let shared = Self::with_state(index, LinkState::Starting);
         let client = redis::Client::open(url.info.clone())?;
         let push_shared = shared.clone();
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500))
-            .set_push_sender(move |msg: PushInfo| {
+        let config = || {
+            redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(OP_TIMEOUT))
+                .set_response_timeout(Some(OP_TIMEOUT))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500))
+        };
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config())?;
+        let sub = ConnectionManager::new_lazy_with_config(
+            client,
+            config().set_push_sender(move |msg: PushInfo| {
                 push_shared.on_push(msg);
                 Ok::<(), std::convert::Infallible>(())
-            });
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+            }),
+        )?;
         Ok(Self {
             shared,
             redis: Some(Arc::new(RedisLink {
                 conn,
+                sub,
                 display: url.display.clone(),
             })),
             missed: Arc::default(),
@@ -296,8 +308,9 @@ impl Link {
     /// Pings; after an outage (or at start) subscribes every wanted channel and only then
     /// marks the link up. Returns whether the link came up on this call.
     async fn check_link(&self, link: &RedisLink) -> Result<bool, BusError> {
-        let mut conn = link.conn.clone();
+        let (mut conn, mut sub) = (link.conn.clone(), link.sub.clone());
         bounded(redis::cmd("PING").query_async::<()>(&mut conn)).await?;
+        bounded(redis::cmd("PING").query_async::<()>(&mut sub)).await?;
         if self.shared.up.load(Ordering::SeqCst) {
             return Ok(false);
         }
@@ -307,7 +320,7 @@ impl Link {
                 (w.channels.iter().cloned().collect::<Vec<_>>(), w.version)
             };
             if !channels.is_empty() {
-                bounded(conn.subscribe(&channels)).await?;
+                bounded(sub.subscribe(&channels)).await?;
             }
             // Marked up under the lock: a channel added before this point is in a newer
             // version (so it is subscribed on the next turn), one added after sees the link up
@@ -401,7 +414,7 @@ impl Link {
         };
         if up
             && let Some(link) = &self.redis
-            && let Err(e) = bounded(link.conn.clone().subscribe(chans)).await
+            && let Err(e) = bounded(link.sub.clone().subscribe(chans)).await
         {
             tracing::debug!(
                 ?chans,
