@@ -477,7 +477,7 @@ impl Delivery {
         };
         outbox.hold();
         s.join(rooms.clone());
-        let (replay, recovered, seen, head) = match history.read(&rooms).await {
+        let (replay, recovered, seen, head) = match history.read(&rooms, since.as_ref()).await {
             Ok(snapshots) => {
                 let Recovery {
                     replay,

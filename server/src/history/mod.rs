@@ -44,6 +44,7 @@ pub struct HistoryConfig {
 pub struct History {
     config: HistoryConfig,
     store: Store,
+    reads: tokio::sync::Semaphore,
 }
 
 enum Store {
@@ -101,29 +102,49 @@ return 1
 
 /// Reads the head and each room's history. KEYS: the sequence hash, then each room's stream.
 /// ARGV: an epoch to start if none exists (so a socket that joins before the first message
-/// already holds an offset of the epoch that message will have).
-/// Returns {epoch, seq, secs, micros, gap, then per room {added, {entries...}}}.
+/// already holds an offset of the epoch that message will have), then pairs of an epoch and the
+/// stream id to read from in that epoch: only entries from there on are sent (plus the oldest
+/// kept one), not the whole history, so that a storm of resumes stays small.
+/// Returns {epoch, seq, secs, micros, gap, then per room {added, kept, {entries...}}}.
 const READ: &str = r"
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local start = '-'
+for i = 2, #ARGV - 1, 2 do
+  if ARGV[i] == epoch then start = ARGV[i + 1] end
+end
 local t = redis.call('TIME')
-local out = {redis.call('HGET', KEYS[1], 'epoch'), redis.call('HGET', KEYS[1], 'seq') or '0', t[1], t[2],
+local out = {epoch, redis.call('HGET', KEYS[1], 'seq') or '0', t[1], t[2],
   redis.call('HGET', KEYS[1], 'gap') or '0'}
 for i = 2, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 1 then
     local info = redis.call('XINFO', 'STREAM', KEYS[i])
-    local added = 0
+    local added, kept = 0, 0
     for j = 1, #info, 2 do
       if info[j] == 'entries-added' then added = info[j + 1] end
+      if info[j] == 'length' then kept = info[j + 1] end
     end
     local entries = {}
-    for j, e in ipairs(redis.call('XRANGE', KEYS[i], '-', '+')) do entries[j] = e[2][2] end
-    out[#out + 1] = {added, entries}
+    local first = redis.call('XRANGE', KEYS[i], '-', '+', 'COUNT', 1)[1]
+    local from = redis.call('XRANGE', KEYS[i], start, '+')
+    if first and (not from[1] or from[1][1] ~= first[1]) then entries[1] = first[2][2] end
+    for _, e in ipairs(from) do entries[#entries + 1] = e[2][2] end
+    out[#out + 1] = {added, kept, entries}
   else
-    out[#out + 1] = {0, {}}
+    out[#out + 1] = {0, 0, {}}
   end
 end
 return out
 ";
+
+/// How far before a client's offset a read starts (ms): the stream ids are Redis's clock, as
+/// the stamps are, and the margin also finds copies of what the client had that another Redis
+/// brought it first, unless that Redis lagged by more than this.
+const READ_MARGIN_MS: u64 = 10_000;
+
+/// History reads in flight per replica: more wait here, not in Redis's reply queue, where a
+/// storm of resumes would make every read (and the link's health check) time out.
+const READS_IN_FLIGHT: usize = 32;
 
 /// Marks a gap: the sequence moves on by one and the gap is there, so only a client that has a
 /// later message of this Redis counts it as complete. KEYS: the sequence hash. Nothing to mark
@@ -167,7 +188,11 @@ impl History {
                 room_prefix: format!("{prefix}#h#"),
             })
         };
-        Some(Arc::new(Self { config, store }))
+        Some(Arc::new(Self {
+            config,
+            store,
+            reads: tokio::sync::Semaphore::new(READS_IN_FLIGHT),
+        }))
     }
 
     pub fn config(&self) -> HistoryConfig {
@@ -236,9 +261,13 @@ impl History {
         }
     }
 
-    /// What each Redis that can be read now (or the memory store) holds for `rooms`; an error
-    /// when none can.
-    pub async fn read(&self, rooms: &[String]) -> Result<Vec<Snapshot>, BusError> {
+    /// What each Redis that can be read now (or the memory store) holds for `rooms` (from a
+    /// little before `since` on); an error when none can.
+    pub async fn read(
+        &self,
+        rooms: &[String],
+        since: Option<&Position>,
+    ) -> Result<Vec<Snapshot>, BusError> {
         match &self.store {
             Store::Memory { mem, .. } => {
                 let mut mem = lock(mem);
@@ -256,6 +285,7 @@ impl History {
                         .map(|r| match mem.rooms.get(r) {
                             Some(log) if log.expires > now => RoomLog {
                                 added: log.added,
+                                kept: log.entries.len() as u64,
                                 entries: log.entries.iter().map(|e| e.to_string()).collect(),
                             },
                             _ => RoomLog::default(),
@@ -264,8 +294,13 @@ impl History {
                 }])
             }
             Store::Redis(redis) => {
+                let _permit = self.reads.acquire().await;
                 let keys = redis.keys(rooms);
-                let args = [format!("{:x}", new_epoch())];
+                let mut args = vec![format!("{:x}", new_epoch())];
+                for stamp in since.map(Position::stamps).unwrap_or_default() {
+                    args.push(format!("{:x}", stamp.epoch));
+                    args.push(stamp.ms.saturating_sub(READ_MARGIN_MS).to_string());
+                }
                 let reads = redis
                     .bus
                     .each(|link| {
@@ -302,7 +337,7 @@ impl History {
 
     /// The heads of the sequences: where a socket that joins now starts.
     pub async fn head(&self) -> Result<Position, BusError> {
-        let snapshots = self.read(&[]).await?;
+        let snapshots = self.read(&[], None).await?;
         Ok(Position::of(snapshots.iter().map(|s| s.head)))
     }
 }
@@ -372,8 +407,12 @@ fn parse_snapshot(value: RedisValue, rooms: usize) -> Option<Snapshot> {
     };
     let logs: Vec<RoomLog> = items
         .map(|item| {
-            let (added, entries) = <(u64, Vec<String>)>::from_redis_value(item).ok()?;
-            Some(RoomLog { added, entries })
+            let (added, kept, entries) = <(u64, u64, Vec<String>)>::from_redis_value(item).ok()?;
+            Some(RoomLog {
+                added,
+                kept,
+                entries,
+            })
         })
         .collect::<Option<_>>()?;
     (logs.len() == rooms).then_some(Snapshot {
@@ -423,7 +462,10 @@ mod tests {
             published.push(Stamp::decode(&item.payload).0.expect("stamped").seq);
         }
         assert_eq!(published, vec![1, 2, 3]);
-        let snaps = h.read(&["a".into(), "z".into()]).await.expect("memory");
+        let snaps = h
+            .read(&["a".into(), "z".into()], None)
+            .await
+            .expect("memory");
         let [snap] = &snaps[..] else {
             panic!("one snapshot: {snaps:?}")
         };

@@ -25,7 +25,10 @@ pub struct Snapshot {
 pub struct RoomLog {
     /// Messages ever added while the history existed (0: it does not exist).
     pub added: u64,
-    /// The kept entries, oldest first, as encoded by [`Stamp::encode`].
+    /// Messages kept now.
+    pub kept: u64,
+    /// Kept entries, oldest first, as encoded by [`Stamp::encode`]: the oldest kept one, then
+    /// those from a little before the client's offset (all of them without one).
     pub entries: Vec<String>,
 }
 
@@ -214,7 +217,7 @@ fn complete_since(snapshot: &Snapshot, since: Stamp, ttl: Duration) -> bool {
             }
             let stale = log.entries.iter().any(|e| current(e).is_none());
             let first = log.entries.iter().find_map(current);
-            let trimmed = log.added > log.entries.len() as u64;
+            let trimmed = log.added > log.kept;
             // Trimmed entries are older than the first kept one; an entry of an older epoch
             // still kept means nothing of this epoch was trimmed.
             !trimmed || stale || first.is_some_and(|f| since.seq + 1 >= f.seq)
@@ -248,6 +251,7 @@ mod tests {
     fn log(added: u64, seqs: &[u64]) -> RoomLog {
         RoomLog {
             added,
+            kept: seqs.len() as u64,
             entries: seqs.iter().map(|s| kept(7, *s, *s)).collect(),
         }
     }
@@ -307,6 +311,24 @@ mod tests {
     }
 
     #[test]
+    fn a_read_from_near_since_is_complete_when_nothing_was_trimmed() {
+        // Ten kept of ten added; the read sent the oldest and those from near since.
+        let mut room = log(10, &[1, 8, 9, 10]);
+        room.kept = 10;
+        let r = recover(
+            &[snapshot(10, vec![room.clone()])],
+            Some(&at(stamp(7))),
+            TTL,
+        );
+        assert_eq!(ns(&r), vec![8, 9, 10]);
+        assert!(r.recovered);
+        // Twelve added, ten kept from 3 on: since 7 is still covered.
+        room.added = 12;
+        room.entries[0] = kept(7, 3, 3);
+        assert!(recover(&[snapshot(12, vec![room])], Some(&at(stamp(7))), TTL).recovered);
+    }
+
+    #[test]
     fn an_expired_room_is_recovered_only_within_the_ttl() {
         let mut snap = snapshot(9, vec![RoomLog::default()]);
         snap.head.ms = stamp(5).ms + 1000;
@@ -336,6 +358,7 @@ mod tests {
             3,
             vec![RoomLog {
                 added: 60,
+                kept: 3,
                 entries: vec![old, kept(7, 2, 2), kept(7, 3, 3)],
             }],
         );
@@ -351,6 +374,7 @@ mod tests {
             gap: 0,
             rooms: vec![RoomLog {
                 added: list.len() as u64,
+                kept: list.len() as u64,
                 entries: list.iter().map(|(s, n)| kept(epoch, *s, *n)).collect(),
             }],
         };
