@@ -60,6 +60,13 @@ impl Recent {
         true
     }
 
+    /// Heap memory of the two tables, in bytes (what their capacity takes, used or not).
+    pub fn heap_bytes(&self) -> usize {
+        // hashbrown: one control byte per bucket next to the value
+        self.ids.capacity() * (std::mem::size_of::<u128>() + 1)
+            + self.order.capacity() * std::mem::size_of::<(u128, u64)>()
+    }
+
     /// Ids remembered now.
     pub fn len(&self) -> usize {
         self.ids.len()
@@ -110,6 +117,17 @@ mod tests {
         assert!(!r.first(6, Some(7), 11));
         // a new message published after the horizon is taken
         assert!(r.first(100, Some(11), 11));
+    }
+
+    #[test]
+    fn memory_at_the_bound_is_what_the_docs_say() {
+        let mut r = Recent::new(MAX_IDS, WINDOW_MS);
+        for id in 0..(MAX_IDS as u128 + 1000) {
+            assert!(r.first(id, Some(1000 + id as u64), 1000));
+        }
+        assert_eq!(r.len(), MAX_IDS);
+        let mib = r.heap_bytes() as f64 / (1024.0 * 1024.0);
+        assert!(mib > 8.0 && mib < 13.0, "{mib} MiB");
     }
 
     #[test]

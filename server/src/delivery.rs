@@ -293,6 +293,7 @@ impl Delivery {
         let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
         let first = taken.first(id, msg.t, dedupe::now_ms());
         self.metrics.dedupe_ids.set(taken.len() as i64);
+        self.metrics.dedupe_bytes.set(taken.heap_bytes() as i64);
         first
     }
 

@@ -66,6 +66,7 @@ pub struct Metrics {
     pub bus_failures: Family<BusLabels, Counter>,
     pub duplicate_copies: Counter,
     pub dedupe_ids: Gauge,
+    pub dedupe_bytes: Gauge,
 }
 
 impl Metrics {
@@ -90,6 +91,7 @@ impl Metrics {
         let bus_failures = Family::<BusLabels, Counter>::default();
         let duplicate_copies = Counter::default();
         let dedupe_ids = Gauge::default();
+        let dedupe_bytes = Gauge::default();
         registry.register(
             "chorus_bus_up",
             "1 while this Redis of the bus is up, by Redis (host:port/db)",
@@ -110,6 +112,11 @@ impl Metrics {
             "chorus_bus_dedupe_ids",
             "Message ids this replica remembers to drop second copies",
             dedupe_ids.clone(),
+        );
+        registry.register(
+            "chorus_bus_dedupe_bytes",
+            "Heap memory of the message ids this replica remembers (bounded)",
+            dedupe_bytes.clone(),
         );
         registry.register(
             "chorus_sockets_connected",
@@ -185,6 +192,7 @@ impl Metrics {
             bus_failures,
             duplicate_copies,
             dedupe_ids,
+            dedupe_bytes,
         }
     }
 
