@@ -165,8 +165,8 @@ impl Cluster {
             op,
         };
         let payload = serde_json::to_vec(&request).unwrap_or_default();
-        let counts = self.bus.publish_each(&self.req_chan, &payload).await;
-        let Some(expected) = counts.iter().flatten().copied().max() else {
+        let listeners = self.bus.publish_each(&self.req_chan, &payload).await;
+        let Some(expected) = listeners.iter().flatten().copied().max() else {
             return Err(ClusterError::Unavailable(BusError::Unavailable));
         };
 
@@ -175,8 +175,7 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
         while replies.len() < expected {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                // One answer per replica, whichever Redis brought it first.
-                Ok(Some(reply)) if from.insert(reply.uid.clone()) => replies.push(reply),
+                Ok(Some(reply)) if counts(&mut from, &reply) => replies.push(reply),
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
                     return Err(ClusterError::Timeout {
@@ -226,6 +225,12 @@ impl Cluster {
             tracing::debug!("could not answer a cluster call: no Redis took the answer");
         }
     }
+}
+
+/// Whether `reply` is the first from its replica, whichever Redis brought it. A replica of an
+/// older version sends no uid (and answers once, on its one Redis): each of its replies counts.
+fn counts(from: &mut HashSet<String>, reply: &Reply) -> bool {
+    reply.uid.is_empty() || from.insert(reply.uid.clone())
 }
 
 /// One request among all callers' (its caller's response channel and number).
@@ -279,5 +284,37 @@ impl Drop for PendingGuard<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(uid: &str) -> Reply {
+        Reply {
+            id: 1,
+            node: "n".into(),
+            uid: uid.into(),
+            outcome: Outcome::Count { sockets: 0 },
+        }
+    }
+
+    #[test]
+    fn a_replica_counts_once_and_an_older_one_each_time() {
+        let mut from = HashSet::new();
+        assert!(counts(&mut from, &reply("a")));
+        assert!(
+            !counts(&mut from, &reply("a")),
+            "its copy from another Redis"
+        );
+        assert!(counts(&mut from, &reply("b")));
+        // replicas from before several Redis: no uid, one answer each
+        assert!(counts(&mut from, &reply("")));
+        assert!(counts(&mut from, &reply("")));
+        let old: Reply =
+            serde_json::from_str(r#"{"id":1,"node":"old","outcome":{"kind":"count","sockets":2}}"#)
+                .expect("an older replica's reply parses");
+        assert!(counts(&mut from, &old));
     }
 }

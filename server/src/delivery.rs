@@ -27,9 +27,9 @@ use tokio::sync::{OnceCell, oneshot};
 
 use crate::{
     bus::{Adapter, Bus, Item},
-    dedupe::{self, Recent},
+    dedupe::{self, Origin, Recent},
     error::Failure,
-    history::{History, Position, Recovery, Replayed, Stamp, recover},
+    history::{History, Position, Recovery, Replayed, Snapshot, Stamp, recover},
     metrics::{Limit, Metrics},
 };
 
@@ -49,16 +49,20 @@ pub struct Message {
     pub event: String,
     /// The JSON as the publisher sent it: parsed once where it comes in, then only copied.
     pub data: Box<RawValue>,
-    /// When it was published (ms since the Unix epoch, the publisher's clock): a copy that
-    /// comes later than a replica remembers ids is dropped (`dedupe`).
+    /// When it was published (ms since the Unix epoch, the publishing replica's clock) and by
+    /// which replica (a random number): a copy that comes later than a replica remembers ids is
+    /// dropped (`dedupe`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub t: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub o: Option<u64>,
 }
 
 impl Message {
     pub fn new(rooms: Vec<String>, except: Vec<Sid>, event: String, data: &Value) -> Self {
         Self {
             t: Some(dedupe::now_ms()),
+            o: None,
             id: format!("{:032x}", rand::random::<u128>()),
             rooms,
             except,
@@ -204,12 +208,31 @@ pub struct Delivery {
     metrics: Arc<Metrics>,
     history: Option<Arc<History>>,
     io: OnceCell<SocketIo<Adapter>>,
-    /// Barriers waiting for the delivery loop (see [`Delivery::barrier`]): how many links'
-    /// markers are still to come.
-    barriers: Mutex<HashMap<u64, (usize, oneshot::Sender<()>)>>,
+    /// Barriers waiting for the delivery loop (see [`Delivery::barrier`]).
+    barriers: Mutex<HashMap<u64, Waiting>>,
     next_barrier: AtomicU64,
     /// Messages already taken (another Redis's copy is dropped).
     taken: Mutex<Recent>,
+    /// This replica as a publisher (`Message::o`); never 0.
+    origin: u64,
+}
+
+/// A barrier: the links whose marker is still to come, those whose marker came.
+struct Waiting {
+    pending: HashSet<usize>,
+    confirmed: HashSet<usize>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl Waiting {
+    /// Wakes the barrier once no marker is pending.
+    fn settle(&mut self) {
+        if self.pending.is_empty()
+            && let Some(done) = self.done.take()
+        {
+            let _ = done.send(());
+        }
+    }
 }
 
 /// Marks a barrier in the delivery loop's queue; no message starts with it.
@@ -234,6 +257,7 @@ impl Delivery {
             barriers: Mutex::new(HashMap::new()),
             next_barrier: AtomicU64::new(0),
             taken: Mutex::new(Recent::new(dedupe::MAX_IDS, dedupe::WINDOW_MS)),
+            origin: rand::random::<u64>().max(1),
         })
     }
 
@@ -258,14 +282,11 @@ impl Delivery {
     /// One item of the delivery queue: a barrier marker, or a message for sockets.
     fn take(&self, item: Item, at: &mut [Option<Stamp>]) {
         if let Some(id) = barrier_id(&item.payload) {
-            let mut barriers = self.lock_barriers();
-            if let Some((left, _)) = barriers.get_mut(&id) {
-                *left = left.saturating_sub(1);
-                if *left == 0
-                    && let Some((_, done)) = barriers.remove(&id)
-                {
-                    let _ = done.send(());
-                }
+            if let Some(w) = self.lock_barriers().get_mut(&id)
+                && w.pending.remove(&item.link)
+            {
+                w.confirmed.insert(item.link);
+                w.settle();
             }
             return;
         }
@@ -290,14 +311,18 @@ impl Delivery {
         let Some(id) = dedupe::parse_id(&msg.id) else {
             return true;
         };
+        let origin = msg
+            .t
+            .zip(msg.o)
+            .map(|(published, replica)| Origin { replica, published });
         let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
-        let first = taken.first(id, msg.t, dedupe::now_ms());
+        let first = taken.first(id, origin, dedupe::now_ms());
         self.metrics.dedupe_ids.set(taken.len() as i64);
         self.metrics.dedupe_bytes.set(taken.heap_bytes() as i64);
         first
     }
 
-    fn lock_barriers(&self) -> MutexGuard<'_, HashMap<u64, (usize, oneshot::Sender<()>)>> {
+    fn lock_barriers(&self) -> MutexGuard<'_, HashMap<u64, Waiting>> {
         self.barriers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -307,43 +332,50 @@ impl Delivery {
     /// waits for a marker sent through the same path after the read: Redis sends it to this
     /// replica after every message published before it.
     /// With several Redis the marker goes by each that is up, and the barrier waits for all of
-    /// them.
-    async fn barrier(&self) {
+    /// them. Returns the links whose marker came back: only what was read from those is
+    /// known to have been taken.
+    async fn barrier(&self) -> HashSet<usize> {
         let id = self.next_barrier.fetch_add(1, Ordering::Relaxed);
         let (done, wait) = oneshot::channel();
-        // Counted before anything is sent: a marker may come back before the count is known.
-        self.lock_barriers()
-            .insert(id, (self.bus.links().len(), done));
+        // Registered before anything is sent: a marker may come back at once.
+        self.lock_barriers().insert(
+            id,
+            Waiting {
+                pending: (0..self.bus.links().len()).collect(),
+                confirmed: HashSet::new(),
+                done: Some(done),
+            },
+        );
         let mut marker = vec![BARRIER];
         marker.extend_from_slice(&id.to_be_bytes());
-        let sent = if self.bus.is_memory() {
-            usize::from(self.bus.deliver_here(self.chan.clone(), marker))
+        let took: Vec<bool> = if self.bus.is_memory() {
+            vec![self.bus.deliver_here(self.chan.clone(), marker)]
         } else {
             let counts = self.bus.publish_each(&self.barrier_chan, &marker).await;
-            counts.iter().filter(|n| n.is_some_and(|n| n > 0)).count()
+            counts.iter().map(|n| n.is_some_and(|n| n > 0)).collect()
         };
         // Links that did not take the marker will not bring it back.
-        let missing = self.bus.links().len() - sent;
-        {
-            let mut barriers = self.lock_barriers();
-            if let Some((left, _)) = barriers.get_mut(&id) {
-                *left = left.saturating_sub(missing);
-                if *left == 0 {
-                    barriers.remove(&id);
-                    return;
+        if let Some(w) = self.lock_barriers().get_mut(&id) {
+            for (link, took) in took.iter().enumerate() {
+                if !took {
+                    w.pending.remove(&link);
                 }
             }
+            w.settle();
         }
         // Bounded: a link that fails now must not hold the socket's messages forever.
-        if sent == 0 || tokio::time::timeout(BARRIER_WAIT, wait).await.is_err() {
-            self.lock_barriers().remove(&id);
-        }
+        let _ = tokio::time::timeout(BARRIER_WAIT, wait).await;
+        self.lock_barriers()
+            .remove(&id)
+            .map(|w| w.confirmed)
+            .unwrap_or_default()
     }
 
     /// Sends `msg` to every replica (stamped and kept when it is a room message and history
     /// is on). If the bus fails, this replica's own sockets still get it, and the caller is
     /// told `cluster_unavailable`.
-    pub async fn send(&self, msg: Message) -> Result<(), Failure> {
+    pub async fn send(&self, mut msg: Message) -> Result<(), Failure> {
+        msg.o = Some(self.origin);
         let json = serde_json::to_string(&msg)
             .map_err(|e| Failure::invalid(format!("the message cannot be encoded: {e}")))?;
         let size = json.len();
@@ -441,14 +473,16 @@ impl Delivery {
         };
         outbox.hold();
         s.join(room);
-        let head = match history.head().await {
-            Ok(head) => Some(head),
+        let heads = history.heads().await;
+        let confirmed = self.barrier().await;
+        let head = match heads {
+            Ok(heads) => confirmed_only(heads, &confirmed)
+                .map(|heads| Position::of(heads.iter().map(|s| s.head))),
             Err(e) => {
                 tracing::debug!("history unavailable for a join: {e}");
                 None
             }
         };
-        self.barrier().await;
         self.finish(s, &outbox, Vec::new(), None, head, |last| {
             reply(last.map(|p| p.offset()));
         });
@@ -478,8 +512,17 @@ impl Delivery {
         };
         outbox.hold();
         s.join(rooms.clone());
-        let (replay, recovered, seen, head) = match history.read(&rooms, since.as_ref()).await {
-            Ok(snapshots) => {
+        let read = history.read(&rooms, since.as_ref()).await;
+        let confirmed = self.barrier().await;
+        let snapshots = match read {
+            Ok(snapshots) => confirmed_only(snapshots, &confirmed),
+            Err(e) => {
+                tracing::debug!("history unavailable for a resume: {e}");
+                None
+            }
+        };
+        let (replay, recovered, seen, head) = match snapshots {
+            Some(snapshots) => {
                 let Recovery {
                     replay,
                     recovered,
@@ -489,12 +532,8 @@ impl Delivery {
                 let (replay, complete) = self.replayable(replay, outbox.limit);
                 (replay, recovered && complete, Some(seen), Some(head))
             }
-            Err(e) => {
-                tracing::debug!("history unavailable for a resume: {e}");
-                (Vec::new(), false, None, None)
-            }
+            None => (Vec::new(), false, None, None),
         };
-        self.barrier().await;
         self.finish(s, &outbox, replay, seen.as_ref(), head, |last| {
             reply(Resumed {
                 recovered,
@@ -555,6 +594,17 @@ impl Delivery {
         }
         reply(last);
     }
+}
+
+/// The snapshots read from links whose barrier marker came back (every message they cover has
+/// been taken by this replica, so none of them can come again as a first copy); `None` when no
+/// such link is left.
+fn confirmed_only(snapshots: Vec<Snapshot>, confirmed: &HashSet<usize>) -> Option<Vec<Snapshot>> {
+    let kept: Vec<Snapshot> = snapshots
+        .into_iter()
+        .filter(|s| confirmed.contains(&s.link))
+        .collect();
+    (!kept.is_empty()).then_some(kept)
 }
 
 fn barrier_id(payload: &[u8]) -> Option<u64> {

@@ -171,7 +171,7 @@ struct RedisLink {
 pub struct Link {
     shared: Arc<Shared>,
     redis: Option<Arc<RedisLink>>,
-    /// Set when something meant for every link was not sent on this one (it was down), so
+    /// Set when a message meant for every link was not sent on this one (it was down), so
     /// that the link's history can be marked as having a gap when it returns.
     missed: Arc<AtomicBool>,
     /// Operations this link failed or missed, ever (metrics).
@@ -255,9 +255,14 @@ impl Link {
         self.redis.is_none() || self.shared.up.load(Ordering::SeqCst)
     }
 
-    /// Records that something meant for every link was not sent on this one.
+    /// Records that a message meant for every link was not sent on this one.
     pub fn note_missed(&self) {
         self.missed.store(true, Ordering::SeqCst);
+        self.note_failure();
+    }
+
+    /// Counts an operation this link failed or skipped (metrics).
+    pub fn note_failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -128,30 +128,32 @@ impl Bus {
     }
 
     /// Runs `op` on every link that is up, concurrently; the results in link order. A link
-    /// that is down is not tried (`Unavailable`) and remembers it missed something.
+    /// that is down is not tried (`Unavailable`).
     pub async fn each<T, F, Fut>(&self, op: F) -> Vec<Result<T, BusError>>
     where
         F: Fn(Link) -> Fut,
         Fut: Future<Output = Result<T, BusError>>,
     {
         if let [link] = &self.links[..] {
-            return vec![self.tried(link, op(link.clone()).await)];
+            return vec![counted(link, op(link.clone()).await, Link::note_failure)];
         }
         let runs = self.links.iter().map(|link| {
             let run = link.is_up().then(|| op(link.clone()));
             async move {
-                match run {
-                    Some(run) => self.tried(link, run.await),
-                    None => self.tried(link, Err(BusError::Unavailable)),
-                }
+                let result = match run {
+                    Some(run) => run.await,
+                    None => Err(BusError::Unavailable),
+                };
+                counted(link, result, Link::note_failure)
             }
         });
         futures_util::future::join_all(runs).await
     }
 
-    /// Runs `op` on every link that is up and answers as soon as one succeeds (the others go
-    /// on in the background, so a link that hangs does not hold the caller); the first error
-    /// when none does.
+    /// Runs `op` (a publish) on every link that is up and answers as soon as one succeeds (the
+    /// others go on in the background, so a link that hangs does not hold the caller); the
+    /// first error when none does. A link that did not take it remembers that it missed a
+    /// message (see `history`'s gap marks).
     pub async fn first_ok<T, F, Fut>(&self, op: F) -> Result<T, BusError>
     where
         T: Send + 'static,
@@ -159,7 +161,7 @@ impl Bus {
         Fut: Future<Output = Result<T, BusError>> + Send + 'static,
     {
         if let [link] = &self.links[..] {
-            return self.tried(link, op(link.clone()).await);
+            return counted(link, op(link.clone()).await, Link::note_missed);
         }
         let mut runs = FuturesUnordered::new();
         for link in self.links.iter() {
@@ -187,18 +189,19 @@ impl Bus {
         Err(error)
     }
 
-    fn tried<T>(&self, link: &Link, result: Result<T, BusError>) -> Result<T, BusError> {
-        if result.is_err() {
-            link.note_missed();
-        }
-        result
-    }
-
     /// Hands `payload` to this process's subscriber of `chan` at once (see
     /// [`Link::deliver_here`]); only meaningful on the memory bus.
     pub fn deliver_here(&self, chan: String, payload: Vec<u8>) -> bool {
         self.links[0].deliver_here(chan, payload)
     }
+}
+
+/// `result`, after `note` on its link when it failed.
+fn counted<T>(link: &Link, result: Result<T, BusError>, note: fn(&Link)) -> Result<T, BusError> {
+    if result.is_err() {
+        note(link);
+    }
+    result
 }
 
 /// The bus's state from its links' (`before` is the previous combined state).

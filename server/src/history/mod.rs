@@ -102,17 +102,14 @@ return 1
 
 /// Reads the head and each room's history. KEYS: the sequence hash, then each room's stream.
 /// ARGV: an epoch to start if none exists (so a socket that joins before the first message
-/// already holds an offset of the epoch that message will have), then pairs of an epoch and the
-/// stream id to read from in that epoch: only entries from there on are sent (plus the oldest
-/// kept one), not the whole history, so that a storm of resumes stays small.
+/// already holds an offset of the epoch that message will have), then the stream id to read
+/// from: only entries from there on are sent (plus the oldest kept one), not the whole history,
+/// so that a storm of resumes stays small.
 /// Returns {epoch, seq, secs, micros, gap, then per room {added, kept, {entries...}}}.
 const READ: &str = r"
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local start = '-'
-for i = 2, #ARGV - 1, 2 do
-  if ARGV[i] == epoch then start = ARGV[i + 1] end
-end
+local start = ARGV[2]
 local t = redis.call('TIME')
 local out = {epoch, redis.call('HGET', KEYS[1], 'seq') or '0', t[1], t[2],
   redis.call('HGET', KEYS[1], 'gap') or '0'}
@@ -137,9 +134,10 @@ end
 return out
 ";
 
-/// How far before a client's offset a read starts (ms): the stream ids are Redis's clock, as
-/// the stamps are, and the margin also finds copies of what the client had that another Redis
-/// brought it first, unless that Redis lagged by more than this.
+/// How far before a client's offset a read starts (ms). Every Redis is read from the earliest
+/// of the offset's stamps minus this: stream ids are each Redis's clock, as the stamps are, so
+/// clocks that differ by less than this lose nothing, and the reads also find the copies of
+/// what the client had that another Redis brought it first, unless that Redis lagged by more.
 const READ_MARGIN_MS: u64 = 10_000;
 
 /// History reads in flight per replica: more wait here, not in Redis's reply queue, where a
@@ -274,6 +272,7 @@ impl History {
                 let now = Instant::now();
                 mem.sweep(now);
                 Ok(vec![Snapshot {
+                    link: 0,
                     head: Stamp {
                         epoch: mem.epoch,
                         seq: mem.seq,
@@ -296,11 +295,13 @@ impl History {
             Store::Redis(redis) => {
                 let _permit = self.reads.acquire().await;
                 let keys = redis.keys(rooms);
-                let mut args = vec![format!("{:x}", new_epoch())];
-                for stamp in since.map(Position::stamps).unwrap_or_default() {
-                    args.push(format!("{:x}", stamp.epoch));
-                    args.push(stamp.ms.saturating_sub(READ_MARGIN_MS).to_string());
-                }
+                let start = since
+                    .and_then(|p| p.stamps().iter().map(|s| s.ms).min())
+                    .map_or_else(
+                        || "-".to_owned(),
+                        |ms| ms.saturating_sub(READ_MARGIN_MS).to_string(),
+                    );
+                let args = [format!("{:x}", new_epoch()), start];
                 let reads = redis
                     .bus
                     .each(|link| {
@@ -321,9 +322,9 @@ impl History {
                     .await;
                 let mut snapshots = Vec::new();
                 let mut failure = None;
-                for read in reads {
+                for (link, read) in reads.into_iter().enumerate() {
                     match read {
-                        Ok(s) => snapshots.push(s),
+                        Ok(s) => snapshots.push(Snapshot { link, ..s }),
                         Err(e) => failure = failure.or(Some(e)),
                     }
                 }
@@ -335,10 +336,10 @@ impl History {
         }
     }
 
-    /// The heads of the sequences: where a socket that joins now starts.
-    pub async fn head(&self) -> Result<Position, BusError> {
-        let snapshots = self.read(&[], None).await?;
-        Ok(Position::of(snapshots.iter().map(|s| s.head)))
+    /// The heads of the sequences, per link that could be read: where a socket that joins now
+    /// starts.
+    pub async fn heads(&self) -> Result<Vec<Snapshot>, BusError> {
+        self.read(&[], None).await
     }
 }
 
@@ -416,6 +417,7 @@ fn parse_snapshot(value: RedisValue, rooms: usize) -> Option<Snapshot> {
         })
         .collect::<Option<_>>()?;
     (logs.len() == rooms).then_some(Snapshot {
+        link: 0, // set by the caller
         head,
         gap,
         rooms: logs,

@@ -13,6 +13,8 @@ use super::offsets::{Position, Stamp};
 /// What one Redis (or the memory store) holds for a `resume`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
+    /// Which link of the bus it was read from.
+    pub link: usize,
     /// The current epoch and last sequence number; `ms` is the time of the read.
     pub head: Stamp,
     /// The last sequence number marking a gap (0: none): messages published around it may be
@@ -258,6 +260,7 @@ mod tests {
 
     fn snapshot(head: u64, rooms: Vec<RoomLog>) -> Snapshot {
         Snapshot {
+            link: 0,
             head: stamp(head),
             gap: 0,
             rooms,
@@ -370,6 +373,7 @@ mod tests {
     /// Two Redis, epochs 7 (A) and 9 (B), with their own sequence numbers.
     fn two(a: &[(u64, u64)], b: &[(u64, u64)]) -> [Snapshot; 2] {
         let side = |epoch: u64, list: &[(u64, u64)]| Snapshot {
+            link: (epoch == 9).into(),
             head: st(epoch, list.iter().map(|x| x.0).max().unwrap_or(0)),
             gap: 0,
             rooms: vec![RoomLog {
