@@ -301,7 +301,8 @@ impl Group {
     }
 }
 
-fn note(samples: &mut Vec<String>, e: String) {
+/// Keeps the first five error samples.
+pub fn note(samples: &mut Vec<String>, e: String) {
     if samples.len() < 5 {
         samples.push(e);
     }

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::Error;
 use crate::cli::Options;
-use crate::clients::{bench_data, json_str};
+use crate::clients::{bench_data, json_str, note};
 use crate::clock::{now_ms, sleep_ms};
 use crate::engineio::{self, EventKind, EventMatcher, Packet, SioPacket, Ws};
 use crate::histogram::{LatencyHistogram, round};
@@ -260,12 +260,6 @@ pub async fn run(o: &Options) -> Result<StormReport, Error> {
         processes: rows,
         error_samples: errors,
     })
-}
-
-fn note(samples: &mut Vec<String>, e: String) {
-    if samples.len() < 5 {
-        samples.push(e);
-    }
 }
 
 /// Publishes `count` messages, message s to room `s % K`, round robin over the replicas,

@@ -316,10 +316,13 @@ impl Delivery {
             .zip(msg.o)
             .map(|(published, replica)| Origin { replica, published });
         let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
-        let first = taken.first(id, origin, dedupe::now_ms());
-        self.metrics.dedupe_ids.set(taken.len() as i64);
-        self.metrics.dedupe_bytes.set(taken.heap_bytes() as i64);
-        first
+        taken.first(id, origin, dedupe::now_ms())
+    }
+
+    /// Message ids remembered now and their heap memory (read at scrape time, not per message).
+    pub fn dedupe_stats(&self) -> (usize, usize) {
+        let taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        (taken.len(), taken.heap_bytes())
     }
 
     fn lock_barriers(&self) -> MutexGuard<'_, HashMap<u64, Waiting>> {

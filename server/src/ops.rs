@@ -94,6 +94,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .metrics
         .sockets_connected
         .set(i64::try_from(sockets).unwrap_or(i64::MAX));
+    let (ids, bytes) = state.delivery.dedupe_stats();
+    let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    state.metrics.dedupe_ids.set(gauge(ids));
+    state.metrics.dedupe_bytes.set(gauge(bytes));
     for link in state.bus.links().iter().filter(|l| !l.is_memory()) {
         let failures = state.metrics.bus_failures.get_or_create(&BusLabels {
             bus: link.display().to_owned(),

@@ -318,6 +318,20 @@ async fn run(outage: Outage) {
         lasts.push(seen.last.clone());
     }
     let published: usize = acked.values().map(Vec::len).sum();
+    // Both Redis carried the messages: each replica dropped second copies and remembers ids.
+    for r in &s.replicas {
+        let m = Api::new(&r.url(), None).metrics().await;
+        let copies = m
+            .get("chorus_bus_duplicate_copies_total", &[])
+            .unwrap_or(0.0);
+        let ids = m.get("chorus_bus_dedupe_ids", &[]).unwrap_or(0.0);
+        assert!(
+            copies > 0.0 && ids > 0.0,
+            "{}: {copies} copies dropped, {ids} ids",
+            r.name
+        );
+        assert!(m.get("chorus_bus_dedupe_bytes", &[]).unwrap_or(0.0) > 0.0);
+    }
     eprintln!(
         "{outage:?}: {published} messages acknowledged, {deliveries} deliveries, 0 lost, 0 twice, {} cluster calls",
         load.calls.load(Ordering::Relaxed)

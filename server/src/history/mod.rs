@@ -23,12 +23,15 @@ mod recovery;
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use redis::{FromRedisValue, Script, Value as RedisValue};
 
-use crate::bus::{Bus, BusError, Link, LinkState};
+use crate::{
+    bus::{Bus, BusError, Link, LinkState},
+    dedupe::now_ms,
+};
 
 pub use offsets::{MAX_STAMPS, Position, Stamp};
 pub use recovery::{Recovery, Replayed, RoomLog, Snapshot, recover};
@@ -431,12 +434,6 @@ fn lock(mem: &Mutex<Memory>) -> std::sync::MutexGuard<'_, Memory> {
 /// A random epoch, never 0 (0 means "none yet").
 fn new_epoch() -> u64 {
     rand::random::<u64>().max(1)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

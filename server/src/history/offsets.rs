@@ -95,10 +95,6 @@ impl Position {
         self.0.iter().copied().find(|s| s.epoch == epoch)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     pub fn stamps(&self) -> &[Stamp] {
         &self.0
     }

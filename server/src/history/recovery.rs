@@ -97,23 +97,20 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
     let logs: Vec<(Option<Stamp>, Vec<Entry>)> =
         snapshots.iter().map(|s| (at(s), entries(s))).collect();
     // Received before: at or before the client's stamp on any Redis that holds it.
+    let covered = |e: &Entry| since.is_some_and(|p| p.covers(e.stamp));
     let mut had: HashSet<&str> = HashSet::new();
     let mut seen = HashSet::new();
-    for (v, list) in &logs {
+    for (_, list) in &logs {
         for e in list {
             seen.insert(e.id.clone());
-            if v.is_some_and(|v| e.stamp.seq <= v.seq) {
+            if covered(e) {
                 had.insert(&e.id);
             }
         }
     }
     let after: Vec<Vec<&Entry>> = logs
         .iter()
-        .map(|(v, list)| {
-            list.iter()
-                .filter(|e| v.is_none_or(|v| e.stamp.seq > v.seq))
-                .collect()
-        })
+        .map(|(_, list)| list.iter().filter(|e| !covered(e)).collect())
         .collect();
     let order = merge(&after, &had);
     let replay = positions(&logs, &after, &had, &order);
