@@ -319,6 +319,11 @@ impl Delivery {
         taken.first(id, origin, dedupe::now_ms())
     }
 
+    /// The room histories, when history is on.
+    pub fn history(&self) -> Option<&History> {
+        self.history.as_deref()
+    }
+
     /// Message ids remembered now and their heap memory (read at scrape time, not per message).
     pub fn dedupe_stats(&self) -> (usize, usize) {
         let taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub slow_socket_disconnects: Counter,
     pub bus_up: Family<BusLabels, Gauge>,
     pub bus_failures: Family<BusLabels, Counter>,
+    pub bus_catch_ups: Family<BusLabels, Counter>,
+    pub bus_caught_up: Family<BusLabels, Gauge>,
     pub duplicate_copies: Counter,
     pub dedupe_ids: Gauge,
     pub dedupe_bytes: Gauge,
@@ -89,6 +91,8 @@ impl Metrics {
         let slow_socket_disconnects = Counter::default();
         let bus_up = Family::<BusLabels, Gauge>::default();
         let bus_failures = Family::<BusLabels, Counter>::default();
+        let bus_catch_ups = Family::<BusLabels, Counter>::default();
+        let bus_caught_up = Family::<BusLabels, Gauge>::default();
         let duplicate_copies = Counter::default();
         let dedupe_ids = Gauge::default();
         let dedupe_bytes = Gauge::default();
@@ -102,6 +106,17 @@ impl Metrics {
             "Publishes, history writes and reads that one Redis of the bus failed or missed \
              while down, by Redis",
             bus_failures.clone(),
+        );
+        registry.register(
+            "chorus_bus_catch_ups",
+            "Copies of another Redis's history into one that returned, completed by this \
+             replica, by Redis",
+            bus_catch_ups.clone(),
+        );
+        registry.register(
+            "chorus_bus_history_caught_up",
+            "1 while this Redis holds the history the others hold (several Redis, history on)",
+            bus_caught_up.clone(),
         );
         registry.register(
             "chorus_bus_duplicate_copies",
@@ -190,6 +205,8 @@ impl Metrics {
             slow_socket_disconnects,
             bus_up,
             bus_failures,
+            bus_catch_ups,
+            bus_caught_up,
             duplicate_copies,
             dedupe_ids,
             dedupe_bytes,

@@ -50,6 +50,10 @@ pub struct BusStatus {
     /// `host:port/db`, never the password.
     pub host: String,
     pub up: bool,
+    /// With history on: true once this Redis holds the history the others hold, false while
+    /// it is down or is being caught up after it returned.
+    #[serde(rename = "caughtUp", skip_serializing_if = "Option::is_none")]
+    pub caught_up: Option<bool>,
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Readiness>) {
@@ -71,9 +75,15 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Readine
         .links()
         .iter()
         .filter(|_| state.bus.is_plural())
-        .map(|l| BusStatus {
+        .enumerate()
+        .map(|(i, l)| BusStatus {
             host: l.display().to_owned(),
             up: l.is_up(),
+            caught_up: state
+                .delivery
+                .history()
+                .and_then(|h| h.progress(i))
+                .map(|p| p.caught_up()),
         })
         .collect();
     (
@@ -98,11 +108,28 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     state.metrics.dedupe_ids.set(gauge(ids));
     state.metrics.dedupe_bytes.set(gauge(bytes));
-    for link in state.bus.links().iter().filter(|l| !l.is_memory()) {
-        let failures = state.metrics.bus_failures.get_or_create(&BusLabels {
+    let history = state.delivery.history();
+    for (i, link) in state.bus.links().iter().enumerate() {
+        if link.is_memory() {
+            continue;
+        }
+        let label = BusLabels {
             bus: link.display().to_owned(),
-        });
+        };
+        let failures = state.metrics.bus_failures.get_or_create(&label);
         failures.inc_by(link.failures().saturating_sub(failures.get()));
+        if let Some(progress) = history
+            .and_then(|h| h.progress(i))
+            .filter(|_| state.bus.is_plural())
+        {
+            let done = state.metrics.bus_catch_ups.get_or_create(&label);
+            done.inc_by(progress.done().saturating_sub(done.get()));
+            state
+                .metrics
+                .bus_caught_up
+                .get_or_create(&label)
+                .set(progress.caught_up().into());
+        }
     }
     (
         [(

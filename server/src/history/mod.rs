@@ -15,8 +15,10 @@
 //!
 //! With several Redis each keeps its own history of what it was sent, with its own epoch and
 //! sequence (see `offsets`). A Redis that a replica could not reach while publishing gets a gap
-//! mark when it returns, so a resume does not take it alone for complete over that time.
+//! mark when it returns, so a resume does not take it alone for complete over that time, and
+//! then a copy of another Redis's history, which makes it complete again (see `catch_up`).
 
+mod catch_up;
 mod offsets;
 mod recovery;
 
@@ -29,12 +31,13 @@ use std::{
 use redis::{FromRedisValue, Script, Value as RedisValue};
 
 use crate::{
-    bus::{Bus, BusError, Link, LinkState},
+    bus::{Bus, BusError, Link},
     dedupe::now_ms,
 };
 
+pub use catch_up::Progress;
 pub use offsets::{MAX_STAMPS, Position, Stamp};
-pub use recovery::{Recovery, Replayed, RoomLog, Snapshot, recover};
+pub use recovery::{Copied, Recovery, Replayed, RoomLog, Snapshot, recover};
 
 /// `HISTORY_SIZE` and `HISTORY_TTL_SECONDS`.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +49,8 @@ pub struct HistoryConfig {
 /// The histories of this app's rooms.
 pub struct History {
     config: HistoryConfig,
+    /// Per link of the bus, whether its Redis is caught up (several Redis only).
+    progress: Vec<Arc<Progress>>,
     store: Store,
     reads: tokio::sync::Semaphore,
 }
@@ -57,16 +62,44 @@ enum Store {
 
 struct RedisStore {
     bus: Bus,
-    seq_key: String,
-    room_prefix: String,
+    keys: Keys,
 }
 
-impl RedisStore {
-    /// A script's KEYS: the sequence hash, then each room's stream.
-    fn keys(&self, rooms: &[String]) -> Vec<String> {
-        std::iter::once(self.seq_key.clone())
-            .chain(rooms.iter().map(|r| format!("{}{r}", self.room_prefix)))
+/// The names of the history's keys in Redis.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    /// The hash of the epoch, the sequence, the gap mark and the catch-up record.
+    seq: String,
+    /// Prefix of each room's stream.
+    room: String,
+    /// Prefix of each room's copy of another Redis's history (see `catch_up`).
+    copy: String,
+    /// The lock a catch-up holds.
+    lock: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        Self {
+            seq: format!("{prefix}#seq"),
+            room: format!("{prefix}#h#"),
+            copy: format!("{prefix}#c#"),
+            lock: format!("{prefix}#catchup"),
+        }
+    }
+
+    /// The publish script's KEYS: the sequence hash, then each room's stream.
+    fn publish(&self, rooms: &[String]) -> Vec<String> {
+        std::iter::once(self.seq.clone())
+            .chain(rooms.iter().map(|r| format!("{}{r}", self.room)))
             .collect()
+    }
+
+    /// The read script's KEYS: those of the publish script, then each room's copy.
+    fn read(&self, rooms: &[String]) -> Vec<String> {
+        let mut keys = self.publish(rooms);
+        keys.extend(rooms.iter().map(|r| format!("{}{r}", self.copy)));
+        keys
     }
 }
 
@@ -103,36 +136,61 @@ redis.call('PUBLISH', ARGV[1], stamped)
 return 1
 ";
 
-/// Reads the head and each room's history. KEYS: the sequence hash, then each room's stream.
+/// Lua shared by the scripts that read a room's history: `room_log(key, start)` answers
+/// {added, kept, entries}: the oldest kept entry, then those from stream id `start` on (`-`:
+/// all of them).
+const ROOM_LOG: &str = r"
+local function room_log(key, start)
+  if redis.call('EXISTS', key) == 0 then return {0, 0, {}} end
+  local info = redis.call('XINFO', 'STREAM', key)
+  local added, kept = 0, 0
+  for j = 1, #info, 2 do
+    if info[j] == 'entries-added' then added = info[j + 1] end
+    if info[j] == 'length' then kept = info[j + 1] end
+  end
+  local entries = {}
+  local first = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
+  local from = redis.call('XRANGE', key, start, '+')
+  if first and (not from[1] or from[1][1] ~= first[1]) then entries[1] = first[2][2] end
+  for _, e in ipairs(from) do entries[#entries + 1] = e[2][2] end
+  return {added, kept, entries}
+end
+";
+
+/// Reads the head and each room's history, and the room's copy of another Redis's history
+/// (see `catch_up`). KEYS: the sequence hash, then each room's stream, then each room's copy.
 /// ARGV: an epoch to start if none exists (so a socket that joins before the first message
-/// already holds an offset of the epoch that message will have), then the stream id to read
-/// from: only entries from there on are sent (plus the oldest kept one), not the whole history,
-/// so that a storm of resumes stays small.
-/// Returns {epoch, seq, secs, micros, gap, then per room {added, kept, {entries...}}}.
+/// already holds an offset of the epoch that message will have), then the stream id (ms) to
+/// read from: only entries from there on are sent (plus the oldest kept one), not the whole
+/// history, so that a storm of resumes stays small.
+/// Returns {epoch, seq, secs, micros, gap, copy record, then per room {added, kept,
+/// {entries...}, copy}}; a room's copy is {} (none), {'?'} (left by another catch-up than the
+/// record's) or {header, entries...}.
 const READ: &str = r"
+local function copied(key, start, id)
+  local all = redis.call('LRANGE', key, 0, -1)
+  if not all[1] then return {} end
+  if all[1]:sub(1, #id + 1) ~= id .. ' ' then return {'?'} end
+  local out = {all[1]}
+  local from = tonumber(start)
+  for i = 2, #all do
+    local ms = tonumber(all[i]:match('^s%x+%-%d+%-(%d+)|') or '0')
+    if i == 2 or not from or ms >= from then out[#out + 1] = all[i] end
+  end
+  return out
+end
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local start = ARGV[2]
 local t = redis.call('TIME')
+local copy = redis.call('HGET', KEYS[1], 'copy') or ''
+local id = copy:match('^([^|]*)|')
 local out = {epoch, redis.call('HGET', KEYS[1], 'seq') or '0', t[1], t[2],
-  redis.call('HGET', KEYS[1], 'gap') or '0'}
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    local info = redis.call('XINFO', 'STREAM', KEYS[i])
-    local added, kept = 0, 0
-    for j = 1, #info, 2 do
-      if info[j] == 'entries-added' then added = info[j + 1] end
-      if info[j] == 'length' then kept = info[j + 1] end
-    end
-    local entries = {}
-    local first = redis.call('XRANGE', KEYS[i], '-', '+', 'COUNT', 1)[1]
-    local from = redis.call('XRANGE', KEYS[i], start, '+')
-    if first and (not from[1] or from[1][1] ~= first[1]) then entries[1] = first[2][2] end
-    for _, e in ipairs(from) do entries[#entries + 1] = e[2][2] end
-    out[#out + 1] = {added, kept, entries}
-  else
-    out[#out + 1] = {0, 0, {}}
-  end
+  redis.call('HGET', KEYS[1], 'gap') or '0', copy}
+local rooms = (#KEYS - 1) / 2
+for i = 2, rooms + 1 do
+  local log = room_log(KEYS[i], ARGV[2])
+  log[4] = id and copied(KEYS[i + rooms], ARGV[2], id) or {}
+  out[#out + 1] = log
 end
 return out
 ";
@@ -147,16 +205,6 @@ const READ_MARGIN_MS: u64 = 10_000;
 /// storm of resumes would make every read (and the link's health check) time out.
 const READS_IN_FLIGHT: usize = 32;
 
-/// Marks a gap: the sequence moves on by one and the gap is there, so only a client that has a
-/// later message of this Redis counts it as complete. KEYS: the sequence hash. Nothing to mark
-/// in a Redis without history (a new epoch starts with its first message).
-const GAP: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'gap', redis.call('HINCRBY', KEYS[1], 'seq', 1))
-end
-return 1
-";
-
 /// How often expired rooms are dropped from the in-memory history.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
@@ -166,6 +214,7 @@ impl History {
         if config.size == 0 {
             return None;
         }
+        let progress: Vec<Arc<Progress>> = bus.links().iter().map(|_| Arc::default()).collect();
         let store = if bus.is_memory() {
             Store::Memory {
                 bus,
@@ -177,20 +226,23 @@ impl History {
                 }),
             }
         } else {
-            let seq_key = format!("{prefix}#seq");
+            let keys = Keys::new(prefix);
             if bus.is_plural() {
-                for link in bus.links() {
-                    tokio::spawn(mark_gaps(link.clone(), seq_key.clone()));
+                for (me, progress) in progress.iter().enumerate() {
+                    tokio::spawn(catch_up::tend(
+                        bus.clone(),
+                        me,
+                        keys.clone(),
+                        config,
+                        progress.clone(),
+                    ));
                 }
             }
-            Store::Redis(RedisStore {
-                bus,
-                seq_key,
-                room_prefix: format!("{prefix}#h#"),
-            })
+            Store::Redis(RedisStore { bus, keys })
         };
         Some(Arc::new(Self {
             config,
+            progress,
             store,
             reads: tokio::sync::Semaphore::new(READS_IN_FLIGHT),
         }))
@@ -198,6 +250,11 @@ impl History {
 
     pub fn config(&self) -> HistoryConfig {
         self.config
+    }
+
+    /// Where link `link`'s Redis stands in catching up (see `catch_up`).
+    pub fn progress(&self, link: usize) -> Option<&Progress> {
+        self.progress.get(link).map(Arc::as_ref)
     }
 
     /// Stamps `json` (a message for `rooms`), keeps it in each room's history and publishes it
@@ -233,7 +290,7 @@ impl History {
                 Ok(())
             }
             Store::Redis(redis) => {
-                let keys: Arc<[String]> = redis.keys(rooms).into();
+                let keys: Arc<[String]> = redis.keys.publish(rooms).into();
                 let args: Arc<[String]> = [
                     chan.to_owned(),
                     json.to_owned(),
@@ -249,7 +306,7 @@ impl History {
                         let (keys, args) = (keys.clone(), args.clone());
                         async move {
                             link.script::<RedisValue>(
-                                script(&PUBLISH_SCRIPT, PUBLISH),
+                                script(&PUBLISH_SCRIPT, &[PUBLISH]),
                                 &keys,
                                 &args,
                             )
@@ -282,6 +339,7 @@ impl History {
                         ms: now_ms(),
                     },
                     gap: 0,
+                    copy: None,
                     rooms: rooms
                         .iter()
                         .map(|r| match mem.rooms.get(r) {
@@ -297,30 +355,17 @@ impl History {
             }
             Store::Redis(redis) => {
                 let _permit = self.reads.acquire().await;
-                let keys = redis.keys(rooms);
                 let start = since
                     .and_then(|p| p.stamps().iter().map(|s| s.ms).min())
                     .map_or_else(
                         || "-".to_owned(),
                         |ms| ms.saturating_sub(READ_MARGIN_MS).to_string(),
                     );
-                let args = [format!("{:x}", new_epoch()), start];
                 let reads = redis
                     .bus
                     .each(|link| {
-                        let (keys, args) = (&keys, &args);
-                        async move {
-                            let value = link
-                                .script::<RedisValue>(script(&READ_SCRIPT, READ), keys, args)
-                                .await?
-                                .unwrap_or(RedisValue::Nil);
-                            parse_snapshot(value, rooms.len()).ok_or_else(|| {
-                                BusError::Redis(redis::RedisError::from((
-                                    redis::ErrorKind::Parse,
-                                    "unexpected answer to the history read",
-                                )))
-                            })
-                        }
+                        let (keys, start) = (&redis.keys, &start);
+                        async move { read_link(&link, keys, rooms, start).await }
                     })
                     .await;
                 let mut snapshots = Vec::new();
@@ -346,42 +391,36 @@ impl History {
     }
 }
 
-/// Marks a gap in one Redis's history whenever it is up again after this replica could not
-/// send it something (see [`GAP`]).
-async fn mark_gaps(link: Link, seq_key: String) {
-    let mut state = link.state();
-    loop {
-        // Checked on every change of the link and every second while it is up: a write that
-        // Redis refused (a full Redis) leaves the link up.
-        let up = *state.borrow_and_update() == LinkState::Connected;
-        if up && link.take_missed() {
-            let keys = [seq_key.clone()];
-            match link
-                .script::<RedisValue>(script(&GAP_SCRIPT, GAP), &keys, &[])
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(redis = %link.display(), "marked a gap in this Redis's history")
-                }
-                Err(e) => {
-                    tracing::debug!(redis = %link.display(), "could not mark a gap yet: {e}");
-                    link.note_missed();
-                }
-            }
-        }
-        tokio::select! {
-            changed = state.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(crate::bus::PING_INTERVAL) => {}
-        }
-    }
-}
-
 static PUBLISH_SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
 static READ_SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
-static GAP_SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
 
-fn script(cell: &'static std::sync::OnceLock<Script>, code: &str) -> &'static Script {
-    cell.get_or_init(|| Script::new(code))
+/// The script made of `parts`, built once.
+fn script(cell: &'static std::sync::OnceLock<Script>, parts: &[&str]) -> &'static Script {
+    cell.get_or_init(|| Script::new(&parts.concat()))
+}
+
+/// What one Redis holds for `rooms`, from stream id `start` on (see [`READ`]).
+async fn read_link(
+    link: &Link,
+    keys: &Keys,
+    rooms: &[String],
+    start: &str,
+) -> Result<Snapshot, BusError> {
+    let args = [format!("{:x}", new_epoch()), start.to_owned()];
+    let value = link
+        .script::<RedisValue>(
+            script(&READ_SCRIPT, &[ROOM_LOG, READ]),
+            &keys.read(rooms),
+            &args,
+        )
+        .await?
+        .unwrap_or(RedisValue::Nil);
+    parse_snapshot(value, rooms.len()).ok_or_else(|| {
+        BusError::Redis(redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "unexpected answer to the history read",
+        )))
+    })
 }
 
 impl Memory {
@@ -404,26 +443,30 @@ fn parse_snapshot(value: RedisValue, rooms: usize) -> Option<Snapshot> {
     let secs: u64 = text()?.parse().ok()?;
     let micros: u64 = text()?.parse().ok()?;
     let gap = text()?.parse().ok()?;
+    let record = text()?;
     let head = Stamp {
         epoch: u64::from_str_radix(&epoch, 16).ok()?,
         seq,
         ms: secs * 1000 + micros / 1000,
     };
-    let logs: Vec<RoomLog> = items
-        .map(|item| {
-            let (added, kept, entries) = <(u64, u64, Vec<String>)>::from_redis_value(item).ok()?;
-            Some(RoomLog {
-                added,
-                kept,
-                entries,
-            })
-        })
-        .collect::<Option<_>>()?;
+    let mut logs = Vec::with_capacity(rooms);
+    let mut copies = Vec::with_capacity(rooms);
+    for item in items {
+        let (added, kept, entries, copy) =
+            <(u64, u64, Vec<String>, Vec<String>)>::from_redis_value(item).ok()?;
+        logs.push(RoomLog {
+            added,
+            kept,
+            entries,
+        });
+        copies.push(catch_up::parse_room(copy));
+    }
     (logs.len() == rooms).then_some(Snapshot {
         link: 0, // set by the caller
         head,
         gap,
         rooms: logs,
+        copy: catch_up::parse_record(&record, head.ms, copies),
     })
 }
 

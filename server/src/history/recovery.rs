@@ -1,5 +1,11 @@
 //! What a resuming client gets back, from what each Redis keeps. Pure, so every case is
 //! tested here.
+//!
+//! A Redis that returned after missing messages holds, besides its own history, a copy of
+//! another Redis's history taken when it returned (see `catch_up`). The copy is one more list
+//! of messages, in the other Redis's order and with its stamps; and the copy, followed by this
+//! Redis's own history from the moment the copy began, can make a client complete even when the
+//! Redis the copy came from is gone.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -21,6 +27,49 @@ pub struct Snapshot {
     /// missing here, because this Redis was unreachable for a publisher.
     pub gap: u64,
     pub rooms: Vec<RoomLog>,
+    /// The last complete copy of another Redis's history, if this one caught up.
+    pub copy: Option<Copied>,
+}
+
+/// Another Redis's history as this one copied it when it returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Copied {
+    /// This Redis's own stamp when the copy began: its own history holds what came after.
+    pub at: Stamp,
+    /// The other Redis's head when the copy ended; `ms` is the time of this read, because a
+    /// room missing from the copy may be a copy that expired.
+    pub head: Stamp,
+    /// The other Redis's gap mark when the copy ended.
+    pub gap: u64,
+    /// Per room, what was copied; `None` when not known (a copy left by another catch-up).
+    pub rooms: Vec<Option<RoomLog>>,
+}
+
+impl Copied {
+    /// The copy read like a snapshot of the Redis it came from.
+    fn as_snapshot(&self, link: usize) -> Snapshot {
+        Snapshot {
+            link,
+            head: self.head,
+            gap: self.gap,
+            rooms: self
+                .rooms
+                .iter()
+                .map(|r| r.clone().unwrap_or_default())
+                .collect(),
+            copy: None,
+        }
+    }
+
+    /// Whether the copy and then this Redis's own history hold everything after `since`.
+    fn complete_since(&self, own: &Snapshot, since: &Position, ttl: Duration) -> bool {
+        self.rooms.iter().all(Option::is_some)
+            && self.at.epoch == own.head.epoch
+            && since
+                .get(self.head.epoch)
+                .is_some_and(|v| complete_since(&self.as_snapshot(own.link), v, ttl))
+            && complete_since(own, self.at, ttl)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -94,8 +143,16 @@ fn entries(snapshot: &Snapshot) -> Vec<Entry> {
 /// be read.
 pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) -> Recovery {
     let at = |s: &Snapshot| since.and_then(|p| p.get(s.head.epoch));
-    let logs: Vec<(Option<Stamp>, Vec<Entry>)> =
-        snapshots.iter().map(|s| (at(s), entries(s))).collect();
+    // Each Redis's own history, then the copies they hold of others'.
+    let copies: Vec<Snapshot> = snapshots
+        .iter()
+        .filter_map(|s| s.copy.as_ref().map(|c| c.as_snapshot(s.link)))
+        .collect();
+    let logs: Vec<(Option<Stamp>, Vec<Entry>)> = snapshots
+        .iter()
+        .chain(&copies)
+        .map(|s| (at(s), entries(s)))
+        .collect();
     // Received before: at or before the client's stamp on any Redis that holds it.
     let covered = |e: &Entry| since.is_some_and(|p| p.covers(e.stamp));
     let mut had: HashSet<&str> = HashSet::new();
@@ -114,11 +171,13 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
         .collect();
     let order = merge(&after, &had);
     let replay = positions(&logs, &after, &had, &order);
-    let recovered = since.is_some()
-        && snapshots
-            .iter()
-            .zip(&logs)
-            .any(|(s, (v, _))| v.is_some_and(|v| complete_since(s, v, ttl)));
+    let recovered = since.is_some_and(|p| {
+        snapshots.iter().any(|s| {
+            p.get(s.head.epoch)
+                .is_some_and(|v| complete_since(s, v, ttl))
+                || s.copy.as_ref().is_some_and(|c| c.complete_since(s, p, ttl))
+        })
+    });
     Recovery {
         replay,
         recovered,
@@ -128,7 +187,9 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
 }
 
 /// The messages to replay in one order that keeps each Redis's: the longest list first, then
-/// each other list's new messages right after the last message before them in that list.
+/// each other list's new messages between the messages it shares with those placed before
+/// (its anchors). Between two anchors, or where a list shares none, new messages go by their
+/// time: the Redis clocks then decide, the only order left to go by.
 fn merge<'a>(after: &[Vec<&'a Entry>], had: &HashSet<&str>) -> Vec<&'a Entry> {
     let mut lists: Vec<&Vec<&Entry>> = after.iter().collect();
     lists.sort_by_key(|l| std::cmp::Reverse(l.len()));
@@ -139,31 +200,46 @@ fn merge<'a>(after: &[Vec<&'a Entry>], had: &HashSet<&str>) -> Vec<&'a Entry> {
             .enumerate()
             .map(|(i, e)| (e.id.as_str(), i))
             .collect();
-        // After which element of `out` each new one goes (None: at the start); never earlier
-        // than the one before it, so this list's own order holds.
-        let mut inserts: Vec<(Option<usize>, &Entry)> = Vec::new();
+        // Each new message with the first slot of `out` it may take (after its last anchor)
+        // and the last (before its next anchor).
+        let mut new: Vec<(usize, usize, &Entry)> = Vec::new();
+        let mut queued: HashSet<&str> = HashSet::new();
         let mut anchor: Option<usize> = None;
-        for e in list {
-            if had.contains(e.id.as_str()) {
-                continue;
-            }
+        for e in list.iter().filter(|e| !had.contains(e.id.as_str())) {
             match at.get(e.id.as_str()) {
-                Some(&i) => anchor = anchor.max(Some(i)),
-                None if inserts.iter().any(|(_, x)| x.id == e.id) => {}
-                None => inserts.push((anchor, e)),
+                Some(&i) => {
+                    for n in new.iter_mut().rev().take_while(|n| n.1 == usize::MAX) {
+                        n.1 = i;
+                    }
+                    anchor = anchor.max(Some(i));
+                }
+                None if !queued.insert(e.id.as_str()) => {}
+                None => new.push((anchor.map_or(0, |i| i + 1), usize::MAX, e)),
             }
         }
-        let mut merged = Vec::with_capacity(out.len() + inserts.len());
-        let mut pending = inserts.into_iter().peekable();
-        while let Some((_, e)) = pending.next_if(|(a, _)| a.is_none()) {
-            merged.push(e);
+        // Never before the message placed before it, so this list's own order holds.
+        let mut slots: Vec<(usize, &Entry)> = Vec::with_capacity(new.len());
+        let mut floor = 0;
+        for (lo, hi, e) in new {
+            let from = lo.max(floor);
+            let to = hi.min(out.len()).max(from);
+            let slot = from
+                + out[from..to]
+                    .iter()
+                    .take_while(|x| x.stamp.ms <= e.stamp.ms)
+                    .count();
+            slots.push((slot, e));
+            floor = slot;
         }
+        let mut merged = Vec::with_capacity(out.len() + slots.len());
+        let mut pending = slots.into_iter().peekable();
         for (i, e) in out.into_iter().enumerate() {
-            merged.push(e);
-            while let Some((_, x)) = pending.next_if(|(a, _)| *a == Some(i)) {
+            while let Some((_, x)) = pending.next_if(|(slot, _)| *slot <= i) {
                 merged.push(x);
             }
+            merged.push(e);
         }
+        merged.extend(pending.map(|(_, x)| x));
         out = merged;
     }
     out
@@ -261,6 +337,7 @@ mod tests {
             head: stamp(head),
             gap: 0,
             rooms,
+            copy: None,
         }
     }
 
@@ -378,6 +455,7 @@ mod tests {
                 kept: list.len() as u64,
                 entries: list.iter().map(|(s, n)| kept(epoch, *s, *n)).collect(),
             }],
+            copy: None,
         };
         [side(7, a), side(9, b)]
     }
@@ -459,5 +537,95 @@ mod tests {
         assert_eq!(got.len(), 4, "{got:?}");
         got.sort_unstable();
         assert_eq!(got, vec![2, 3, 4, 5]);
+    }
+
+    /// Redis B (epoch 9) returned empty at its sequence `at` and copied A's (epoch 7) history
+    /// of one room: `copied` as (seq on A, message); its own history since is `own`.
+    fn returned(at: u64, copied: &[(u64, u64)], own: &[(u64, u64)]) -> Snapshot {
+        let [a, mut b] = two(copied, own);
+        b.head.seq = b.head.seq.max(at);
+        b.copy = Some(Copied {
+            at: st(9, at),
+            head: a.head,
+            gap: 0,
+            rooms: a.rooms.into_iter().map(Some).collect(),
+        });
+        b
+    }
+
+    #[test]
+    fn a_returned_redis_with_a_copy_is_complete_alone() {
+        // The client had message 1 (A's 11) before B restarted empty. B copied A's 11..=15
+        // (messages 1 to 5, of which 4 and 5 also reached B itself after it came back), then
+        // got 6 when A was gone.
+        let b = returned(
+            0,
+            &[(11, 1), (12, 2), (13, 3), (14, 4), (15, 5)],
+            &[(1, 4), (2, 5), (3, 6)],
+        );
+        let since = Position::of([st(7, 11), st(8, 40)]);
+        let r = recover(std::slice::from_ref(&b), Some(&since), TTL);
+        assert_eq!(ns(&r), vec![2, 3, 4, 5, 6], "in order, each once");
+        assert!(r.recovered);
+        // Positions claim A's stamps through the copy, and B's own.
+        let after_5 = &r.replay[3].position;
+        assert!(after_5.covers(st(7, 15)) && after_5.covers(st(9, 2)));
+        assert!(!after_5.covers(st(9, 3)));
+        assert_eq!(r.head, Position::of([b.head]));
+        // A client that had everything up to 5 gets 6 alone.
+        let since = Position::of([st(7, 15), st(9, 2)]);
+        let r = recover(&[b], Some(&since), TTL);
+        assert_eq!(ns(&r), vec![6]);
+        assert!(r.recovered);
+    }
+
+    #[test]
+    fn a_copy_counts_only_when_nothing_is_missing_around_it() {
+        let b = returned(2, &[(11, 1), (12, 2), (13, 3)], &[(1, 2), (2, 3), (3, 4)]);
+        let since = Position::of([st(7, 11)]);
+        assert!(recover(std::slice::from_ref(&b), Some(&since), TTL).recovered);
+        let mut gap_after = b.clone();
+        gap_after.gap = 3; // a replica missed B after the copy began
+        assert!(!recover(&[gap_after], Some(&since), TTL).recovered);
+        let mut source_gap = b.clone();
+        if let Some(c) = source_gap.copy.as_mut() {
+            c.gap = 12; // A itself had missed something after the client's 11
+        }
+        assert!(!recover(&[source_gap], Some(&since), TTL).recovered);
+        let mut unknown = b.clone();
+        if let Some(c) = unknown.copy.as_mut() {
+            c.rooms[0] = None;
+        }
+        assert!(!recover(&[unknown], Some(&since), TTL).recovered);
+        let mut trimmed = b.clone();
+        if let Some(c) = trimmed.copy.as_mut() {
+            // A had trimmed what came after 11: it kept 13 alone.
+            c.rooms[0] = Some(RoomLog {
+                added: 5,
+                kept: 1,
+                entries: vec![kept(7, 13, 3)],
+            });
+        }
+        assert!(!recover(&[trimmed], Some(&since), TTL).recovered);
+        let mut other_epoch = b.clone();
+        if let Some(c) = other_epoch.copy.as_mut() {
+            c.at.epoch = 5; // B restarted again since the copy
+        }
+        assert!(!recover(&[other_epoch], Some(&since), TTL).recovered);
+        // A client with no stamp of the copied Redis gains nothing from the copy.
+        assert!(!recover(&[b], Some(&Position::of([st(8, 1)])), TTL).recovered);
+    }
+
+    #[test]
+    fn lists_that_share_no_message_are_merged_by_time() {
+        // A's copy holds 1..=3; B got 4 and 5 after the copy, with nothing in common.
+        let b = returned(0, &[(11, 1), (12, 2), (13, 3)], &[(14, 4), (15, 5)]);
+        let since = Position::of([st(7, 10)]);
+        let r = recover(std::slice::from_ref(&b), Some(&since), TTL);
+        assert_eq!(ns(&r), vec![1, 2, 3, 4, 5]);
+        // and the other way round: the longer list is the later one
+        let b = returned(0, &[(11, 1), (12, 2)], &[(13, 3), (14, 4), (15, 5)]);
+        let r = recover(std::slice::from_ref(&b), Some(&since), TTL);
+        assert_eq!(ns(&r), vec![1, 2, 3, 4, 5]);
     }
 }
