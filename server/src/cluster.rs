@@ -9,8 +9,8 @@
 //!
 //! With several Redis the call goes out on each, a replica applies it once (the first copy)
 //! and answers on each, and the caller waits until as many different replicas have answered,
-//! on any Redis, as the Redis that counted the most subscribers: one Redis lost or frozen
-//! during the call costs nothing.
+//! on any Redis, as the Redis that counted the most subscribers among those that answered the
+//! publish: one Redis lost or frozen during the call costs nothing, not even time.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,6 +22,7 @@ use std::{
     time::Duration,
 };
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use socketioxide::{SocketIo, extract::SocketRef, socket::Sid};
 use tokio::sync::{OnceCell, mpsc};
@@ -165,28 +166,50 @@ impl Cluster {
             op,
         };
         let payload = serde_json::to_vec(&request).unwrap_or_default();
-        let listeners = self.bus.publish_each(&self.req_chan, &payload).await;
-        let Some(expected) = listeners.iter().flatten().copied().max() else {
-            return Err(ClusterError::Unavailable(BusError::Unavailable));
-        };
-
-        let mut replies = Vec::with_capacity(expected);
+        // Each Redis's count of listeners as it answers: the call is complete once as many
+        // replicas answered as the highest count so far, without waiting for a Redis that
+        // hangs. The deadline runs from the first count.
+        let mut listeners = std::pin::pin!(self.bus.publish_counts(&self.req_chan, &payload));
+        let mut expected: Option<usize> = None;
+        let mut counting = true;
+        let mut deadline = None;
+        let mut replies = Vec::new();
         let mut from = HashSet::new();
-        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
-        while replies.len() < expected {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(reply)) if counts(&mut from, &reply) => replies.push(reply),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    return Err(ClusterError::Timeout {
-                        missing: expected - replies.len(),
-                        expected,
-                        timeout: CALL_TIMEOUT,
-                    });
+        loop {
+            if expected.is_some_and(|e| replies.len() >= e) {
+                return Ok(replies);
+            }
+            let timeout = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
                 }
+            };
+            tokio::select! {
+                count = listeners.next(), if counting => match count {
+                    Some(n) => {
+                        expected = Some(expected.map_or(n, |e| e.max(n)));
+                        deadline.get_or_insert(tokio::time::Instant::now() + CALL_TIMEOUT);
+                    }
+                    None if expected.is_none() => {
+                        return Err(ClusterError::Unavailable(BusError::Unavailable));
+                    }
+                    None => counting = false,
+                },
+                reply = rx.recv() => match reply {
+                    Some(reply) if counts(&mut from, &reply) => replies.push(reply),
+                    Some(_) => {}
+                    None => break, // never: the sender lives in `pending` until we return
+                },
+                () = timeout => break,
             }
         }
-        Ok(replies)
+        let expected = expected.unwrap_or_default();
+        Err(ClusterError::Timeout {
+            missing: expected.saturating_sub(replies.len()),
+            expected,
+            timeout: CALL_TIMEOUT,
+        })
     }
 
     async fn serve(&self, payload: &[u8]) {
@@ -215,15 +238,18 @@ impl Cluster {
             outcome,
         };
         let payload = serde_json::to_vec(&reply).unwrap_or_default();
-        if self
-            .bus
-            .publish_each(&request.reply_to, &payload)
-            .await
-            .iter()
-            .all(Option::is_none)
-        {
-            tracing::debug!("could not answer a cluster call: no Redis took the answer");
-        }
+        // In the background: a Redis that hangs must not hold up the next requests.
+        let bus = self.bus.clone();
+        tokio::spawn(async move {
+            if bus
+                .publish_each(&request.reply_to, &payload)
+                .await
+                .iter()
+                .all(Option::is_none)
+            {
+                tracing::debug!("could not answer a cluster call: no Redis took the answer");
+            }
+        });
     }
 }
 

@@ -8,9 +8,9 @@
 
 mod link;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc};
 
-use futures_util::{StreamExt, stream::FuturesUnordered};
+use futures_util::{FutureExt, StreamExt, stream::FuturesUnordered};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::RedisUrl;
@@ -127,6 +127,33 @@ impl Bus {
         .collect()
     }
 
+    /// Publishes on every link that is up, concurrently, and yields each one's subscriber count
+    /// as it answers (nothing for a link that is down or fails), so that a caller need not wait
+    /// for a Redis that hangs.
+    pub fn publish_counts(
+        &self,
+        chan: &str,
+        payload: &[u8],
+    ) -> impl futures_util::Stream<Item = usize> + Send + 'static {
+        let plural = self.is_plural();
+        let runs: FuturesUnordered<_> = self
+            .links
+            .iter()
+            .map(|link| {
+                let (link, chan, payload) = (link.clone(), chan.to_owned(), payload.to_vec());
+                async move {
+                    let result = if plural && !link.is_up() {
+                        Err(BusError::Unavailable)
+                    } else {
+                        link.publish_count(chan, payload).await
+                    };
+                    counted(&link, result, Link::note_failure).ok()
+                }
+            })
+            .collect();
+        runs.filter_map(std::future::ready)
+    }
+
     /// Runs `op` on every link that is up, concurrently; the results in link order. A link
     /// that is down is not tried (`Unavailable`).
     pub async fn each<T, F, Fut>(&self, op: F) -> Vec<Result<T, BusError>>
@@ -171,7 +198,11 @@ impl Bus {
             }
             let (run, link) = (op(link.clone()), link.clone());
             runs.push(tokio::spawn(async move {
-                let result = run.await;
+                // A panic counts as a miss too, so the link's history gets its gap mark.
+                let result = AssertUnwindSafe(run)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or(Err(BusError::Unavailable));
                 if result.is_err() {
                     link.note_missed();
                 }
@@ -183,7 +214,7 @@ impl Bus {
             match done {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(e)) => error = e,
-                Err(_) => {} // the task panicked; its link is counted as failed
+                Err(_) => {} // cancelled at shutdown
             }
         }
         Err(error)
