@@ -9,8 +9,9 @@
 //!
 //! With several Redis the call goes out on each, a replica applies it once (the first copy)
 //! and answers on each, and the caller waits until as many different replicas have answered,
-//! on any Redis, as the Redis that counted the most subscribers among those that answered the
-//! publish: one Redis lost or frozen during the call costs nothing, not even time.
+//! on any Redis, as the Redis that counted the most subscribers: one Redis lost or frozen
+//! during the call costs nothing. Replicas answer in the background, so a Redis that hangs
+//! delays a call by its command timeout at most, and only until it is known to be down.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,7 +23,6 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use socketioxide::{SocketIo, extract::SocketRef, socket::Sid};
 use tokio::sync::{OnceCell, mpsc};
@@ -166,50 +166,33 @@ impl Cluster {
             op,
         };
         let payload = serde_json::to_vec(&request).unwrap_or_default();
-        // Each Redis's count of listeners as it answers: the call is complete once as many
-        // replicas answered as the highest count so far, without waiting for a Redis that
-        // hangs. The deadline runs from the first count.
-        let mut listeners = std::pin::pin!(self.bus.publish_counts(&self.req_chan, &payload));
-        let mut expected: Option<usize> = None;
-        let mut counting = true;
-        let mut deadline = None;
-        let mut replies = Vec::new();
+        // Waits for every Redis's count (a Redis that hangs is given up on after its command
+        // timeout): completing on a lower count, from a Redis that some replicas have not
+        // resubscribed to yet, would answer before those replicas applied the call.
+        let listeners = self.bus.publish_each(&self.req_chan, &payload).await;
+        // The caller itself listens: a count of 0 is a Redis that lost its subscribers (it
+        // restarted and nobody has resubscribed yet), not an empty cluster.
+        let Some(expected) = listeners.iter().flatten().copied().filter(|&n| n > 0).max() else {
+            return Err(ClusterError::Unavailable(BusError::Unavailable));
+        };
+
+        let mut replies = Vec::with_capacity(expected);
         let mut from = HashSet::new();
-        loop {
-            if expected.is_some_and(|e| replies.len() >= e) {
-                return Ok(replies);
-            }
-            let timeout = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        while replies.len() < expected {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) if counts(&mut from, &reply) => replies.push(reply),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    return Err(ClusterError::Timeout {
+                        missing: expected - replies.len(),
+                        expected,
+                        timeout: CALL_TIMEOUT,
+                    });
                 }
-            };
-            tokio::select! {
-                count = listeners.next(), if counting => match count {
-                    Some(n) => {
-                        expected = Some(expected.map_or(n, |e| e.max(n)));
-                        deadline.get_or_insert(tokio::time::Instant::now() + CALL_TIMEOUT);
-                    }
-                    None if expected.is_none() => {
-                        return Err(ClusterError::Unavailable(BusError::Unavailable));
-                    }
-                    None => counting = false,
-                },
-                reply = rx.recv() => match reply {
-                    Some(reply) if counts(&mut from, &reply) => replies.push(reply),
-                    Some(_) => {}
-                    None => break, // never: the sender lives in `pending` until we return
-                },
-                () = timeout => break,
             }
         }
-        let expected = expected.unwrap_or_default();
-        Err(ClusterError::Timeout {
-            missing: expected.saturating_sub(replies.len()),
-            expected,
-            timeout: CALL_TIMEOUT,
-        })
+        Ok(replies)
     }
 
     async fn serve(&self, payload: &[u8]) {

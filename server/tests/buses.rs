@@ -27,11 +27,15 @@ struct Setup {
     replicas: Vec<Replica>,
 }
 
-fn start() -> Setup {
+fn start(env: &[(&str, String)]) -> Setup {
     let redis = [Redis::start(), Redis::start()];
     let url = format!("{},{}", redis[0].url(), redis[1].url());
     let replicas: Vec<Replica> = (0..3)
-        .map(|i| Replica::spawn(&format!("node-{i}"), &[("REDIS_URL", url.clone())]))
+        .map(|i| {
+            let mut env = env.to_vec();
+            env.push(("REDIS_URL", url.clone()));
+            Replica::spawn(&format!("node-{i}"), &env)
+        })
         .collect();
     for r in &replicas {
         r.wait_ready();
@@ -77,6 +81,23 @@ async fn wait_caught_up(s: &Setup, i: usize) -> String {
         .as_str()
         .expect("host")
         .to_owned()
+}
+
+/// A client resumes `rooms` from `since` on replica `r`, which must answer `recovered: true`;
+/// returns the `n` of each message replayed, in the order they came.
+async fn resume_recovered(r: &Replica, rooms: serde_json::Value, since: &str) -> Vec<u64> {
+    let back = Client::connect(&r.url()).await;
+    let ack = back
+        .ack("resume", json!({"rooms": rooms, "since": since}))
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert_eq!(ack["recovered"], json!(true), "{ack}");
+    let mut got = Vec::new();
+    while let Some((name, args)) = back.next_message(Duration::from_millis(1000)).await {
+        assert_eq!(name, "m");
+        got.push(args[0]["n"].as_u64().expect("n"));
+    }
+    got
 }
 
 async fn wait_buses(s: &Setup, want: [bool; 2]) {
@@ -295,7 +316,7 @@ async fn run(outage: Outage) {
     if !support::tools_present(&["redis-server"]) {
         return;
     }
-    let mut s = start();
+    let mut s = start(&[]);
     wait_buses(&s, [true, true]).await;
     let stop_readers = Arc::new(AtomicBool::new(false));
     let readers = readers(&s, &stop_readers).await;
@@ -402,17 +423,7 @@ async fn run(outage: Outage) {
     assert!(catch_ups >= 1.0, "{catch_ups} catch-ups of {caught_up}");
 
     // Only A is left, and the away client gets back everything, from both sides of A's outage.
-    let back = Client::connect(&r[2].url()).await;
-    let ack = back
-        .ack("resume", json!({"rooms": ["later"], "since": since}))
-        .await;
-    assert_eq!(ack["ok"], json!(true), "{ack}");
-    assert_eq!(ack["recovered"], json!(true), "{ack}");
-    let mut got = Vec::new();
-    while let Some((name, args)) = back.next_message(Duration::from_millis(500)).await {
-        assert_eq!(name, "m");
-        got.push(args[0]["n"].as_u64().expect("n"));
-    }
+    let got = resume_recovered(&r[2], json!(["later"]), &since).await;
     assert_eq!(
         got,
         (0..sent).collect::<Vec<_>>(),
@@ -431,4 +442,69 @@ async fn losing_either_redis_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_loses_nothing() {
     run(Outage::Freeze).await;
+}
+
+/// A catch-up reads and writes in chunks of about 1 MiB and scans rooms a hundred at a time:
+/// rooms of several MiB each, among 250 rooms, are copied whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_redis_copies_large_histories_whole() {
+    if !support::tools_present(&["redis-server"]) {
+        return;
+    }
+    // Room for the whole replay in one socket's buffer.
+    let mut s = start(&[("SOCKET_BUFFER_BYTES", (64 << 20).to_string())]);
+    wait_buses(&s, [true, true]).await;
+    let r = &s.replicas;
+    let big = ["big0", "big1", "big2"];
+    let away = Client::connect(&r[0].url()).await;
+    let mut since = String::new();
+    for room in big {
+        since = away.join(room).await["offset"]
+            .as_str()
+            .expect("offset")
+            .to_owned();
+    }
+    drop(away);
+
+    s.redis[1].stop();
+    wait_buses(&s, [true, false]).await;
+    let api = Api::new(&r[1].url(), None);
+    let filler = "x".repeat(20_000);
+    let mut sent = 0u64;
+    // 100 messages of 20 kB per big room (2 MB each), one message to each of 250 small rooms.
+    for n in 0..100u64 {
+        for room in big {
+            let data = json!({"n": sent, "fill": filler});
+            let (status, body) = api
+                .post(
+                    "/v1/broadcast",
+                    json!({"rooms": [room], "event": "m", "data": data}),
+                )
+                .await;
+            assert_eq!(status, 202, "{body}");
+            sent += 1;
+        }
+        for small in 0..3 {
+            let room = format!("small{}", n * 3 + small);
+            let (status, body) = api
+                .post(
+                    "/v1/broadcast",
+                    json!({"rooms": [room], "event": "m", "data": {}}),
+                )
+                .await;
+            assert_eq!(status, 202, "{body}");
+        }
+    }
+    s.redis[1].restart();
+    wait_buses(&s, [true, true]).await;
+    wait_caught_up(&s, 1).await;
+    s.redis[0].stop();
+    wait_buses(&s, [false, true]).await;
+
+    let got = resume_recovered(&r[2], json!(big), &since).await;
+    assert_eq!(
+        got,
+        (0..sent).collect::<Vec<_>>(),
+        "replayed whole, in order, each once"
+    );
 }

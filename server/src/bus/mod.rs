@@ -127,33 +127,6 @@ impl Bus {
         .collect()
     }
 
-    /// Publishes on every link that is up, concurrently, and yields each one's subscriber count
-    /// as it answers (nothing for a link that is down or fails), so that a caller need not wait
-    /// for a Redis that hangs.
-    pub fn publish_counts(
-        &self,
-        chan: &str,
-        payload: &[u8],
-    ) -> impl futures_util::Stream<Item = usize> + Send + 'static {
-        let plural = self.is_plural();
-        let runs: FuturesUnordered<_> = self
-            .links
-            .iter()
-            .map(|link| {
-                let (link, chan, payload) = (link.clone(), chan.to_owned(), payload.to_vec());
-                async move {
-                    let result = if plural && !link.is_up() {
-                        Err(BusError::Unavailable)
-                    } else {
-                        link.publish_count(chan, payload).await
-                    };
-                    counted(&link, result, Link::note_failure).ok()
-                }
-            })
-            .collect();
-        runs.filter_map(std::future::ready)
-    }
-
     /// Runs `op` on every link that is up, concurrently; the results in link order. A link
     /// that is down is not tried (`Unavailable`).
     pub async fn each<T, F, Fut>(&self, op: F) -> Vec<Result<T, BusError>>

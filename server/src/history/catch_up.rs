@@ -13,20 +13,26 @@
 //! the last one began. One replica at a time runs it, under a lock in that Redis renewed with
 //! every batch; the others see it done at their next check. Copies expire like the history.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
-use redis::{FromRedisValue, Value as RedisValue};
+use redis::Value as RedisValue;
 
-use super::{HistoryConfig, Keys, ROOM_LOG, RoomLog, Stamp, read_link, recovery::Copied, script};
-use crate::bus::{Bus, BusError, Link, LinkState, PING_INTERVAL};
+use super::{
+    HistoryConfig, Keys, READ_MARGIN_MS, RoomLog, Stamp, read_link, recovery::Copied, script,
+};
+use crate::bus::{Bus, BusError, Link, LinkState, OP_TIMEOUT, PING_INTERVAL};
 
 /// Marks a gap: the sequence moves on by one and the gap is there, so only a client that has a
 /// later message of this Redis counts it as complete. KEYS: the sequence hash. Nothing to mark
-/// in a Redis without history (a new epoch starts with its first message).
-const GAP: &str = r"
+/// in a Redis without history (a new epoch starts with its first message). Allowed in a full
+/// Redis: a Redis that refused a message for want of memory must still learn it missed it.
+const GAP: &str = r"#!lua flags=allow-oom
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'gap', redis.call('HINCRBY', KEYS[1], 'seq', 1))
 end
@@ -53,32 +59,70 @@ return {redis.call('HGET', KEYS[1], 'epoch'), redis.call('HGET', KEYS[1], 'seq')
   t[1], t[2]}
 ";
 
-/// One batch of rooms from the Redis copied from. ARGV: SCAN cursor, pattern, count.
-/// Returns {next cursor, {{key, added, kept, {entries...}}...}}.
-const SOURCE: &str = r"
-local scan = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3], 'TYPE', 'stream')
-local rooms = {}
-for _, key in ipairs(scan[2]) do
-  local log = room_log(key, '-')
-  rooms[#rooms + 1] = {key, log[1], log[2], log[3]}
-end
-return {scan[1], rooms}
+/// The next rooms of the Redis copied from. ARGV: SCAN cursor, pattern, count.
+const ROOMS: &str = r"
+return redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3], 'TYPE', 'stream')
 ";
 
-/// Writes one batch of copies, while the lock is still this replica's. KEYS: the lock, then
-/// each room's copy. ARGV: token, TTL ms, lock ms, then per room its header and entry count
-/// and entries. Returns 0 when the lock was lost.
+/// Reads rooms of the Redis copied from, in order, until about ARGV[1] bytes are read (at
+/// least one entry, so any entry gets through). ARGV: the byte budget, then per room its key
+/// and the id of the last entry already read ('' for none: then its counts come too).
+/// Returns per room read {key, added, kept, {id, entry, id, entry...}, 1 when the room is
+/// done}; rooms after the budget ran out are not in the answer.
+const CHUNK: &str = r"
+local budget = tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV, 2 do
+  if budget <= 0 then break end
+  local key, last = ARGV[i], ARGV[i + 1]
+  local added, kept = 0, 0
+  if last == '' and redis.call('EXISTS', key) == 1 then
+    local info = redis.call('XINFO', 'STREAM', key)
+    for j = 1, #info, 2 do
+      if info[j] == 'entries-added' then added = info[j + 1] end
+      if info[j] == 'length' then kept = info[j + 1] end
+    end
+  end
+  local start = last == '' and '-' or '(' .. last
+  local entries, done = {}, 0
+  while budget > 0 do
+    local batch = redis.call('XRANGE', key, start, '+', 'COUNT', 64)
+    local taken = 0
+    for _, e in ipairs(batch) do
+      entries[#entries + 1] = e[1]
+      entries[#entries + 1] = e[2][2]
+      budget = budget - #e[1] - #e[2][2]
+      start = '(' .. e[1]
+      taken = taken + 1
+      if budget <= 0 then break end
+    end
+    if taken == #batch and #batch < 64 then done = 1 break end
+  end
+  out[#out + 1] = {key, added, kept, entries, done}
+end
+return out
+";
+
+/// Writes what was read, while the lock is still this replica's (and renews it). KEYS: the
+/// lock, then each room's copy. ARGV: token, TTL ms, lock ms, then per room its header ('' to
+/// go on with a copy begun), its number of entries, and each entry's id and value. A copy is a
+/// stream: the header at id 0-1, then the entries at the ids they had where they come from.
+/// Returns 0 when the lock was lost.
 const COPY: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local i = 4
 for k = 2, #KEYS do
-  redis.call('DEL', KEYS[k])
-  redis.call('RPUSH', KEYS[k], ARGV[i])
-  local n = tonumber(ARGV[i + 1])
-  for j = i + 2, i + 1 + n do redis.call('RPUSH', KEYS[k], ARGV[j]) end
+  local header, n = ARGV[i], tonumber(ARGV[i + 1])
+  if header ~= '' then
+    redis.call('DEL', KEYS[k])
+    redis.call('XADD', KEYS[k], '0-1', 'h', header)
+  end
+  for j = i + 2, i + 2 * n, 2 do
+    redis.call('XADD', KEYS[k], ARGV[j], 'm', ARGV[j + 1])
+  end
   redis.call('PEXPIRE', KEYS[k], ARGV[2])
-  i = i + 2 + n
+  i = i + 2 + 2 * n
 end
 return 1
 ";
@@ -97,16 +141,24 @@ return 1
 static GAP_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 static DUE_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 static BEGIN_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-static SOURCE_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+static ROOMS_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+static CHUNK_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 static COPY_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 static FINISH_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 
 /// How long the lock holds without a batch renewing it: a replica that dies mid-copy only
 /// delays the next catch-up by this much.
 const LOCK_MS: u64 = 30_000;
-/// Rooms per batch (a hint to SCAN): each batch is one read and one write, so a catch-up never
-/// holds either Redis for long, and what it holds in memory is bounded by the batch.
-const BATCH: usize = 16;
+/// Keys per SCAN of the Redis copied from.
+const SCAN_COUNT: usize = 100;
+/// Bytes per read of the Redis copied from (and per write of the copy), so that neither Redis
+/// is held for long nor a command comes near its timeout, and this replica holds at most this
+/// much (plus one entry) of a catch-up at a time.
+const CHUNK_BYTES: usize = 1 << 20;
+/// How long a catch-up waits after it began before reading the other Redis: a publish that
+/// missed this Redis before the copy began (its gap mark came first) and was acknowledged has
+/// reached the other Redis by then.
+const IN_FLIGHT: Duration = Duration::from_millis(OP_TIMEOUT.as_millis() as u64 + 500);
 
 /// Where one Redis stands, for `/readyz` and the metrics.
 #[derive(Debug, Default)]
@@ -274,7 +326,7 @@ async fn catch_up(
     };
     let copied = copy_rooms(target, source, keys, config, &token, &at.offset()).await;
     let record = match &copied {
-        Ok((head, gap, _)) => format!("{}|{}|{gap}", at.offset(), head.offset()),
+        Ok(c) => format!("{}|{}|{}|{}", at.offset(), c.head.offset(), c.gap, c.whole),
         Err(_) => String::new(),
     };
     let finished = target
@@ -284,16 +336,27 @@ async fn catch_up(
             &[token, format!("{:x}", at.epoch), record, at.seq.to_string()],
         )
         .await;
-    let (_, _, rooms) = copied?;
+    let rooms = copied?.rooms;
     match finished? {
         Some(1) => Ok(Some(rooms)),
         _ => Err(CatchUpError::LostLock),
     }
 }
 
-/// Copies every room of `source` into `target`, batch by batch, each room's copy headed by
-/// `id` (where the copy began); answers `source`'s head and
-/// gap as they were once every room was read, and the number of rooms.
+/// What a copy holds: the other Redis's head and gap mark once every room was read, its last
+/// sequence number before the first was, and the number of rooms.
+struct Copy {
+    head: Stamp,
+    gap: u64,
+    whole: u64,
+    rooms: usize,
+}
+
+/// A room being read: its key, and the id of the last entry read ('' for none yet).
+type Cursor = (String, String);
+
+/// Copies every room of `source` into `target`, chunk by chunk, each room's copy headed by `id`
+/// (where the copy began).
 async fn copy_rooms(
     target: &Link,
     source: &Link,
@@ -301,36 +364,51 @@ async fn copy_rooms(
     config: HistoryConfig,
     token: &str,
     id: &str,
-) -> Result<(Stamp, u64, usize), CatchUpError> {
+) -> Result<Copy, CatchUpError> {
+    tokio::time::sleep(IN_FLIGHT).await;
     let before = read_link(source, keys, &[], "-").await?;
     let pattern = format!("{}*", glob_escape(&keys.room));
     let ttl = config.ttl.as_millis().to_string();
-    let mut cursor = "0".to_owned();
+    let mut scan = "0".to_owned();
     let mut rooms = 0;
     loop {
-        let batch = source
-            .script::<RedisValue>(
-                script(&SOURCE_SCRIPT, &[ROOM_LOG, SOURCE]),
+        let (next, found) = source
+            .script::<(String, Vec<String>)>(
+                script(&ROOMS_SCRIPT, &[ROOMS]),
                 &[],
-                &[cursor.clone(), pattern.clone(), BATCH.to_string()],
+                &[scan, pattern.clone(), SCAN_COUNT.to_string()],
             )
             .await?
-            .ok_or(CatchUpError::Answer("the rooms' read"))?;
-        let (next, logs) =
-            <(String, Vec<(String, u64, u64, Vec<String>)>)>::from_redis_value(batch)
-                .map_err(|_| CatchUpError::Answer("the rooms' read"))?;
-        if !logs.is_empty() {
+            .ok_or(CatchUpError::Answer("the rooms' scan"))?;
+        let mut pending: Vec<Cursor> = found.into_iter().map(|k| (k, String::new())).collect();
+        rooms += pending.len();
+        // Also when nothing was found: every batch renews the lock.
+        loop {
+            let read = if pending.is_empty() {
+                Vec::new()
+            } else {
+                read_chunk(source, &pending).await?
+            };
             let mut copy_keys = vec![keys.lock.clone()];
             let mut args = vec![token.to_owned(), ttl.clone(), LOCK_MS.to_string()];
-            for (key, added, kept, entries) in logs {
+            let mut left: Vec<Cursor> = pending.split_off(read.len().min(pending.len()));
+            for ((key, last), (_, added, kept, entries, done)) in pending.into_iter().zip(read) {
                 let Some(room) = key.strip_prefix(&keys.room) else {
                     continue;
                 };
                 copy_keys.push(format!("{}{room}", keys.copy));
-                args.push(format!("{id} {added} {kept}"));
-                args.push(entries.len().to_string());
+                args.push(if last.is_empty() {
+                    format!("{id} {added} {kept}")
+                } else {
+                    String::new()
+                });
+                args.push((entries.len() / 2).to_string());
+                let next_last = entries.iter().rev().nth(1).cloned();
                 args.extend(entries);
-                rooms += 1;
+                if done == 0 {
+                    // Goes on from its last entry read, before the rooms not read yet.
+                    left.insert(0, (key, next_last.unwrap_or(last)));
+                }
             }
             let written = target
                 .script::<i64>(script(&COPY_SCRIPT, &[COPY]), &copy_keys, &args)
@@ -338,9 +416,13 @@ async fn copy_rooms(
             if written != Some(1) {
                 return Err(CatchUpError::LostLock);
             }
+            pending = left;
+            if pending.is_empty() {
+                break;
+            }
         }
-        cursor = next;
-        if cursor == "0" {
+        scan = next;
+        if scan == "0" {
             break;
         }
     }
@@ -348,7 +430,28 @@ async fn copy_rooms(
     if after.head.epoch != before.head.epoch {
         return Err(CatchUpError::SourceRestarted);
     }
-    Ok((after.head, after.gap, rooms))
+    Ok(Copy {
+        head: after.head,
+        gap: after.gap,
+        whole: before.head.seq,
+        rooms,
+    })
+}
+
+/// One read of [`CHUNK`]: per room read, (key, added, kept, ids and entries, done).
+async fn read_chunk(
+    source: &Link,
+    rooms: &[Cursor],
+) -> Result<Vec<(String, u64, u64, Vec<String>, u8)>, CatchUpError> {
+    let mut args = vec![CHUNK_BYTES.to_string()];
+    for (key, last) in rooms {
+        args.push(key.clone());
+        args.push(last.clone());
+    }
+    source
+        .script(script(&CHUNK_SCRIPT, &[CHUNK]), &[], &args)
+        .await?
+        .ok_or(CatchUpError::Answer("the rooms' read"))
 }
 
 /// A string matched literally by a SCAN pattern.
@@ -380,8 +483,9 @@ pub(super) fn parse_room(copy: Vec<String>) -> Option<RoomLog> {
     })
 }
 
-/// The copy recorded in a Redis (`at|head|gap`, empty when none), with its rooms as read at
-/// `read_ms` (the read's time: a room missing from the copy may be a copy that expired).
+/// The copy recorded in a Redis (`at|head|gap|whole`, empty when none), with its rooms as read
+/// at `read_ms`. A room missing from the copy may be a copy that expired: it is judged by the
+/// read's time, moved on by the margin that covers clocks differing between Redis.
 pub(super) fn parse_record(
     record: &str,
     read_ms: u64,
@@ -391,13 +495,15 @@ pub(super) fn parse_record(
     let at = Stamp::parse_offset(parts.next()?)?;
     let head = Stamp::parse_offset(parts.next()?)?;
     let gap = parts.next()?.parse().ok()?;
+    let whole = parts.next()?.parse().ok()?;
     Some(Copied {
         at,
         head: Stamp {
-            ms: read_ms,
+            ms: read_ms + READ_MARGIN_MS,
             ..head
         },
         gap,
+        whole,
         rooms,
     })
 }
@@ -418,7 +524,7 @@ mod tests {
             seq: 20,
             ms: 90,
         };
-        let record = format!("{}|{}|3", at.offset(), head.offset());
+        let record = format!("{}|{}|3|18", at.offset(), head.offset());
         let rooms = vec![
             parse_room(vec![]),
             parse_room(vec!["?".into()]),
@@ -430,8 +536,14 @@ mod tests {
         ];
         let copied = parse_record(&record, 500, rooms).expect("a record");
         assert_eq!(copied.at, at);
-        assert_eq!(copied.head, Stamp { ms: 500, ..head });
-        assert_eq!(copied.gap, 3);
+        assert_eq!(
+            copied.head,
+            Stamp {
+                ms: 500 + READ_MARGIN_MS,
+                ..head
+            }
+        );
+        assert_eq!((copied.gap, copied.whole), (3, 18));
         assert_eq!(copied.rooms[0], Some(RoomLog::default()));
         assert_eq!(copied.rooms[1], None);
         assert_eq!(

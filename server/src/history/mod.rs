@@ -136,10 +136,17 @@ redis.call('PUBLISH', ARGV[1], stamped)
 return 1
 ";
 
-/// Lua shared by the scripts that read a room's history: `room_log(key, start)` answers
-/// {added, kept, entries}: the oldest kept entry, then those from stream id `start` on (`-`:
-/// all of them).
+/// Lua of the read script: `room_log(key, start)` answers {added, kept, entries}: the oldest
+/// kept entry, then those from stream id `start` on (`-`: all of them); `kept_from` is its
+/// second half, shared with the copies' read.
 const ROOM_LOG: &str = r"
+local function kept_from(key, oldest, start)
+  local entries = {}
+  local from = redis.call('XRANGE', key, start, '+')
+  if oldest and (not from[1] or from[1][1] ~= oldest[1]) then entries[1] = oldest[2][2] end
+  for _, e in ipairs(from) do entries[#entries + 1] = e[2][2] end
+  return entries
+end
 local function room_log(key, start)
   if redis.call('EXISTS', key) == 0 then return {0, 0, {}} end
   local info = redis.call('XINFO', 'STREAM', key)
@@ -148,12 +155,7 @@ local function room_log(key, start)
     if info[j] == 'entries-added' then added = info[j + 1] end
     if info[j] == 'length' then kept = info[j + 1] end
   end
-  local entries = {}
-  local first = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
-  local from = redis.call('XRANGE', key, start, '+')
-  if first and (not from[1] or from[1][1] ~= first[1]) then entries[1] = first[2][2] end
-  for _, e in ipairs(from) do entries[#entries + 1] = e[2][2] end
-  return {added, kept, entries}
+  return {added, kept, kept_from(key, redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1], start)}
 end
 ";
 
@@ -165,18 +167,15 @@ end
 /// history, so that a storm of resumes stays small.
 /// Returns {epoch, seq, secs, micros, gap, copy record, then per room {added, kept,
 /// {entries...}, copy}}; a room's copy is {} (none), {'?'} (left by another catch-up than the
-/// record's) or {header, entries...}.
+/// record's) or {header, entries...}, read like the room's own stream.
 const READ: &str = r"
 local function copied(key, start, id)
-  local all = redis.call('LRANGE', key, 0, -1)
-  if not all[1] then return {} end
-  if all[1]:sub(1, #id + 1) ~= id .. ' ' then return {'?'} end
-  local out = {all[1]}
-  local from = tonumber(start)
-  for i = 2, #all do
-    local ms = tonumber(all[i]:match('^s%x+%-%d+%-(%d+)|') or '0')
-    if i == 2 or not from or ms >= from then out[#out + 1] = all[i] end
-  end
+  local head = redis.call('XRANGE', key, '-', '+', 'COUNT', 2)
+  if not head[1] then return {} end
+  local header = head[1][2][2]
+  if head[1][1] ~= '0-1' or header:sub(1, #id + 1) ~= id .. ' ' then return {'?'} end
+  local out = kept_from(key, head[2], start == '-' and '(0-1' or start)
+  table.insert(out, 1, header)
   return out
 end
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])

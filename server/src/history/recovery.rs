@@ -41,6 +41,10 @@ pub struct Copied {
     pub head: Stamp,
     /// The other Redis's gap mark when the copy ended.
     pub gap: u64,
+    /// The other Redis's last sequence number when the copy began: rooms were copied one after
+    /// the other, so only up to here does the copy hold every room's messages, and a position
+    /// never moves past it on the copy's account.
+    pub whole: u64,
     /// Per room, what was copied; `None` when not known (a copy left by another catch-up).
     pub rooms: Vec<Option<RoomLog>>,
 }
@@ -103,10 +107,14 @@ pub struct Recovery {
     pub head: Position,
 }
 
+/// What recovery reads of a message: its id, and its publishing replica and that replica's
+/// clock (absent in messages of older versions).
 #[derive(Deserialize)]
-struct Id<'a> {
+struct Head<'a> {
     #[serde(borrow)]
     id: &'a str,
+    o: Option<u64>,
+    t: Option<u64>,
 }
 
 /// A message in one Redis's history.
@@ -114,7 +122,21 @@ struct Id<'a> {
 struct Entry {
     stamp: Stamp,
     id: String,
+    /// The publishing replica and when it published, by its own clock.
+    origin: Option<(u64, u64)>,
     json: String,
+}
+
+impl Entry {
+    /// Whether this message goes before `other` (or with it) where only time can tell: by the
+    /// publishing replica's clock when both come from the same replica (so one publisher's
+    /// order holds whatever the Redis clocks say), else by the Redis clocks.
+    fn not_after(&self, other: &Entry) -> bool {
+        match (self.origin, other.origin) {
+            (Some((o, t)), Some((p, u))) if o == p && t != u => t < u,
+            _ => self.stamp.ms <= other.stamp.ms,
+        }
+    }
 }
 
 /// The entries of the snapshot's epoch, once each (a message to two rooms is in both), in
@@ -129,10 +151,15 @@ fn entries(snapshot: &Snapshot) -> Vec<Entry> {
             };
             by_seq.entry(stamp.seq).or_insert_with(|| {
                 let json = String::from_utf8_lossy(json).into_owned();
-                let id = serde_json::from_str::<Id>(&json)
-                    .map(|m| m.id.to_owned())
+                let (id, origin) = serde_json::from_str::<Head>(&json)
+                    .map(|m| (m.id.to_owned(), m.o.zip(m.t)))
                     .unwrap_or_default();
-                Entry { stamp, id, json }
+                Entry {
+                    stamp,
+                    id,
+                    origin,
+                    json,
+                }
             });
         }
     }
@@ -153,6 +180,16 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
         .chain(&copies)
         .map(|s| (at(s), entries(s)))
         .collect();
+    // How far each list may move a position: its own Redis's lists all the way.
+    let caps: Vec<Option<u64>> = snapshots
+        .iter()
+        .map(|_| None)
+        .chain(
+            snapshots
+                .iter()
+                .filter_map(|s| s.copy.as_ref().map(|c| Some(c.whole))),
+        )
+        .collect();
     // Received before: at or before the client's stamp on any Redis that holds it.
     let covered = |e: &Entry| since.is_some_and(|p| p.covers(e.stamp));
     let mut had: HashSet<&str> = HashSet::new();
@@ -170,7 +207,7 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
         .map(|(_, list)| list.iter().filter(|e| !covered(e)).collect())
         .collect();
     let order = merge(&after, &had);
-    let replay = positions(&logs, &after, &had, &order);
+    let replay = positions(&logs, &caps, &after, &had, &order);
     let recovered = since.is_some_and(|p| {
         snapshots.iter().any(|s| {
             p.get(s.head.epoch)
@@ -189,7 +226,7 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
 /// The messages to replay in one order that keeps each Redis's: the longest list first, then
 /// each other list's new messages between the messages it shares with those placed before
 /// (its anchors). Between two anchors, or where a list shares none, new messages go by their
-/// time: the Redis clocks then decide, the only order left to go by.
+/// time (see [`Entry::not_after`]).
 fn merge<'a>(after: &[Vec<&'a Entry>], had: &HashSet<&str>) -> Vec<&'a Entry> {
     let mut lists: Vec<&Vec<&Entry>> = after.iter().collect();
     lists.sort_by_key(|l| std::cmp::Reverse(l.len()));
@@ -223,11 +260,7 @@ fn merge<'a>(after: &[Vec<&'a Entry>], had: &HashSet<&str>) -> Vec<&'a Entry> {
         for (lo, hi, e) in new {
             let from = lo.max(floor);
             let to = hi.min(out.len()).max(from);
-            let slot = from
-                + out[from..to]
-                    .iter()
-                    .take_while(|x| x.stamp.ms <= e.stamp.ms)
-                    .count();
+            let slot = from + out[from..to].iter().take_while(|x| x.not_after(e)).count();
             slots.push((slot, e));
             floor = slot;
         }
@@ -249,6 +282,7 @@ fn merge<'a>(after: &[Vec<&'a Entry>], had: &HashSet<&str>) -> Vec<&'a Entry> {
 /// the client has every message (received before, or replayed by then).
 fn positions(
     logs: &[(Option<Stamp>, Vec<Entry>)],
+    caps: &[Option<u64>],
     after: &[Vec<&Entry>],
     had: &HashSet<&str>,
     order: &[&Entry],
@@ -262,7 +296,9 @@ fn positions(
             done.insert(e.id.as_str());
             for (k, list) in after.iter().enumerate() {
                 while let Some(x) = list.get(next[k]).filter(|x| done.contains(x.id.as_str())) {
-                    at[k] = Some(x.stamp);
+                    if caps[k].is_none_or(|cap| x.stamp.seq <= cap) {
+                        at[k] = Some(x.stamp);
+                    }
                     next[k] += 1;
                 }
             }
@@ -548,6 +584,7 @@ mod tests {
             at: st(9, at),
             head: a.head,
             gap: 0,
+            whole: a.head.seq,
             rooms: a.rooms.into_iter().map(Some).collect(),
         });
         b
@@ -627,5 +664,61 @@ mod tests {
         let b = returned(0, &[(11, 1), (12, 2)], &[(13, 3), (14, 4), (15, 5)]);
         let r = recover(std::slice::from_ref(&b), Some(&since), TTL);
         assert_eq!(ns(&r), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_copy_moves_positions_only_as_far_as_it_is_whole() {
+        // The copy holds A's 11..=15, but rooms were read one after the other from A's 13 on:
+        // past 13 it may lack a message of another room.
+        let mut b = returned(0, &[(11, 1), (12, 2), (13, 3), (14, 4), (15, 5)], &[]);
+        if let Some(c) = b.copy.as_mut() {
+            c.whole = 13;
+        }
+        let since = Position::of([st(7, 10)]);
+        let r = recover(&[b], Some(&since), TTL);
+        assert_eq!(ns(&r), vec![1, 2, 3, 4, 5]);
+        let claimed: Vec<Option<u64>> = r
+            .replay
+            .iter()
+            .map(|x| x.position.get(7).map(|s| s.seq))
+            .collect();
+        assert_eq!(claimed, [11, 12, 13, 13, 13].map(Some).to_vec());
+    }
+
+    /// Message `n` of publishing replica `origin` at its time `t`, kept on Redis `epoch`.
+    fn from_replica(epoch: u64, seq: u64, ms: u64, n: u64, origin: u64, t: u64) -> String {
+        Stamp { epoch, seq, ms }.encode(&format!(r#"{{"id":"m{n}","n":{n},"o":{origin},"t":{t}}}"#))
+    }
+
+    #[test]
+    fn one_publishers_messages_keep_its_order_whatever_the_redis_clocks_say() {
+        // A's copy holds 1 and 2 of replica 5, B (its clock 3 s behind A's) got 3 and 4 after:
+        // nothing in common, and by the Redis clocks 3 and 4 would come first.
+        // (seq, Redis ms, message, the replica's ms) on Redis `epoch`
+        let room = |epoch: u64, list: [(u64, u64, u64, u64); 2]| RoomLog {
+            added: 2,
+            kept: 2,
+            entries: list
+                .iter()
+                .map(|&(seq, ms, n, t)| from_replica(epoch, seq, ms, n, 5, t))
+                .collect(),
+        };
+        let copied = room(7, [(11, 5_000, 1, 100), (12, 5_010, 2, 110)]);
+        let own = room(9, [(1, 2_020, 3, 120), (2, 2_030, 4, 130)]);
+        let b = Snapshot {
+            link: 1,
+            head: st(9, 2),
+            gap: 0,
+            rooms: vec![own],
+            copy: Some(Copied {
+                at: st(9, 0),
+                head: st(7, 12),
+                gap: 0,
+                whole: 12,
+                rooms: vec![Some(copied)],
+            }),
+        };
+        let r = recover(&[b], Some(&Position::of([st(7, 10)])), TTL);
+        assert_eq!(ns(&r), vec![1, 2, 3, 4]);
     }
 }
