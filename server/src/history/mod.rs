@@ -76,15 +76,18 @@ pub(crate) struct Keys {
     copy: String,
     /// The lock a catch-up holds.
     lock: String,
+    /// Whether reads take the copies too: only with several Redis (one has nothing to copy).
+    copies: bool,
 }
 
 impl Keys {
-    fn new(prefix: &str) -> Self {
+    fn new(prefix: &str, copies: bool) -> Self {
         Self {
             seq: format!("{prefix}#seq"),
             room: format!("{prefix}#h#"),
             copy: format!("{prefix}#c#"),
             lock: format!("{prefix}#catchup"),
+            copies,
         }
     }
 
@@ -98,7 +101,9 @@ impl Keys {
     /// The read script's KEYS: those of the publish script, then each room's copy.
     fn read(&self, rooms: &[String]) -> Vec<String> {
         let mut keys = self.publish(rooms);
-        keys.extend(rooms.iter().map(|r| format!("{}{r}", self.copy)));
+        if self.copies {
+            keys.extend(rooms.iter().map(|r| format!("{}{r}", self.copy)));
+        }
         keys
     }
 }
@@ -160,11 +165,12 @@ end
 ";
 
 /// Reads the head and each room's history, and the room's copy of another Redis's history
-/// (see `catch_up`). KEYS: the sequence hash, then each room's stream, then each room's copy.
+/// (see `catch_up`). KEYS: the sequence hash, then each room's stream, then (with several Redis)
+/// each room's copy.
 /// ARGV: an epoch to start if none exists (so a socket that joins before the first message
 /// already holds an offset of the epoch that message will have), then the stream id (ms) to
 /// read from: only entries from there on are sent (plus the oldest kept one), not the whole
-/// history, so that a storm of resumes stays small.
+/// history, so that a storm of resumes stays small; then '1' when copies are read too.
 /// Returns {epoch, seq, secs, micros, gap, copy record, then per room {added, kept,
 /// {entries...}, copy}}; a room's copy is {} (none), {'?'} (left by another catch-up than the
 /// record's) or {header, entries...}, read like the room's own stream.
@@ -185,10 +191,11 @@ local copy = redis.call('HGET', KEYS[1], 'copy') or ''
 local id = copy:match('^([^|]*)|')
 local out = {epoch, redis.call('HGET', KEYS[1], 'seq') or '0', t[1], t[2],
   redis.call('HGET', KEYS[1], 'gap') or '0', copy}
-local rooms = (#KEYS - 1) / 2
+local copies = ARGV[3] == '1'
+local rooms = copies and (#KEYS - 1) / 2 or #KEYS - 1
 for i = 2, rooms + 1 do
   local log = room_log(KEYS[i], ARGV[2])
-  log[4] = id and copied(KEYS[i + rooms], ARGV[2], id) or {}
+  log[4] = (copies and id) and copied(KEYS[i + rooms], ARGV[2], id) or {}
   out[#out + 1] = log
 end
 return out
@@ -225,7 +232,7 @@ impl History {
                 }),
             }
         } else {
-            let keys = Keys::new(prefix);
+            let keys = Keys::new(prefix, bus.is_plural());
             if bus.is_plural() {
                 for (me, progress) in progress.iter().enumerate() {
                     tokio::spawn(catch_up::tend(
@@ -405,7 +412,11 @@ async fn read_link(
     rooms: &[String],
     start: &str,
 ) -> Result<Snapshot, BusError> {
-    let args = [format!("{:x}", new_epoch()), start.to_owned()];
+    let args = [
+        format!("{:x}", new_epoch()),
+        start.to_owned(),
+        if keys.copies { "1" } else { "0" }.to_owned(),
+    ];
     let value = link
         .script::<RedisValue>(
             script(&READ_SCRIPT, &[ROOM_LOG, READ]),

@@ -190,6 +190,28 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
                 .filter_map(|s| s.copy.as_ref().map(|c| Some(c.whole))),
         )
         .collect();
+    // A copy's messages up to where it is whole are behind a client that has no stamp of the
+    // copied Redis but stood on the holding Redis after the copy began: they came before it
+    // joined. Only the copy's own entries are skipped so; a message that is also in a Redis's
+    // own history is decided there.
+    let behind: Vec<Option<u64>> = snapshots
+        .iter()
+        .map(|_| None)
+        .chain(snapshots.iter().filter_map(|s| {
+            let c = s.copy.as_ref()?;
+            let stood = since.and_then(|p| {
+                p.get(c.head.epoch)
+                    .is_none()
+                    .then(|| p.get(s.head.epoch))
+                    .flatten()
+            });
+            Some(
+                stood
+                    .filter(|v| c.at.epoch == v.epoch && v.seq >= c.at.seq)
+                    .map(|_| c.whole),
+            )
+        }))
+        .collect();
     // Received before: at or before the client's stamp on any Redis that holds it.
     let covered = |e: &Entry| since.is_some_and(|p| p.covers(e.stamp));
     let mut had: HashSet<&str> = HashSet::new();
@@ -204,7 +226,12 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
     }
     let after: Vec<Vec<&Entry>> = logs
         .iter()
-        .map(|(_, list)| list.iter().filter(|e| !covered(e)).collect())
+        .zip(&behind)
+        .map(|((_, list), behind)| {
+            list.iter()
+                .filter(|e| !covered(e) && behind.is_none_or(|w| e.stamp.seq > w))
+                .collect()
+        })
         .collect();
     let order = merge(&after, &had);
     let replay = positions(&logs, &caps, &after, &had, &order);
@@ -720,5 +747,30 @@ mod tests {
         };
         let r = recover(&[b], Some(&Position::of([st(7, 10)])), TTL);
         assert_eq!(ns(&r), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_copy_is_behind_a_client_that_joined_the_holding_redis_after_it() {
+        // B, frozen around its 15, copied A's 11..=13 at its own 20, then got 4 and 5 (A also
+        // had 4). A client that joined B at 21 while A was down has no stamp of A: the copy is
+        // behind it.
+        let mut b = returned(20, &[(11, 1), (12, 2), (13, 3)], &[(21, 4), (22, 5)]);
+        b.gap = 15;
+        let since = Position::of([st(9, 21)]);
+        let r = recover(std::slice::from_ref(&b), Some(&since), TTL);
+        assert_eq!(ns(&r), vec![5]);
+        assert!(r.recovered);
+        // One that left B before the copy began gets the copy, and is told it may miss more.
+        let since = Position::of([st(9, 1)]);
+        let r = recover(std::slice::from_ref(&b), Some(&since), TTL);
+        assert_eq!(ns(&r), vec![1, 2, 3, 4, 5]);
+        assert!(!r.recovered);
+        // Past where the copy is whole, its messages are decided as any other.
+        let mut b = returned(20, &[(11, 1), (12, 2), (13, 3)], &[(21, 4)]);
+        if let Some(c) = b.copy.as_mut() {
+            c.whole = 12;
+        }
+        let r = recover(&[b], Some(&Position::of([st(9, 21)])), TTL);
+        assert_eq!(ns(&r), vec![3]);
     }
 }
