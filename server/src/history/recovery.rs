@@ -8,6 +8,7 @@
 //! Redis the copy came from is gone.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap, HashSet},
     time::Duration,
 };
@@ -112,22 +113,22 @@ pub struct Recovery {
 #[derive(Deserialize)]
 struct Head<'a> {
     #[serde(borrow)]
-    id: &'a str,
+    id: Cow<'a, str>,
     o: Option<u64>,
     t: Option<u64>,
 }
 
-/// A message in one Redis's history.
+/// A message in one Redis's history, borrowed from what was read.
 #[derive(Debug, Clone)]
-struct Entry {
+struct Entry<'a> {
     stamp: Stamp,
-    id: String,
+    id: Cow<'a, str>,
     /// The publishing replica and when it published, by its own clock.
     origin: Option<(u64, u64)>,
-    json: String,
+    json: &'a str,
 }
 
-impl Entry {
+impl Entry<'_> {
     /// Whether this message goes before `other` (or with it) where only time can tell: by the
     /// publishing replica's clock when both come from the same replica (so one publisher's
     /// order holds whatever the Redis clocks say), else by the Redis clocks.
@@ -139,20 +140,21 @@ impl Entry {
     }
 }
 
-/// The entries of the snapshot's epoch, once each (a message to two rooms is in both), in
-/// sequence order.
-fn entries(snapshot: &Snapshot) -> Vec<Entry> {
+/// The entries of `epoch` in these rooms' logs, once each (a message to two rooms is in both),
+/// in sequence order.
+fn entries<'a>(epoch: u64, rooms: impl Iterator<Item = &'a RoomLog>) -> Vec<Entry<'a>> {
     let mut by_seq = BTreeMap::new();
-    for log in &snapshot.rooms {
+    for log in rooms {
         for raw in &log.entries {
-            let (stamp, json) = Stamp::decode(raw.as_bytes());
-            let Some(stamp) = stamp.filter(|s| s.epoch == snapshot.head.epoch) else {
+            let (stamp, rest) = Stamp::decode(raw.as_bytes());
+            let Some(stamp) = stamp.filter(|s| s.epoch == epoch) else {
                 continue;
             };
+            // The JSON follows an ASCII '|': a suffix of the entry, on a character boundary.
+            let json = &raw[raw.len() - rest.len()..];
             by_seq.entry(stamp.seq).or_insert_with(|| {
-                let json = String::from_utf8_lossy(json).into_owned();
-                let (id, origin) = serde_json::from_str::<Head>(&json)
-                    .map(|m| (m.id.to_owned(), m.o.zip(m.t)))
+                let (id, origin) = serde_json::from_str::<Head>(json)
+                    .map(|m| (m.id, m.o.zip(m.t)))
                     .unwrap_or_default();
                 Entry {
                     stamp,
@@ -171,14 +173,14 @@ fn entries(snapshot: &Snapshot) -> Vec<Entry> {
 pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) -> Recovery {
     let at = |s: &Snapshot| since.and_then(|p| p.get(s.head.epoch));
     // Each Redis's own history, then the copies they hold of others'.
-    let copies: Vec<Snapshot> = snapshots
-        .iter()
-        .filter_map(|s| s.copy.as_ref().map(|c| c.as_snapshot(s.link)))
-        .collect();
     let logs: Vec<(Option<Stamp>, Vec<Entry>)> = snapshots
         .iter()
-        .chain(&copies)
-        .map(|s| (at(s), entries(s)))
+        .map(|s| (at(s), entries(s.head.epoch, s.rooms.iter())))
+        .chain(snapshots.iter().filter_map(|s| {
+            let c = s.copy.as_ref()?;
+            let at = since.and_then(|p| p.get(c.head.epoch));
+            Some((at, entries(c.head.epoch, c.rooms.iter().flatten())))
+        }))
         .collect();
     // How far each list may move a position: its own Redis's lists all the way.
     let caps: Vec<Option<u64>> = snapshots
@@ -218,7 +220,9 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
     let mut seen = HashSet::new();
     for (_, list) in &logs {
         for e in list {
-            seen.insert(e.id.clone());
+            if !seen.contains(e.id.as_ref()) {
+                seen.insert(e.id.to_string());
+            }
             if covered(e) {
                 had.insert(&e.id);
             }
@@ -254,7 +258,7 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
 /// each other list's new messages between the messages it shares with those placed before
 /// (its anchors). Between two anchors, or where a list shares none, new messages go by their
 /// time (see [`Entry::not_after`]).
-fn merge<'a>(after: &[Vec<&'a Entry>], had: &HashSet<&str>) -> Vec<&'a Entry> {
+fn merge<'a, 'b>(after: &[Vec<&'a Entry<'b>>], had: &HashSet<&str>) -> Vec<&'a Entry<'b>> {
     let mut lists: Vec<&Vec<&Entry>> = after.iter().collect();
     lists.sort_by_key(|l| std::cmp::Reverse(l.len()));
     let mut out: Vec<&Entry> = Vec::new();
@@ -262,22 +266,22 @@ fn merge<'a>(after: &[Vec<&'a Entry>], had: &HashSet<&str>) -> Vec<&'a Entry> {
         let at: HashMap<&str, usize> = out
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.id.as_str(), i))
+            .map(|(i, e)| (e.id.as_ref(), i))
             .collect();
         // Each new message with the first slot of `out` it may take (after its last anchor)
         // and the last (before its next anchor).
         let mut new: Vec<(usize, usize, &Entry)> = Vec::new();
         let mut queued: HashSet<&str> = HashSet::new();
         let mut anchor: Option<usize> = None;
-        for e in list.iter().filter(|e| !had.contains(e.id.as_str())) {
-            match at.get(e.id.as_str()) {
+        for e in list.iter().filter(|e| !had.contains(e.id.as_ref())) {
+            match at.get(e.id.as_ref()) {
                 Some(&i) => {
                     for n in new.iter_mut().rev().take_while(|n| n.1 == usize::MAX) {
                         n.1 = i;
                     }
                     anchor = anchor.max(Some(i));
                 }
-                None if !queued.insert(e.id.as_str()) => {}
+                None if !queued.insert(e.id.as_ref()) => {}
                 None => new.push((anchor.map_or(0, |i| i + 1), usize::MAX, e)),
             }
         }
@@ -320,9 +324,9 @@ fn positions(
     order
         .iter()
         .map(|e| {
-            done.insert(e.id.as_str());
+            done.insert(e.id.as_ref());
             for (k, list) in after.iter().enumerate() {
-                while let Some(x) = list.get(next[k]).filter(|x| done.contains(x.id.as_str())) {
+                while let Some(x) = list.get(next[k]).filter(|x| done.contains(x.id.as_ref())) {
                     if caps[k].is_none_or(|cap| x.stamp.seq <= cap) {
                         at[k] = Some(x.stamp);
                     }
@@ -331,7 +335,7 @@ fn positions(
             }
             Replayed {
                 position: Position::of(at.iter().flatten().copied()),
-                json: e.json.clone(),
+                json: e.json.to_owned(),
             }
         })
         .collect()
