@@ -202,6 +202,10 @@ scenario_args() {
 run_one() { # round scenario loadgen server
   local round=$1 name=$2 lg=$3 server=$4 args res urls pids gen extra
   args=$(scenario_args "$name")
+  # Every run starts on empty Redis: what an earlier run left (room histories, copies) would
+  # make the later runs read more, and bias the comparison against whoever runs last.
+  redis-cli -u "$REDIS_URL" FLUSHALL >/dev/null
+  if [ -n "${REDIS2_URL:-}" ]; then redis-cli -u "$REDIS2_URL" FLUSHALL >/dev/null; fi
   if [[ $name == storm-* ]] && { [[ $server != chorus* ]] || [ "$lg" != chorus-bench ]; }; then
     log "round $round $name: skipped for $server with $lg (a storm needs resume and chorus-bench)"
     return 0
@@ -262,13 +266,15 @@ if want_server chorus-2bus; then
 fi
 log "servers: $SERVERS; generators: $LOADGENS; $ROUNDS round(s); out $OUT; logs $LOGDIR"
 T0=$(date +%s)
-step=0
 for ((round = 1; round <= ROUNDS; round++)); do
+  combo=0
   for name in $SCENARIOS; do
     for lg in $LOADGENS; do
-      # alternate which server goes first, so that neither always runs on a warmer machine
-      read -r -a order <<<"$SERVERS"
-      if (( step++ % 2 == 1 )); then mapfile -t order < <(printf '%s\n' "${order[@]}" | tac); fi
+      # Rotate the order, step by step and round by round, so that no server always runs
+      # first or last in a scenario (on a warmer machine, or after the others).
+      read -r -a servers <<<"$SERVERS"
+      shift_by=$(( (combo++ + round - 1) % ${#servers[@]} ))
+      order=("${servers[@]:shift_by}" "${servers[@]:0:shift_by}")
       for server in "${order[@]}"; do
         run_one "$round" "$name" "$lg" "$server"
       done
