@@ -508,3 +508,54 @@ async fn a_returning_redis_copies_large_histories_whole() {
         "replayed whole, in order, each once"
     );
 }
+
+/// A replica that published while a Redis was down, and died before that Redis returned,
+/// cannot mark the gap it left: the message it wrote to the other Redis carries a witness, and
+/// the replicas left mark the gap, so the returning Redis catches up instead of claiming it has
+/// everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_misses_of_a_replica_that_died_are_marked_by_the_others() {
+    if !support::tools_present(&["redis-server"]) {
+        return;
+    }
+    let mut s = start(&[]);
+    wait_buses(&s, [true, true]).await;
+    for i in 0..2 {
+        wait_caught_up(&s, i).await;
+    }
+    let away = Client::connect(&s.replicas[1].url()).await;
+    let since = away.join("w").await["offset"]
+        .as_str()
+        .expect("offset")
+        .to_owned();
+    drop(away);
+
+    // Redis B freezes; only replica 0 publishes, then dies before B thaws.
+    s.redis[1].signal("STOP");
+    wait_buses(&s, [true, false]).await;
+    let api = Api::new(&s.replicas[0].url(), None);
+    for n in 0..3 {
+        let (status, body) = api
+            .post(
+                "/v1/broadcast",
+                json!({"rooms": ["w"], "event": "m", "data": {"n": n}}),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let dead = s.replicas.remove(0);
+    dead.signal("KILL");
+    drop(dead);
+    s.redis[1].signal("CONT");
+    wait_buses(&s, [true, true]).await;
+    wait_caught_up(&s, 1).await;
+    s.redis[0].stop();
+    wait_buses(&s, [false, true]).await;
+
+    let got = resume_recovered(&s.replicas[1], json!(["w"]), &since).await;
+    assert_eq!(
+        got,
+        vec![0, 1, 2],
+        "replayed from B alone, in order, each once"
+    );
+}

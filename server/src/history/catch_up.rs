@@ -9,6 +9,10 @@
 //! A resume that finds only this Redis then reads the copy for the time before and its own
 //! history after (see `recovery`).
 //!
+//! A replica that publishes while a Redis is known to be down also leaves a witness of it in
+//! each Redis that takes the message, in the same script: so when the Redis returns, any
+//! replica marks the gap, even if the one that missed it is gone by then.
+//!
 //! A catch-up is due when the Redis never had one (a new epoch) or when a gap was marked after
 //! the last one began. One replica at a time runs it, under a lock in that Redis renewed with
 //! every batch; the others see it done at their next check. Copies expire like the history.
@@ -36,6 +40,13 @@ const GAP: &str = r"#!lua flags=allow-oom
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'gap', redis.call('HINCRBY', KEYS[1], 'seq', 1))
 end
+return 1
+";
+
+/// Deletes a witness if it still says what was read (a newer one stays). KEYS: the witness.
+/// ARGV: what was read.
+const DROP_WITNESS: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 ";
 
@@ -140,6 +151,8 @@ return 1
 
 static GAP_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 static DUE_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+static WITNESS_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+static DROP_WITNESS_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 static BEGIN_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 static ROOMS_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 static CHUNK_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
@@ -211,6 +224,7 @@ pub(super) async fn tend(
         let up = *state.borrow_and_update() == LinkState::Connected;
         let caught_up = up && {
             mark_gap(&link, &keys).await;
+            take_witnesses(&bus, &link, &keys).await;
             check(&bus, &link, &keys, config, &progress, &mut last_failure).await
         };
         progress.caught_up.store(caught_up, Ordering::Relaxed);
@@ -221,19 +235,61 @@ pub(super) async fn tend(
     }
 }
 
+/// Marks the gap this replica left in `link`'s Redis, if it missed a message for it.
 async fn mark_gap(link: &Link, keys: &Keys) {
-    if !link.take_missed() {
-        return;
+    if link.take_missed() && !gap(link, keys).await {
+        link.note_missed();
     }
-    let gap_keys = [keys.seq.clone()];
+}
+
+/// Marks a gap in `link`'s Redis for each witness another Redis holds of it, then drops the
+/// witness (a witness stays until its gap is marked).
+async fn take_witnesses(bus: &Bus, link: &Link, keys: &Keys) {
+    let witness = [keys.witness(link)];
+    for other in bus
+        .links()
+        .iter()
+        .filter(|l| l.is_up() && l.display() != link.display())
+    {
+        let Ok(Some(Some(seen))) = other
+            .script::<Option<String>>(
+                script(&WITNESS_SCRIPT, &["return redis.call('GET', KEYS[1])"]),
+                &witness,
+                &[],
+            )
+            .await
+        else {
+            continue;
+        };
+        if gap(link, keys).await {
+            let _ = other
+                .script::<i64>(
+                    script(&DROP_WITNESS_SCRIPT, &[DROP_WITNESS]),
+                    &witness,
+                    &[seen],
+                )
+                .await;
+        }
+    }
+}
+
+/// Marks a gap in `link`'s Redis; false when it could not.
+async fn gap(link: &Link, keys: &Keys) -> bool {
     match link
-        .script::<RedisValue>(script(&GAP_SCRIPT, &[GAP]), &gap_keys, &[])
+        .script::<RedisValue>(
+            script(&GAP_SCRIPT, &[GAP]),
+            std::slice::from_ref(&keys.seq),
+            &[],
+        )
         .await
     {
-        Ok(_) => tracing::info!(redis = %link.display(), "marked a gap in this Redis's history"),
+        Ok(_) => {
+            tracing::info!(redis = %link.display(), "marked a gap in this Redis's history");
+            true
+        }
         Err(e) => {
             tracing::debug!(redis = %link.display(), "could not mark a gap yet: {e}");
-            link.note_missed();
+            false
         }
     }
 }

@@ -76,6 +76,9 @@ pub(crate) struct Keys {
     copy: String,
     /// The lock a catch-up holds.
     lock: String,
+    /// Prefix of the keys, in each Redis, that say another one missed messages (see
+    /// `catch_up`).
+    witness: String,
     /// Whether reads take the copies too: only with several Redis (one has nothing to copy).
     copies: bool,
 }
@@ -87,6 +90,7 @@ impl Keys {
             room: format!("{prefix}#h#"),
             copy: format!("{prefix}#c#"),
             lock: format!("{prefix}#catchup"),
+            witness: format!("{prefix}#missed#"),
             copies,
         }
     }
@@ -98,7 +102,13 @@ impl Keys {
             .collect()
     }
 
-    /// The read script's KEYS: those of the publish script, then each room's copy.
+    /// The key that says, in another Redis, that `link`'s Redis missed messages.
+    fn witness(&self, link: &Link) -> String {
+        format!("{}{}", self.witness, link.display())
+    }
+
+    /// The read script's KEYS: the sequence hash and each room's stream, then each room's
+    /// copy.
     fn read(&self, rooms: &[String]) -> Vec<String> {
         let mut keys = self.publish(rooms);
         if self.copies {
@@ -122,7 +132,9 @@ struct MemoryRoom {
 }
 
 /// Stamps, keeps and publishes one room message. KEYS: the sequence hash, then each room's
-/// stream. ARGV: channel, message JSON, size, TTL in ms, an epoch to use if none exists.
+/// stream, then the witness key of each other Redis known to be down (see `catch_up`): the
+/// message and the record that those Redis missed it are written together. ARGV: channel,
+/// message JSON, size, TTL in ms, an epoch to use if none exists, the number of rooms.
 const PUBLISH: &str = r"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -133,9 +145,13 @@ local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stamped = 's' .. epoch .. '-' .. seq .. '-' .. ms .. '|' .. ARGV[2]
-for i = 2, #KEYS do
+local rooms = tonumber(ARGV[6])
+for i = 2, rooms + 1 do
   redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[3], '*', 'm', stamped)
   redis.call('PEXPIRE', KEYS[i], ARGV[4])
+end
+for i = rooms + 2, #KEYS do
+  redis.call('SET', KEYS[i], ms, 'EX', 604800)
 end
 redis.call('PUBLISH', ARGV[1], stamped)
 return 1
@@ -296,13 +312,23 @@ impl History {
                 Ok(())
             }
             Store::Redis(redis) => {
-                let keys: Arc<[String]> = redis.keys.publish(rooms).into();
+                let mut keys = redis.keys.publish(rooms);
+                keys.extend(
+                    redis
+                        .bus
+                        .links()
+                        .iter()
+                        .filter(|l| redis.bus.is_plural() && !l.is_up())
+                        .map(|l| redis.keys.witness(l)),
+                );
+                let keys: Arc<[String]> = keys.into();
                 let args: Arc<[String]> = [
                     chan.to_owned(),
                     json.to_owned(),
                     self.config.size.to_string(),
                     self.config.ttl.as_millis().to_string(),
                     format!("{:x}", new_epoch()),
+                    rooms.len().to_string(),
                 ]
                 .into();
                 // Answered once one Redis has it: the others follow in the background.
