@@ -215,6 +215,9 @@ pub struct Delivery {
     taken: Mutex<Recent>,
     /// This replica as a publisher (`Message::o`); never 0.
     origin: u64,
+    /// Items from the bus waiting for the delivery loop, as the loop last saw them (metrics).
+    /// The queue itself is not bounded: the bus client cannot be made to wait.
+    backlog: AtomicUsize,
 }
 
 /// A barrier: the links whose marker is still to come, those whose marker came.
@@ -258,6 +261,7 @@ impl Delivery {
             next_barrier: AtomicU64::new(0),
             taken: Mutex::new(Recent::new(dedupe::MAX_IDS, dedupe::WINDOW_MS)),
             origin: rand::random::<u64>().max(1),
+            backlog: AtomicUsize::new(0),
         })
     }
 
@@ -274,6 +278,7 @@ impl Delivery {
             // The last stamp taken from each link: where a socket stands after a message.
             let mut at: Vec<Option<Stamp>> = vec![None; this.bus.links().len()];
             while let Some(item) = incoming.recv().await {
+                this.backlog.store(incoming.len(), Ordering::Relaxed);
                 this.take(item, &mut at);
             }
         });
@@ -317,6 +322,11 @@ impl Delivery {
             .map(|(published, replica)| Origin { replica, published });
         let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
         taken.first(id, origin, dedupe::now_ms())
+    }
+
+    /// Items from the bus waiting for this replica's delivery loop.
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
     }
 
     /// The room histories, when history is on.

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub duplicate_copies: Counter,
     pub dedupe_ids: Gauge,
     pub dedupe_bytes: Gauge,
+    pub bus_backlog: Gauge,
 }
 
 impl Metrics {
@@ -96,6 +97,7 @@ impl Metrics {
         let duplicate_copies = Counter::default();
         let dedupe_ids = Gauge::default();
         let dedupe_bytes = Gauge::default();
+        let bus_backlog = Gauge::default();
         registry.register(
             "chorus_bus_up",
             "1 while this Redis of the bus is up, by Redis (host:port/db)",
@@ -122,6 +124,11 @@ impl Metrics {
             "chorus_bus_duplicate_copies",
             "Copies of messages dropped because another Redis (or a late one) brought them first",
             duplicate_copies.clone(),
+        );
+        registry.register(
+            "chorus_bus_backlog_messages",
+            "Messages from Redis waiting for this replica to hand them to its sockets",
+            bus_backlog.clone(),
         );
         registry.register(
             "chorus_bus_dedupe_ids",
@@ -210,6 +217,7 @@ impl Metrics {
             duplicate_copies,
             dedupe_ids,
             dedupe_bytes,
+            bus_backlog,
         }
     }
 

@@ -108,6 +108,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     state.metrics.dedupe_ids.set(gauge(ids));
     state.metrics.dedupe_bytes.set(gauge(bytes));
+    state
+        .metrics
+        .bus_backlog
+        .set(gauge(state.delivery.backlog()));
     let history = state.delivery.history();
     for (i, link) in state.bus.links().iter().enumerate() {
         if link.is_memory() {

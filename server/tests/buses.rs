@@ -406,6 +406,8 @@ async fn run(outage: Outage) {
             r.name
         );
         assert!(m.get("chorus_bus_dedupe_bytes", &[]).unwrap_or(0.0) > 0.0);
+        // Once quiet, nothing waits between Redis and the sockets.
+        assert_eq!(m.get("chorus_bus_backlog_messages", &[]), Some(0.0));
     }
     eprintln!(
         "{outage:?}: {published} messages acknowledged, {deliveries} deliveries, 0 lost, 0 twice, {} cluster calls",
