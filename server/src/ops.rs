@@ -122,10 +122,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         };
         let failures = state.metrics.bus_failures.get_or_create(&label);
         failures.inc_by(link.failures().saturating_sub(failures.get()));
-        if let Some(progress) = history
-            .and_then(|h| h.progress(i))
-            .filter(|_| state.bus.is_plural())
-        {
+        if let Some(progress) = history.and_then(|h| h.progress(i)) {
             let done = state.metrics.bus_catch_ups.get_or_create(&label);
             done.inc_by(progress.done().saturating_sub(done.get()));
             state

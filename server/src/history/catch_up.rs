@@ -28,7 +28,8 @@ use std::{
 use redis::Value as RedisValue;
 
 use super::{
-    HistoryConfig, Keys, READ_MARGIN_MS, RoomLog, Stamp, read_link, recovery::Copied, script,
+    HistoryConfig, Keys, READ_MARGIN_MS, ROOM_LOG, RoomLog, Stamp, read_link, recovery::Copied,
+    script,
 };
 use crate::bus::{Bus, BusError, Link, LinkState, OP_TIMEOUT, PING_INTERVAL};
 
@@ -87,13 +88,7 @@ for i = 2, #ARGV, 2 do
   if budget <= 0 then break end
   local key, last = ARGV[i], ARGV[i + 1]
   local added, kept = 0, 0
-  if last == '' and redis.call('EXISTS', key) == 1 then
-    local info = redis.call('XINFO', 'STREAM', key)
-    for j = 1, #info, 2 do
-      if info[j] == 'entries-added' then added = info[j + 1] end
-      if info[j] == 'length' then kept = info[j + 1] end
-    end
-  end
+  if last == '' then added, kept = counts(key) end
   local start = last == '' and '-' or '(' .. last
   local entries, done = {}, 0
   while budget > 0 do
@@ -505,7 +500,7 @@ async fn read_chunk(
         args.push(last.clone());
     }
     source
-        .script(script(&CHUNK_SCRIPT, &[CHUNK]), &[], &args)
+        .script(script(&CHUNK_SCRIPT, &[ROOM_LOG, CHUNK]), &[], &args)
         .await?
         .ok_or(CatchUpError::Answer("the rooms' read"))
 }

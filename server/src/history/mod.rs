@@ -49,7 +49,7 @@ pub struct HistoryConfig {
 /// The histories of this app's rooms.
 pub struct History {
     config: HistoryConfig,
-    /// Per link of the bus, whether its Redis is caught up (several Redis only).
+    /// Per link of the bus, whether its Redis is caught up (several Redis only, else empty).
     progress: Vec<Arc<Progress>>,
     store: Store,
     reads: tokio::sync::Semaphore,
@@ -157,9 +157,10 @@ redis.call('PUBLISH', ARGV[1], stamped)
 return 1
 ";
 
-/// Lua of the read script: `room_log(key, start)` answers {added, kept, entries}: the oldest
-/// kept entry, then those from stream id `start` on (`-`: all of them); `kept_from` is its
-/// second half, shared with the copies' read.
+/// Lua of the scripts that read histories: `room_log(key, start)` answers {added, kept,
+/// entries}: the oldest kept entry, then those from stream id `start` on (`-`: all of them);
+/// `counts(key)` is its first half (shared with the catch-up's reads), `kept_from` its second
+/// (shared with the copies' read).
 const ROOM_LOG: &str = r"
 local function kept_from(key, oldest, start)
   local entries = {}
@@ -168,14 +169,19 @@ local function kept_from(key, oldest, start)
   for _, e in ipairs(from) do entries[#entries + 1] = e[2][2] end
   return entries
 end
-local function room_log(key, start)
-  if redis.call('EXISTS', key) == 0 then return {0, 0, {}} end
+local function counts(key)
+  if redis.call('EXISTS', key) == 0 then return 0, 0 end
   local info = redis.call('XINFO', 'STREAM', key)
   local added, kept = 0, 0
   for j = 1, #info, 2 do
     if info[j] == 'entries-added' then added = info[j + 1] end
     if info[j] == 'length' then kept = info[j + 1] end
   end
+  return added, kept
+end
+local function room_log(key, start)
+  local added, kept = counts(key)
+  if added == 0 then return {0, 0, {}} end
   return {added, kept, kept_from(key, redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1], start)}
 end
 ";
@@ -236,7 +242,12 @@ impl History {
         if config.size == 0 {
             return None;
         }
-        let progress: Vec<Arc<Progress>> = bus.links().iter().map(|_| Arc::default()).collect();
+        // Only several Redis have anything to catch up.
+        let progress: Vec<Arc<Progress>> = if bus.is_plural() {
+            bus.links().iter().map(|_| Arc::default()).collect()
+        } else {
+            Vec::new()
+        };
         let store = if bus.is_memory() {
             Store::Memory {
                 bus,
@@ -249,16 +260,14 @@ impl History {
             }
         } else {
             let keys = Keys::new(prefix, bus.is_plural());
-            if bus.is_plural() {
-                for (me, progress) in progress.iter().enumerate() {
-                    tokio::spawn(catch_up::tend(
-                        bus.clone(),
-                        me,
-                        keys.clone(),
-                        config,
-                        progress.clone(),
-                    ));
-                }
+            for (me, progress) in progress.iter().enumerate() {
+                tokio::spawn(catch_up::tend(
+                    bus.clone(),
+                    me,
+                    keys.clone(),
+                    config,
+                    progress.clone(),
+                ));
             }
             Store::Redis(RedisStore { bus, keys })
         };

@@ -66,6 +66,18 @@ impl Copied {
         }
     }
 
+    /// A copy's messages up to where it is whole are behind a client that has no stamp of the
+    /// copied Redis but stood on the holding Redis (`own`) after the copy began: they came
+    /// before it joined. Only the copy's own entries are skipped so; a message that is also in
+    /// a Redis's own history is decided there.
+    fn behind(&self, own: &Snapshot, since: &Position) -> Option<u64> {
+        let stood = since.get(own.head.epoch)?;
+        (since.get(self.head.epoch).is_none()
+            && self.at.epoch == stood.epoch
+            && stood.seq >= self.at.seq)
+            .then_some(self.whole)
+    }
+
     /// Whether the copy and then this Redis's own history hold everything after `since`.
     fn complete_since(&self, own: &Snapshot, since: &Position, ttl: Duration) -> bool {
         self.rooms.iter().all(Option::is_some)
@@ -168,58 +180,45 @@ fn entries<'a>(epoch: u64, rooms: impl Iterator<Item = &'a RoomLog>) -> Vec<Entr
     by_seq.into_values().collect()
 }
 
+/// One list of messages to replay from: a Redis's own history, or a copy it holds.
+struct List<'a> {
+    /// The client's stamp of the list's epoch.
+    since: Option<Stamp>,
+    entries: Vec<Entry<'a>>,
+    /// How far the list may move a position (a copy: see [`Copied::whole`]).
+    cap: Option<u64>,
+    /// Up to here the list is behind the client (see [`Copied::behind`]).
+    behind: Option<u64>,
+}
+
 /// Decides what to replay to a client at `since`, from the snapshots of the Redis that could
 /// be read.
 pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) -> Recovery {
-    let at = |s: &Snapshot| since.and_then(|p| p.get(s.head.epoch));
     // Each Redis's own history, then the copies they hold of others'.
-    let logs: Vec<(Option<Stamp>, Vec<Entry>)> = snapshots
+    let logs: Vec<List> = snapshots
         .iter()
-        .map(|s| (at(s), entries(s.head.epoch, s.rooms.iter())))
+        .map(|s| List {
+            since: since.and_then(|p| p.get(s.head.epoch)),
+            entries: entries(s.head.epoch, s.rooms.iter()),
+            cap: None,
+            behind: None,
+        })
         .chain(snapshots.iter().filter_map(|s| {
             let c = s.copy.as_ref()?;
-            let at = since.and_then(|p| p.get(c.head.epoch));
-            Some((at, entries(c.head.epoch, c.rooms.iter().flatten())))
-        }))
-        .collect();
-    // How far each list may move a position: its own Redis's lists all the way.
-    let caps: Vec<Option<u64>> = snapshots
-        .iter()
-        .map(|_| None)
-        .chain(
-            snapshots
-                .iter()
-                .filter_map(|s| s.copy.as_ref().map(|c| Some(c.whole))),
-        )
-        .collect();
-    // A copy's messages up to where it is whole are behind a client that has no stamp of the
-    // copied Redis but stood on the holding Redis after the copy began: they came before it
-    // joined. Only the copy's own entries are skipped so; a message that is also in a Redis's
-    // own history is decided there.
-    let behind: Vec<Option<u64>> = snapshots
-        .iter()
-        .map(|_| None)
-        .chain(snapshots.iter().filter_map(|s| {
-            let c = s.copy.as_ref()?;
-            let stood = since.and_then(|p| {
-                p.get(c.head.epoch)
-                    .is_none()
-                    .then(|| p.get(s.head.epoch))
-                    .flatten()
-            });
-            Some(
-                stood
-                    .filter(|v| c.at.epoch == v.epoch && v.seq >= c.at.seq)
-                    .map(|_| c.whole),
-            )
+            Some(List {
+                since: since.and_then(|p| p.get(c.head.epoch)),
+                entries: entries(c.head.epoch, c.rooms.iter().flatten()),
+                cap: Some(c.whole),
+                behind: since.and_then(|p| c.behind(s, p)),
+            })
         }))
         .collect();
     // Received before: at or before the client's stamp on any Redis that holds it.
     let covered = |e: &Entry| since.is_some_and(|p| p.covers(e.stamp));
     let mut had: HashSet<&str> = HashSet::new();
     let mut seen = HashSet::new();
-    for (_, list) in &logs {
-        for e in list {
+    for list in &logs {
+        for e in &list.entries {
             if !seen.contains(e.id.as_ref()) {
                 seen.insert(e.id.to_string());
             }
@@ -230,15 +229,15 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
     }
     let after: Vec<Vec<&Entry>> = logs
         .iter()
-        .zip(&behind)
-        .map(|((_, list), behind)| {
-            list.iter()
-                .filter(|e| !covered(e) && behind.is_none_or(|w| e.stamp.seq > w))
+        .map(|list| {
+            list.entries
+                .iter()
+                .filter(|e| !covered(e) && list.behind.is_none_or(|w| e.stamp.seq > w))
                 .collect()
         })
         .collect();
     let order = merge(&after, &had);
-    let replay = positions(&logs, &caps, &after, &had, &order);
+    let replay = positions(&logs, &after, &had, &order);
     let recovered = since.is_some_and(|p| {
         snapshots.iter().any(|s| {
             p.get(s.head.epoch)
@@ -312,22 +311,21 @@ fn merge<'a, 'b>(after: &[Vec<&'a Entry<'b>>], had: &HashSet<&str>) -> Vec<&'a E
 /// Each replayed message with the position after it: per Redis, the last stamp up to which
 /// the client has every message (received before, or replayed by then).
 fn positions(
-    logs: &[(Option<Stamp>, Vec<Entry>)],
-    caps: &[Option<u64>],
+    logs: &[List],
     after: &[Vec<&Entry>],
     had: &HashSet<&str>,
     order: &[&Entry],
 ) -> Vec<Replayed> {
     let mut done: HashSet<&str> = had.clone();
     let mut next = vec![0usize; after.len()];
-    let mut at: Vec<Option<Stamp>> = logs.iter().map(|(v, _)| *v).collect();
+    let mut at: Vec<Option<Stamp>> = logs.iter().map(|l| l.since).collect();
     order
         .iter()
         .map(|e| {
             done.insert(e.id.as_ref());
             for (k, list) in after.iter().enumerate() {
                 while let Some(x) = list.get(next[k]).filter(|x| done.contains(x.id.as_ref())) {
-                    if caps[k].is_none_or(|cap| x.stamp.seq <= cap) {
+                    if logs[k].cap.is_none_or(|cap| x.stamp.seq <= cap) {
                         at[k] = Some(x.stamp);
                     }
                     next[k] += 1;
