@@ -80,7 +80,8 @@ impl Server {
         let bus = match &config.redis_urls[..] {
             [] => Bus::memory(),
             urls => Bus::redis(urls)?,
-        };
+        }
+        .with_backlog(usize::try_from(config.bus_backlog_bytes).unwrap_or(usize::MAX));
         tokio::spawn(bus.clone().run_health());
 
         let metrics = Arc::new(Metrics::new());

@@ -130,13 +130,13 @@ impl Cluster {
         let mut responses = self.bus.subscribe_channel(self.res_chan.clone()).await;
         let this = self.clone();
         tokio::spawn(async move {
-            while let Some(item) = requests.recv().await {
+            while let Some(item) = requests.recv_message().await {
                 this.serve(&item.payload).await;
             }
         });
         let this = self.clone();
         tokio::spawn(async move {
-            while let Some(item) = responses.recv().await {
+            while let Some(item) = responses.recv_message().await {
                 match serde_json::from_slice::<Reply>(&item.payload) {
                     Ok(reply) => {
                         let pending = this.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,6 +152,9 @@ impl Cluster {
 
     /// Runs `op` on every replica and returns each one's answer.
     pub async fn call(&self, op: Op) -> Result<Vec<Reply>, ClusterError> {
+        if let Some(reply) = self.answer_here(&op) {
+            return Ok(vec![reply]);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.pending
@@ -193,6 +196,27 @@ impl Cluster {
             }
         }
         Ok(replies)
+    }
+
+    /// A call about sockets that this replica holds, every one of them, is applied here and
+    /// answered at once: socket ids are unique cluster-wide, so no other replica has anything
+    /// to do, and it works while Redis is away.
+    fn answer_here(&self, op: &Op) -> Option<Reply> {
+        let io = self.io.get()?;
+        let sockets = match op {
+            Op::Join { sockets, .. } | Op::Leave { sockets, .. } => sockets.as_slice(),
+            Op::Disconnect { socket } => std::slice::from_ref(socket),
+            Op::Sockets { .. } | Op::Nodes => return None,
+        };
+        if sockets.is_empty() || !sockets.iter().all(|sid| io.get_socket(*sid).is_some()) {
+            return None;
+        }
+        Some(Reply {
+            id: 0,
+            node: self.node.clone(),
+            uid: self.uid.clone(),
+            outcome: apply(io, op.clone()),
+        })
     }
 
     async fn serve(&self, payload: &[u8]) {

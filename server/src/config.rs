@@ -124,6 +124,12 @@ pub struct Config {
     #[arg(long, env = "SOCKET_BUFFER_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1024..))]
     pub socket_buffer_bytes: u64,
 
+    /// Bytes of messages from Redis waiting for this replica's delivery at most; past it
+    /// they are dropped from that queue and recovered as a gap (caught up from the history,
+    /// or the sockets closed so that they resume).
+    #[arg(long, env = "BUS_BACKLOG_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub bus_backlog_bytes: u64,
+
     /// Messages kept per room for `resume`; 0 turns history off.
     #[arg(long, env = "HISTORY_SIZE", default_value_t = 100)]
     pub history_size: u32,
@@ -386,6 +392,7 @@ mod tests {
         assert_eq!(c.socket_rate, 100);
         assert_eq!(c.socket_buffer_bytes, 1_048_576);
         assert_eq!(c.history_size, 100);
+        assert_eq!(c.bus_backlog_bytes, 64 << 20);
         assert_eq!(c.history_ttl_seconds, 300);
         assert_eq!((c.jwt_audience, c.jwt_issuer), (None, None));
         assert!(c.command.is_none());

@@ -43,6 +43,8 @@ pub struct Recent {
     horizons: HashMap<u64, (u64, u64)>,
     max_ids: usize,
     window_ms: u64,
+    /// When the newest forgotten id arrived (this replica's clock).
+    forgot_arrival: Option<u64>,
 }
 
 impl Recent {
@@ -53,6 +55,7 @@ impl Recent {
             horizons: HashMap::new(),
             max_ids: max_ids.max(1),
             window_ms,
+            forgot_arrival: None,
         }
     }
 
@@ -68,6 +71,7 @@ impl Recent {
             let Some(old) = self.order.pop_front() else {
                 break;
             };
+            self.forgot_arrival = self.forgot_arrival.max(Some(old.arrived));
             self.ids
                 .remove(&((u128::from(old.id[0]) << 64) | u128::from(old.id[1])));
             if old.replica != 0 {
@@ -119,6 +123,13 @@ impl Recent {
         self.ids.capacity() * (std::mem::size_of::<u128>() + 1)
             + self.order.capacity() * std::mem::size_of::<Taken>()
             + self.horizons.capacity() * (std::mem::size_of::<(u64, (u64, u64))>() + 1)
+    }
+
+    /// Whether an id that arrived at or after `since` (this replica's clock) was forgotten:
+    /// then a message published after `since` may count as taken without having been (see
+    /// the horizons), and a catch-up from `since` cannot rely on this table.
+    pub fn forgot_since(&self, since: u64) -> bool {
+        self.forgot_arrival.is_some_and(|t| t >= since)
     }
 
     /// Ids remembered now.
@@ -185,6 +196,7 @@ mod tests {
         assert!(r.first(1, from(7, 0), 0));
         assert!(r.first(2, from(7, 1500), 1500));
         assert_eq!(r.len(), 1, "id 1 arrived longer ago than the window");
+        assert!(r.forgot_since(0) && !r.forgot_since(1));
         assert!(
             !r.first(1, from(7, 0), 1600),
             "its late copy is still refused"

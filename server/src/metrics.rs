@@ -25,6 +25,23 @@ pub struct BusLabels {
     pub bus: String,
 }
 
+/// Why this replica may have missed messages from a Redis (see `delivery`'s gaps).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values
+pub enum GapCause {
+    /// The link was down and came back.
+    link_down,
+    /// A message arrived whose sequence number skipped some.
+    skipped,
+    /// Messages were dropped at `BUS_BACKLOG_BYTES`.
+    overflow,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GapLabels {
+    pub cause: GapCause,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub code: String,
@@ -70,6 +87,12 @@ pub struct Metrics {
     pub dedupe_ids: Gauge,
     pub dedupe_bytes: Gauge,
     pub bus_backlog: Gauge,
+    pub bus_backlog_bytes: Gauge,
+    pub bus_backlog_overflows: Counter,
+    pub gaps: Family<GapLabels, Counter>,
+    pub gap_caught_up: Counter,
+    pub gap_closed: Counter,
+    pub gap_replayed: Counter,
 }
 
 impl Metrics {
@@ -98,6 +121,43 @@ impl Metrics {
         let dedupe_ids = Gauge::default();
         let dedupe_bytes = Gauge::default();
         let bus_backlog = Gauge::default();
+        let bus_backlog_bytes = Gauge::default();
+        let bus_backlog_overflows = Counter::default();
+        let gaps = Family::<GapLabels, Counter>::default();
+        let gap_caught_up = Counter::default();
+        let gap_closed = Counter::default();
+        let gap_replayed = Counter::default();
+        registry.register(
+            "chorus_bus_backlog_bytes",
+            "Bytes of messages from Redis waiting for this replica's delivery (at most \
+             BUS_BACKLOG_BYTES)",
+            bus_backlog_bytes.clone(),
+        );
+        registry.register(
+            "chorus_bus_backlog_overflows",
+            "Messages from Redis dropped at BUS_BACKLOG_BYTES (each recovered as a gap)",
+            bus_backlog_overflows.clone(),
+        );
+        registry.register(
+            "chorus_bus_gaps",
+            "Times this replica found it may have missed room messages from a Redis, by cause",
+            gaps.clone(),
+        );
+        registry.register(
+            "chorus_gap_sockets_caught_up",
+            "Sockets sent the messages of a gap from the history",
+            gap_caught_up.clone(),
+        );
+        registry.register(
+            "chorus_gap_sockets_closed",
+            "Sockets closed so that they resume, because the history could not cover a gap",
+            gap_closed.clone(),
+        );
+        registry.register(
+            "chorus_gap_messages_replayed",
+            "Messages of gaps replayed from the history (each counted once, whatever its sockets)",
+            gap_replayed.clone(),
+        );
         registry.register(
             "chorus_bus_up",
             "1 while this Redis of the bus is up, by Redis (host:port/db)",
@@ -218,6 +278,12 @@ impl Metrics {
             dedupe_ids,
             dedupe_bytes,
             bus_backlog,
+            bus_backlog_bytes,
+            bus_backlog_overflows,
+            gaps,
+            gap_caught_up,
+            gap_closed,
+            gap_replayed,
         }
     }
 

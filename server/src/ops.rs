@@ -108,6 +108,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     state.metrics.dedupe_ids.set(gauge(ids));
     state.metrics.dedupe_bytes.set(gauge(bytes));
+    let (queued, dropped) = state.delivery.backlog_stats();
+    state.metrics.bus_backlog_bytes.set(gauge(queued));
+    let overflows = &state.metrics.bus_backlog_overflows;
+    overflows.inc_by(dropped.saturating_sub(overflows.get()));
     state
         .metrics
         .bus_backlog

@@ -34,6 +34,8 @@ async fn redis_outage_degrades_then_heals_without_restarts() {
     for api in &apis {
         assert_eq!(ready_cluster_state(api).await, "connected");
     }
+    // Ids found while the cluster is up (the listing is a cluster call).
+    let (id0, id5) = (clients[0].id(&apis[0]).await, clients[5].id(&apis[2]).await);
 
     cluster.redis.stop();
 
@@ -69,6 +71,22 @@ async fn redis_outage_degrades_then_heals_without_restarts() {
         assert_eq!(answer["error"], json!("cluster_unavailable"));
     }
 
+    // Calls about a replica's own sockets work on that replica while Redis is away.
+    let (status, answer) = apis[0]
+        .post("/v1/rooms/own/members", json!({"sockets": [id0]}))
+        .await;
+    assert_eq!(status, 200, "members of node-0's own socket: {answer}");
+    assert_eq!(answer["sockets"], json!([id0]));
+    let (status, answer) = apis[2]
+        .send("POST", &format!("/v1/sockets/{id5}/disconnect"), None)
+        .await;
+    assert_eq!(status, 200, "disconnect node-2's own socket: {answer}");
+    expect_closed(&clients[5]).await;
+    let (status, _) = apis[1]
+        .send("POST", &format!("/v1/sockets/{id0}/disconnect"), None)
+        .await;
+    assert_eq!(status, 503, "another replica's socket needs the cluster");
+
     // Each replica still delivers to its own sockets: publish from client 0 (node-0) reaches
     // client 3 (node-0) only, and the sender is told the cluster is unavailable.
     let ack = clients[0]
@@ -98,13 +116,33 @@ async fn redis_outage_degrades_then_heals_without_restarts() {
         assert!(r.is_running(), "{} exited during the outage", r.name);
     }
 
-    // Redis comes back on the same port: replicas reconnect and resubscribe by themselves.
+    // Redis comes back on the same port, empty: replicas reconnect and resubscribe by
+    // themselves. What it held is gone, messages the replicas missed while cut off from it
+    // included, so every socket in a room is closed to resume (and be told by its resume).
     cluster.redis.restart();
     for api in &apis {
         eventually("readyz says connected", Duration::from_secs(15), || async {
             ready_cluster_state(api).await == "connected"
         })
         .await;
+    }
+    for c in &clients[..5] {
+        expect_closed(c).await;
+    }
+    let mut closed = 0.0;
+    for api in &apis {
+        closed += api
+            .metrics()
+            .await
+            .get("chorus_gap_sockets_closed_total", &[])
+            .expect("chorus_gap_sockets_closed_total");
+    }
+    assert_eq!(closed, 5.0, "sockets closed to resume, all replicas");
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let c = Client::connect(&cluster.replicas[i].url()).await;
+        c.join("room").await;
+        clients.push(c);
     }
     let ack = clients[2]
         .ack(
@@ -122,6 +160,18 @@ async fn redis_outage_degrades_then_heals_without_restarts() {
     let (status, nodes) = apis[0].get("/v1/nodes").await;
     assert_eq!(status, 200);
     assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(3));
+}
+
+/// Waits for `c`'s connection to be closed by the server, skipping what arrives before.
+async fn expect_closed(c: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match c.next_event(Duration::from_millis(200)).await {
+            Some((name, _)) if name == "chorus-test:closed" => return,
+            _ => {}
+        }
+    }
+    panic!("the server did not close the socket");
 }
 
 #[tokio::test]

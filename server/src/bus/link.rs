@@ -22,8 +22,9 @@ use std::{
 };
 
 use redis::{AsyncCommands, FromRedisValue, PushInfo, PushKind, aio::ConnectionManager};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
+use super::queue::{Event, Queue};
 use crate::config::RedisUrl;
 
 /// A message as it arrives: the link it came by (its index in the bus), its channel and
@@ -94,7 +95,7 @@ struct Wanted {
 /// State shared with redis-rs's push callback (which must not own the connection).
 struct Shared {
     index: usize,
-    handlers: RwLock<HashMap<String, mpsc::UnboundedSender<Item>>>,
+    handlers: RwLock<HashMap<String, Queue>>,
     /// Channels to (re)subscribe whenever the link comes up.
     wanted: Mutex<Wanted>,
     /// True while the link is believed up and every wanted channel is subscribed.
@@ -108,14 +109,25 @@ impl Shared {
     fn deliver(&self, chan: String, payload: Vec<u8>) -> bool {
         let handlers = self.handlers.read().unwrap_or_else(|e| e.into_inner());
         match handlers.get(&chan) {
-            Some(tx) => tx
-                .send(Item {
-                    link: self.index,
-                    chan,
-                    payload,
-                })
-                .is_ok(),
+            Some(queue) => queue.push(Item {
+                link: self.index,
+                chan,
+                payload,
+            }),
             None => false,
+        }
+    }
+
+    /// Tells every subscriber that the link is up with every channel subscribed (see
+    /// [`Event::Up`]).
+    fn announce_up(&self) {
+        let handlers = self.handlers.read().unwrap_or_else(|e| e.into_inner());
+        let mut told: Vec<&Queue> = Vec::new();
+        for queue in handlers.values() {
+            if !told.iter().any(|q| q.same(queue)) {
+                queue.signal(Event::Up(self.index));
+                told.push(queue);
+            }
         }
     }
 
@@ -333,6 +345,9 @@ impl Link {
             let w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
             if w.version == version {
                 self.shared.up.store(true, Ordering::SeqCst);
+                // Before any read or publish can see the link up, so that subscribers learn
+                // of the outage ahead of anything that follows it.
+                self.shared.announce_up();
                 return Ok(true);
             }
         }
@@ -400,7 +415,7 @@ impl Link {
 
     /// Subscribes to channels whose messages go to `tx`, in the order Redis sent them. Never
     /// fails for a Redis that is down: the channels are subscribed as soon as the link returns.
-    pub async fn subscribe_channels(&self, chans: &[String], tx: &mpsc::UnboundedSender<Item>) {
+    pub async fn subscribe_channels(&self, chans: &[String], tx: &Queue) {
         {
             let mut handlers = self
                 .shared

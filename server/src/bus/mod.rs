@@ -7,15 +7,17 @@
 //! up; there is no failover to wait for.
 
 mod link;
+mod queue;
 
 use std::{future::Future, panic::AssertUnwindSafe, sync::Arc};
 
 use futures_util::{FutureExt, StreamExt, stream::FuturesUnordered};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::config::RedisUrl;
 
 pub use link::{BusError, Item, Link, LinkState, OP_TIMEOUT, PING_INTERVAL};
+pub use queue::{Event, Incoming, QueueStats};
 
 /// The Socket.IO adapter: local rooms only. What crosses replicas travels on the [`Bus`]
 /// (`delivery`, `cluster`).
@@ -27,7 +29,12 @@ pub struct Bus {
     links: Arc<[Link]>,
     /// The links taken together (see [`Bus::state`]).
     state: watch::Sender<LinkState>,
+    /// Bytes each subscription's queue holds at most (`BUS_BACKLOG_BYTES`).
+    backlog: usize,
 }
+
+/// `BUS_BACKLOG_BYTES` unless set otherwise.
+pub const DEFAULT_BACKLOG_BYTES: usize = 64 << 20;
 
 impl Bus {
     fn of(links: Vec<Link>, state: LinkState) -> Self {
@@ -35,7 +42,14 @@ impl Bus {
         Self {
             links: links.into(),
             state,
+            backlog: DEFAULT_BACKLOG_BYTES,
         }
+    }
+
+    /// The same bus with subscriptions' queues bounded at `bytes`.
+    pub fn with_backlog(mut self, bytes: usize) -> Self {
+        self.backlog = bytes;
+        self
     }
 
     /// A single node's bus: publishes loop back to this process's own subscribers.
@@ -100,9 +114,9 @@ impl Bus {
     }
 
     /// Subscribes to `chans` on every link; what arrives on any of them comes out of one
-    /// queue, each link's messages in the order its Redis sent them.
-    pub async fn subscribe_channels(&self, chans: Vec<String>) -> mpsc::UnboundedReceiver<Item> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// queue (bounded, see `queue`), each link's messages in the order its Redis sent them.
+    pub async fn subscribe_channels(&self, chans: Vec<String>) -> Incoming {
+        let (tx, rx) = queue::bounded(self.links.len(), self.backlog);
         for link in self.links.iter() {
             link.subscribe_channels(&chans, &tx).await;
         }
@@ -110,7 +124,7 @@ impl Bus {
     }
 
     /// Subscribes to one channel on every link.
-    pub async fn subscribe_channel(&self, chan: String) -> mpsc::UnboundedReceiver<Item> {
+    pub async fn subscribe_channel(&self, chan: String) -> Incoming {
         self.subscribe_channels(vec![chan]).await
     }
 

@@ -37,7 +37,7 @@ use crate::{
 
 pub use catch_up::Progress;
 pub use offsets::{MAX_STAMPS, Position, Stamp};
-pub use recovery::{Copied, Recovery, Replayed, RoomLog, Snapshot, recover};
+pub use recovery::{Copied, Recovery, Replayed, RoomLog, Snapshot, complete_rooms, recover};
 
 /// `HISTORY_SIZE` and `HISTORY_TTL_SECONDS`.
 #[derive(Debug, Clone, Copy)]
@@ -233,6 +233,9 @@ const READ_MARGIN_MS: u64 = 10_000;
 /// storm of resumes would make every read (and the link's health check) time out.
 const READS_IN_FLIGHT: usize = 32;
 
+/// Rooms per history read when many are read at once (see [`History::read_many`]).
+const ROOMS_PER_READ: usize = 100;
+
 /// How often expired rooms are dropped from the in-memory history.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
@@ -425,6 +428,64 @@ impl History {
         }
     }
 
+    /// What [`History::read`] answers for many rooms, read a batch of rooms at a time and put
+    /// together as if read at once (each Redis's head is that of its first batch). `None`
+    /// when a Redis answered some batches and not others, or restarted in between, or the
+    /// entries read pass `max_bytes`; an error when none could be read.
+    pub async fn read_many(
+        &self,
+        rooms: &[String],
+        since: Option<&Position>,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<Snapshot>>, BusError> {
+        let mut joined: Vec<Snapshot> = Vec::new();
+        let mut bytes = 0;
+        for (n, batch) in rooms.chunks(ROOMS_PER_READ).enumerate() {
+            let read = self.read(batch, since).await?;
+            bytes += read
+                .iter()
+                .flat_map(|s| {
+                    s.rooms
+                        .iter()
+                        .chain(s.copy.iter().flat_map(|c| c.rooms.iter().flatten()))
+                })
+                .flat_map(|r| r.entries.iter())
+                .map(String::len)
+                .sum::<usize>();
+            if bytes > max_bytes {
+                return Ok(None);
+            }
+            if n == 0 {
+                joined = read;
+                continue;
+            }
+            let same_links = read.len() == joined.len()
+                && read
+                    .iter()
+                    .zip(&joined)
+                    .all(|(r, j)| r.link == j.link && r.head.epoch == j.head.epoch);
+            if !same_links {
+                return Ok(None);
+            }
+            for (j, r) in joined.iter_mut().zip(read) {
+                j.gap = j.gap.max(r.gap);
+                j.rooms.extend(r.rooms);
+                j.copy = match (j.copy.take(), r.copy) {
+                    (Some(mut a), Some(b))
+                        if (a.at, a.head.epoch, a.head.seq, a.whole)
+                            == (b.at, b.head.epoch, b.head.seq, b.whole) =>
+                    {
+                        a.rooms.extend(b.rooms);
+                        Some(a)
+                    }
+                    // A catch-up finished between two batches: the copies do not go together.
+                    _ => None,
+                };
+            }
+        }
+        Ok(Some(joined))
+    }
+
     /// The heads of the sequences, per link that could be read: where a socket that joins now
     /// starts.
     pub async fn heads(&self) -> Result<Vec<Snapshot>, BusError> {
@@ -545,7 +606,8 @@ mod tests {
             .expect("memory");
         }
         let mut published = Vec::new();
-        while let Ok(item) = rx.try_recv() {
+        while !rx.is_empty() {
+            let item = rx.recv_message().await.expect("queued");
             published.push(Stamp::decode(&item.payload).0.expect("stamped").seq);
         }
         assert_eq!(published, vec![1, 2, 3]);

@@ -50,6 +50,25 @@ pub struct Copied {
     pub rooms: Vec<Option<RoomLog>>,
 }
 
+impl Snapshot {
+    /// The same snapshot of room `i` alone.
+    fn room(&self, i: usize) -> Snapshot {
+        Snapshot {
+            link: self.link,
+            head: self.head,
+            gap: self.gap,
+            rooms: self.rooms.get(i).cloned().into_iter().collect(),
+            copy: self.copy.as_ref().map(|c| Copied {
+                at: c.at,
+                head: c.head,
+                gap: c.gap,
+                whole: c.whole,
+                rooms: vec![c.rooms.get(i).cloned().flatten()],
+            }),
+        }
+    }
+}
+
 impl Copied {
     /// The copy read like a snapshot of the Redis it came from.
     fn as_snapshot(&self, link: usize) -> Snapshot {
@@ -238,19 +257,38 @@ pub fn recover(snapshots: &[Snapshot], since: Option<&Position>, ttl: Duration) 
         .collect();
     let order = merge(&after, &had);
     let replay = positions(&logs, &after, &had, &order);
-    let recovered = since.is_some_and(|p| {
-        snapshots.iter().any(|s| {
-            p.get(s.head.epoch)
-                .is_some_and(|v| complete_since(s, v, ttl))
-                || s.copy.as_ref().is_some_and(|c| c.complete_since(s, p, ttl))
-        })
-    });
+    let recovered = since.is_some_and(|p| complete(snapshots, p, ttl));
     Recovery {
         replay,
         recovered,
         seen,
         head: Position::of(snapshots.iter().map(|s| s.head)),
     }
+}
+
+/// Whether one of the snapshots (or a copy it holds) has everything its rooms got after
+/// `since`.
+fn complete(snapshots: &[Snapshot], since: &Position, ttl: Duration) -> bool {
+    snapshots.iter().any(|s| {
+        since
+            .get(s.head.epoch)
+            .is_some_and(|v| complete_since(s, v, ttl))
+            || s.copy
+                .as_ref()
+                .is_some_and(|c| c.complete_since(s, since, ttl))
+    })
+}
+
+/// Per room, in the snapshots' order, whether what was read holds everything the room got
+/// after `since` (what [`Recovery::recovered`] says of all the rooms together).
+pub fn complete_rooms(snapshots: &[Snapshot], since: &Position, ttl: Duration) -> Vec<bool> {
+    let rooms = snapshots.first().map_or(0, |s| s.rooms.len());
+    (0..rooms)
+        .map(|i| {
+            let one: Vec<Snapshot> = snapshots.iter().map(|s| s.room(i)).collect();
+            complete(&one, since, ttl)
+        })
+        .collect()
 }
 
 /// The messages to replay in one order that keeps each Redis's: the longest list first, then

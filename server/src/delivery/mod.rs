@@ -25,13 +25,17 @@ use serde_json::{Value, value::RawValue};
 use socketioxide::{SendError, SocketError, SocketIo, TransportType, socket::Sid};
 use tokio::sync::{OnceCell, oneshot};
 
+mod gaps;
+
 use crate::{
-    bus::{Adapter, Bus, Item},
+    bus::{Adapter, Bus, Event, Item, QueueStats},
     dedupe::{self, Origin, Recent},
     error::Failure,
     history::{History, Position, Recovery, Replayed, Snapshot, Stamp, recover},
-    metrics::{Limit, Metrics},
+    metrics::{GapCause, Limit, Metrics},
 };
+pub use gaps::MAX_CATCH_UP_BYTES;
+use gaps::Tracker;
 
 type Socket = socketioxide::extract::SocketRef<Adapter>;
 
@@ -118,6 +122,9 @@ pub struct Outbox {
     backlog: AtomicUsize,
     /// Set once the socket is being disconnected for falling behind.
     slow: AtomicBool,
+    /// Set once the socket is being closed because it missed messages the history no longer
+    /// holds (see `gaps`): it gets nothing more, so that it resumes from before them.
+    closing: AtomicBool,
     /// True while a `join` or `resume` waits for the history (see `held`).
     holding: AtomicBool,
     held: Mutex<Held>,
@@ -137,6 +144,7 @@ impl Outbox {
             limit,
             backlog: AtomicUsize::new(0),
             slow: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             holding: AtomicBool::new(false),
             held: Mutex::new(Held::default()),
         }
@@ -167,6 +175,15 @@ impl Outbox {
     /// Marks the socket as being disconnected for falling behind; true the first time only.
     pub fn mark_slow(&self) -> bool {
         !self.slow.swap(true, Ordering::Relaxed)
+    }
+
+    /// Marks the socket as closing to resume; true the first time only.
+    fn mark_closing(&self) -> bool {
+        !self.closing.swap(true, Ordering::AcqRel)
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> MutexGuard<'_, Held> {
@@ -216,8 +233,9 @@ pub struct Delivery {
     /// This replica as a publisher (`Message::o`); never 0.
     origin: u64,
     /// Items from the bus waiting for the delivery loop, as the loop last saw them (metrics).
-    /// The queue itself is not bounded: the bus client cannot be made to wait.
     backlog: AtomicUsize,
+    /// The delivery queue's counters, once started.
+    queue: std::sync::OnceLock<QueueStats>,
 }
 
 /// A barrier: the links whose marker is still to come, those whose marker came.
@@ -262,35 +280,61 @@ impl Delivery {
             taken: Mutex::new(Recent::new(dedupe::MAX_IDS, dedupe::WINDOW_MS)),
             origin: rand::random::<u64>().max(1),
             backlog: AtomicUsize::new(0),
+            queue: std::sync::OnceLock::new(),
         })
     }
 
     /// Subscribes to the message channel and hands what arrives to this replica's sockets,
-    /// in the order the bus delivers it, for as long as the process runs.
+    /// in the order the bus delivers it, for as long as the process runs. A gap (see `gaps`)
+    /// is caught up on before anything after it is handed out.
     pub async fn start(self: &Arc<Self>, io: SocketIo<Adapter>) {
         let _ = self.io.set(io);
         let mut incoming = self
             .bus
             .subscribe_channels(vec![self.chan.clone(), self.barrier_chan.clone()])
             .await;
+        let _ = self.queue.set(incoming.stats());
         let this = self.clone();
         tokio::spawn(async move {
-            // The last stamp taken from each link: where a socket stands after a message.
-            let mut at: Vec<Option<Stamp>> = vec![None; this.bus.links().len()];
-            while let Some(item) = incoming.recv().await {
+            let mut gaps = Tracker::new(this.bus.links().len());
+            loop {
+                let retry = gaps.retry_at();
+                let event = tokio::select! {
+                    event = incoming.recv() => event,
+                    () = sleep_until(retry), if retry.is_some() => {
+                        this.catch_up(&mut gaps).await;
+                        continue;
+                    }
+                };
+                let Some(event) = event else { return };
                 this.backlog.store(incoming.len(), Ordering::Relaxed);
-                this.take(item, &mut at);
+                match event {
+                    Event::Message(item) => this.take(item, &mut gaps).await,
+                    Event::Overflow(link) => {
+                        this.gap(&mut gaps, link, GapCause::overflow);
+                        this.catch_up(&mut gaps).await;
+                    }
+                    Event::Up(link) if gaps.up(link) => {
+                        this.gap(&mut gaps, link, GapCause::link_down);
+                        this.catch_up(&mut gaps).await;
+                    }
+                    Event::Up(link) => this.start_on(&mut gaps, link).await,
+                }
             }
         });
     }
 
-    /// One item of the delivery queue: a barrier marker, or a message for sockets.
-    fn take(&self, item: Item, at: &mut [Option<Stamp>]) {
+    /// One message of the delivery queue: a barrier marker, or a message for sockets.
+    async fn take(&self, item: Item, gaps: &mut Tracker) {
         if let Some(id) = barrier_id(&item.payload) {
             if let Some(w) = self.lock_barriers().get_mut(&id)
                 && w.pending.remove(&item.link)
             {
-                w.confirmed.insert(item.link);
+                // A link that owes a catch-up does not vouch for what was read from it: the
+                // catch-up will hand those messages out, and must not a second time.
+                if !gaps.is_pending(item.link) {
+                    w.confirmed.insert(item.link);
+                }
                 w.settle();
             }
             return;
@@ -300,14 +344,27 @@ impl Delivery {
             Ok(msg) => msg,
             Err(e) => return tracing::warn!("unreadable message on the bus: {e}"),
         };
-        if let (Some(stamp), Some(slot)) = (stamp, at.get_mut(item.link)) {
-            *slot = Some(stamp);
+        if let Some(stamp) = stamp {
+            if gaps.skips(item.link, stamp) {
+                self.gap(gaps, item.link, GapCause::skipped);
+            }
+            if gaps.is_pending(item.link) {
+                // Hands out everything up to the history's head, this message included when
+                // it is for a room here (its copy below is then dropped as taken); nothing
+                // after the gap goes out before the gap itself, so when the history cannot be
+                // read now, the sockets resume instead.
+                self.catch_up(gaps).await;
+                if gaps.is_pending(item.link) {
+                    self.give_up(gaps, item.link);
+                }
+            }
+            gaps.advance(item.link, stamp);
         }
         if !self.first_copy(&msg) {
             self.metrics.duplicate_copies.inc();
             return;
         }
-        let position = stamp.map(|_| Position::of(at.iter().flatten().copied()));
+        let position = stamp.map(|_| gaps.position());
         self.fan_out(Arc::new(Delivered::new(msg, position, item.payload.len())));
     }
 
@@ -327,6 +384,13 @@ impl Delivery {
     /// Items from the bus waiting for this replica's delivery loop.
     pub fn backlog(&self) -> usize {
         self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of messages waiting for the delivery loop, and messages dropped at the bound.
+    pub fn backlog_stats(&self) -> (usize, u64) {
+        self.queue
+            .get()
+            .map_or((0, 0), |q| (q.bytes(), q.dropped()))
     }
 
     /// The room histories, when history is on.
@@ -442,6 +506,9 @@ impl Delivery {
                 // Not set up yet (its connection is being accepted): nothing waits for it.
                 continue;
             };
+            if outbox.is_closing() {
+                continue;
+            }
             match outbox.try_hold(&d) {
                 Ok(true) => {}
                 Ok(false) => self.send_now(&s, &outbox, &d),
@@ -451,6 +518,9 @@ impl Delivery {
     }
 
     fn send_now(&self, s: &Socket, outbox: &Outbox, d: &Delivered) {
+        if outbox.is_closing() {
+            return;
+        }
         let sent = match &d.offset {
             Some(offset) => {
                 let meta = Meta {
@@ -623,6 +693,14 @@ fn confirmed_only(snapshots: Vec<Snapshot>, confirmed: &HashSet<usize>) -> Optio
         .filter(|s| confirmed.contains(&s.link))
         .collect();
     (!kept.is_empty()).then_some(kept)
+}
+
+/// Waits until `at` (for ever without one).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn barrier_id(payload: &[u8]) -> Option<u64> {
