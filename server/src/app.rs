@@ -161,10 +161,7 @@ impl Server {
             .layer(DefaultBodyLimit::max(max_payload))
             .layer(middleware::from_fn_with_state(state.clone(), ops::track))
             .layer(layer)
-            .layer(middleware::from_fn_with_state(
-                state.io.clone(),
-                count_polled,
-            ))
+            .layer(middleware::from_fn_with_state(state.io.clone(), sessions))
             .layer(middleware::from_fn_with_state(
                 (capacity, state.metrics.clone()),
                 refuse_over_capacity,
@@ -274,16 +271,38 @@ async fn refuse_over_capacity(
     next.run(req).await
 }
 
-/// Counts what each long-polling response takes from its socket's backlog (see
-/// `delivery::Outbox::queued`): the engine sends at most `MAX_PAYLOAD` of it per poll.
-async fn count_polled(
+/// Every request of an existing Socket.IO session: one of a session being closed to resume
+/// (see `delivery::close_transport`) is answered as an unknown session is, so its client
+/// reconnects by itself; otherwise the session remembers the connection the request came on
+/// (its transport, to be closed that way), and what a long-polling response takes from its
+/// backlog is counted (see `delivery::Outbox::queued`): the engine sends at most `MAX_PAYLOAD`
+/// of it per poll.
+async fn sessions(
     axum::extract::State(io): axum::extract::State<SocketIo<Adapter>>,
     req: Request,
     next: middleware::Next,
 ) -> axum::response::Response {
-    let sid = polling_sid(&req);
+    let Some((sid, polling_get)) = session_of(&req) else {
+        return next.run(req).await;
+    };
+    if let Some(s) = io.get_socket(sid) {
+        if delivery::is_closing(&s) {
+            return (
+                axum::http::StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"code": 1, "message": "Session ID unknown"})),
+            )
+                .into_response();
+        }
+        // GETs only: a long poll (what a client waits on) or a websocket upgrade, not a POST
+        // that is answered at once.
+        if req.method() == Method::GET
+            && let Some(transport) = req.extensions().get::<conn::Transport>()
+        {
+            s.extensions.insert(transport.clone());
+        }
+    }
     let res = next.run(req).await;
-    if let Some(sid) = sid
+    if polling_get
         && let Some(len) = res
             .headers()
             .get(CONTENT_LENGTH)
@@ -294,17 +313,20 @@ async fn count_polled(
     res
 }
 
-/// The session of a long-polling GET (`/socket.io/?transport=polling&sid=...`).
-fn polling_sid(req: &Request) -> Option<Sid> {
-    if req.method() != Method::GET || !req.uri().path().starts_with("/socket.io") {
+/// The session of a Socket.IO request (`/socket.io/?...&sid=...`), and whether it is a
+/// long-polling GET.
+fn session_of(req: &Request) -> Option<(Sid, bool)> {
+    if !req.uri().path().starts_with("/socket.io") {
         return None;
     }
     let query = req.uri().query()?;
-    let mut pairs = query.split('&');
-    if !pairs.clone().any(|kv| kv == "transport=polling") {
-        return None;
-    }
-    pairs.find_map(|kv| kv.strip_prefix("sid="))?.parse().ok()
+    let sid = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("sid="))?
+        .parse()
+        .ok()?;
+    let polling = query.split('&').any(|kv| kv == "transport=polling");
+    Some((sid, polling && req.method() == Method::GET))
 }
 
 /// Copies the URI and header values of Socket.IO requests out of the connection's read buffer.

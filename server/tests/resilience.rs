@@ -162,16 +162,21 @@ async fn redis_outage_degrades_then_heals_without_restarts() {
     assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(3));
 }
 
-/// Waits for `c`'s connection to be closed by the server, skipping what arrives before.
+/// Waits for `c`'s connection to be closed by the server (a Socket.IO disconnect, or its
+/// transport closed, which this client reports as an error), skipping what arrives before.
 async fn expect_closed(c: &Client) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
     while Instant::now() < deadline {
         match c.next_event(Duration::from_millis(200)).await {
-            Some((name, _)) if name == "chorus-test:closed" => return,
-            _ => {}
+            Some((name, _)) if name == "chorus-test:closed" || name == "chorus-test:error" => {
+                return;
+            }
+            Some((name, _)) => seen.push(name),
+            None => {}
         }
     }
-    panic!("the server did not close the socket");
+    panic!("the server did not close the socket; events meanwhile: {seen:?}");
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ mod timeouts;
 
 use std::{
     sync::{
-        Arc,
+        Arc, Weak,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -17,7 +17,7 @@ use axum::{Router, body::Body, extract::Request};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::watch,
     time::{Instant, sleep_until},
 };
@@ -47,6 +47,26 @@ pub fn raise_nofile_limit() {
 pub struct DrainWindow {
     pub from: Instant,
     pub until: Instant,
+}
+
+/// The connection a request came on, so that a Socket.IO session's transport can be closed
+/// from outside (see `delivery`), as a drain closes it: the client sees its transport close and
+/// reconnects by itself. Weak: a session keeps its handshake request for its whole life, and
+/// must not keep the connection's file descriptor open with it.
+#[derive(Clone)]
+pub struct Transport(Weak<TcpStream>);
+
+impl Transport {
+    /// Closes the connection if it is still open; false when it was gone already.
+    pub fn close(&self) -> bool {
+        match self.0.upgrade() {
+            Some(tcp) => {
+                abort(&tcp);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `stop` turns true, then lets open requests finish for
@@ -92,8 +112,10 @@ pub async fn serve(
         let tcp = stream.tcp();
         let conn_metrics = metrics.clone();
         let router = router.clone();
+        let transport = Transport(Arc::downgrade(&tcp));
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let req = req.map(|b| DeadlineBody::wrap(Body::new(b), &conn_metrics));
+            let mut req = req.map(|b| DeadlineBody::wrap(Body::new(b), &conn_metrics));
+            req.extensions_mut().insert(transport.clone());
             // Router is always ready and cheap to clone (an Arc inside).
             router.clone().call(req)
         });

@@ -16,7 +16,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
-use super::{Delivered, Delivery, Message, Outbox, Socket, close};
+use super::{Delivered, Delivery, Message, Outbox, Socket, close_transport};
 use crate::{
     dedupe::now_ms,
     history::{History, Position, Snapshot, Stamp, complete_rooms, recover},
@@ -352,7 +352,7 @@ impl Delivery {
             let mut doomed = doomed.into_iter().peekable();
             while doomed.peek().is_some() {
                 for s in doomed.by_ref().take(CLOSE_BATCH) {
-                    close(s);
+                    close_transport(s);
                 }
                 tokio::time::sleep(CLOSE_TICK).await;
             }

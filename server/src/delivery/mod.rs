@@ -29,6 +29,7 @@ mod gaps;
 
 use crate::{
     bus::{Adapter, Bus, Event, Item, QueueStats},
+    conn::Transport,
     dedupe::{self, Origin, Recent},
     error::Failure,
     history::{History, Position, Recovery, Replayed, Snapshot, Stamp, recover},
@@ -255,6 +256,10 @@ impl Waiting {
         }
     }
 }
+
+/// How long a session whose transport was closed is kept before it is ended: a long-polling
+/// client that was between two polls learns of the close from its next one (refused).
+const SESSION_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Marks a barrier in the delivery loop's queue; no message starts with it.
 const BARRIER: u8 = 0;
@@ -733,6 +738,33 @@ pub fn polled(io: &SocketIo<Adapter>, sid: Sid, bytes: usize) {
     {
         outbox.polled(bytes);
     }
+}
+
+/// Whether `s` is being closed to resume (see `gaps`): its session takes no more requests.
+pub fn is_closing(s: &Socket) -> bool {
+    s.extensions
+        .get::<Arc<Outbox>>()
+        .is_some_and(|o| o.is_closing())
+}
+
+/// Closes `s`'s transport, as a drain does: its client sees the transport close and
+/// reconnects by itself (a plain `socket.io-client` too, which a Socket.IO disconnect would
+/// not make reconnect), then resumes. The session itself is ended a moment later, once its
+/// client has left it; a socket whose transport is not known is disconnected.
+pub fn close_transport(s: Socket) {
+    let transport = s
+        .extensions
+        .get::<Transport>()
+        .or_else(|| s.req_parts().extensions.get::<Transport>().cloned());
+    if !transport.is_some_and(|t| t.close()) {
+        return close(s);
+    }
+    tokio::spawn(async move {
+        tokio::time::sleep(SESSION_LINGER).await;
+        if s.connected() {
+            close(s);
+        }
+    });
 }
 
 /// Disconnects `s`. When its transport is busy (a full queue), the disconnect is retried for
