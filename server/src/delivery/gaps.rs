@@ -376,11 +376,7 @@ mod tests {
     use super::*;
 
     fn st(epoch: u64, seq: u64) -> Stamp {
-        Stamp {
-            epoch,
-            seq,
-            ms: 1000 + seq,
-        }
+        Stamp::test(epoch, seq)
     }
 
     fn head(link: usize, stamp: Stamp) -> Snapshot {

@@ -122,15 +122,23 @@ impl Position {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn st(epoch: u64, seq: u64) -> Stamp {
+impl Stamp {
+    /// A stamp for tests, its time following its sequence number.
+    pub(crate) fn test(epoch: u64, seq: u64) -> Self {
         Stamp {
             epoch,
             seq,
             ms: 1000 + seq,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(epoch: u64, seq: u64) -> Stamp {
+        Stamp::test(epoch, seq)
     }
 
     #[test]

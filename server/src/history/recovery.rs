@@ -491,6 +491,18 @@ mod tests {
     }
 
     #[test]
+    fn completeness_per_room_names_the_room_trimmed_past_since() {
+        // Room 0 kept 8-10 of 10 (6 and 7 trimmed), room 1 all it got; the client is at 5.
+        let snaps = [snapshot(10, vec![log(10, &[8, 9, 10]), log(2, &[6, 9])])];
+        let since = at(stamp(5));
+        assert!(!recover(&snaps, Some(&since), TTL).recovered);
+        assert_eq!(complete_rooms(&snaps, &since, TTL), [false, true]);
+        assert_eq!(complete_rooms(&snaps, &at(stamp(7)), TTL), [true, true]);
+        // Another epoch (the Redis lost its data): nothing is complete.
+        assert_eq!(complete_rooms(&snaps, &at(st(8, 5)), TTL), [false, false]);
+    }
+
+    #[test]
     fn a_read_from_near_since_is_complete_when_nothing_was_trimmed() {
         // Ten kept of ten added; the read sent the oldest and those from near since.
         let mut room = log(10, &[1, 8, 9, 10]);
