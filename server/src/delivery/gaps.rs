@@ -12,7 +12,11 @@
 //! data, history off) get nothing more and are closed, a few at a time, so that they resume
 //! and are told what is lost.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
@@ -27,6 +31,10 @@ use crate::{
 const RETRY: Duration = Duration::from_secs(1);
 /// Bytes of history one catch-up reads at most; past it the rooms' sockets are closed instead.
 pub const MAX_CATCH_UP_BYTES: usize = 64 << 20;
+/// Rooms one catch-up reads at most (a hundred reads), those with the most members here
+/// first; the sockets of the others are closed instead. It keeps the time the delivery loop
+/// waits bounded, whatever the number of rooms clients joined.
+pub const MAX_CATCH_UP_ROOMS: usize = 10_000;
 /// Sockets closed per tick, and the tick: at most 1,000 a second, so that the replicas they
 /// reconnect to see no storm.
 const CLOSE_BATCH: usize = 10;
@@ -219,10 +227,12 @@ impl Delivery {
         if gaps.nothing_missed(&heads) || rooms.is_empty() {
             return gaps.caught_up(&heads);
         }
+        let (rooms, beyond) = rooms.split_at(rooms.len().min(MAX_CATCH_UP_ROOMS));
+        self.close_rooms(&sockets, &beyond.iter().collect());
         let since = gaps.position();
         let read = if self.remembers_since(gaps.gap_began()) {
             history
-                .read_many(&rooms, Some(&since), MAX_CATCH_UP_BYTES)
+                .read_many(rooms, Some(&since), MAX_CATCH_UP_BYTES)
                 .await
         } else {
             Ok(None)
@@ -240,7 +250,7 @@ impl Delivery {
                 return gaps.retry_later();
             }
         };
-        self.hand_out(history, &snapshots, &rooms, &since);
+        self.hand_out(history, &snapshots, rooms, &since);
         gaps.caught_up(&snapshots);
     }
 
@@ -361,14 +371,15 @@ impl Delivery {
 }
 
 /// The rooms these sockets are in, each once.
+/// The rooms these sockets are in, each once, those with the most of them first.
 fn rooms_of(sockets: &[Socket]) -> Vec<String> {
-    sockets
-        .iter()
-        .flat_map(|s| s.rooms())
-        .map(|r| r.to_string())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect()
+    let mut members: HashMap<String, usize> = HashMap::new();
+    for room in sockets.iter().flat_map(|s| s.rooms()) {
+        *members.entry(room.to_string()).or_default() += 1;
+    }
+    let mut rooms: Vec<(String, usize)> = members.into_iter().collect();
+    rooms.sort_unstable_by_key(|r| std::cmp::Reverse(r.1));
+    rooms.into_iter().map(|(room, _)| room).collect()
 }
 
 #[cfg(test)]
