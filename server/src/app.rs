@@ -282,9 +282,10 @@ async fn sessions(
     req: Request,
     next: middleware::Next,
 ) -> axum::response::Response {
-    let Some((sid, polling_get)) = session_of(&req) else {
+    let Some((sid, polling)) = session_of(&req) else {
         return next.run(req).await;
     };
+    let polling_get = polling && req.method() == Method::GET;
     if let Some(s) = io.get_socket(sid) {
         if delivery::is_closing(&s) {
             return (
@@ -294,11 +295,16 @@ async fn sessions(
                 .into_response();
         }
         // GETs only: a long poll (what a client waits on) or a websocket upgrade, not a POST
-        // that is answered at once.
+        // that is answered at once; a poll never stands for the session's websocket.
         if req.method() == Method::GET
             && let Some(transport) = req.extensions().get::<conn::Transport>()
         {
-            s.extensions.insert(transport.clone());
+            if polling {
+                s.extensions.insert(delivery::PollConn(transport.clone()));
+            } else {
+                s.extensions
+                    .insert(delivery::WebsocketConn(transport.clone()));
+            }
         }
     }
     let res = next.run(req).await;
@@ -314,7 +320,7 @@ async fn sessions(
 }
 
 /// The session of a Socket.IO request (`/socket.io/?...&sid=...`), and whether it is a
-/// long-polling GET.
+/// long-polling one.
 fn session_of(req: &Request) -> Option<(Sid, bool)> {
     if !req.uri().path().starts_with("/socket.io") {
         return None;
@@ -325,8 +331,7 @@ fn session_of(req: &Request) -> Option<(Sid, bool)> {
         .find_map(|kv| kv.strip_prefix("sid="))?
         .parse()
         .ok()?;
-    let polling = query.split('&').any(|kv| kv == "transport=polling");
-    Some((sid, polling && req.method() == Method::GET))
+    Some((sid, query.split('&').any(|kv| kv == "transport=polling")))
 }
 
 /// Copies the URI and header values of Socket.IO requests out of the connection's read buffer.

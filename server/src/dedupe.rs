@@ -19,6 +19,14 @@ pub const WINDOW_MS: u64 = 120_000;
 /// Publishing replicas whose horizon is kept; one forgotten for a window more goes first.
 const MAX_ORIGINS: usize = 1024;
 
+/// What [`Recent::take`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    New,
+    Taken,
+    TooLate,
+}
+
 /// Who published a message and when, by that replica's clock (ms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Origin {
@@ -43,8 +51,6 @@ pub struct Recent {
     horizons: HashMap<u64, (u64, u64)>,
     max_ids: usize,
     window_ms: u64,
-    /// When the newest forgotten id arrived (this replica's clock).
-    forgot_arrival: Option<u64>,
 }
 
 impl Recent {
@@ -55,13 +61,19 @@ impl Recent {
             horizons: HashMap::new(),
             max_ids: max_ids.max(1),
             window_ms,
-            forgot_arrival: None,
         }
     }
 
     /// True the first time `id` is seen (take it), false for another copy. `now` is this
     /// replica's time (ms).
     pub fn first(&mut self, id: u128, origin: Option<Origin>, now: u64) -> bool {
+        self.take(id, origin, now) == Take::New
+    }
+
+    /// Takes `id` if it is new, and says whether it was: or remembered as taken, or too late to
+    /// tell (published no later than a forgotten one of its replica's: counted as taken, and
+    /// it may or may not have been).
+    pub fn take(&mut self, id: u128, origin: Option<Origin>, now: u64) -> Take {
         while self.order.len() >= self.max_ids
             || self
                 .order
@@ -71,7 +83,6 @@ impl Recent {
             let Some(old) = self.order.pop_front() else {
                 break;
             };
-            self.forgot_arrival = self.forgot_arrival.max(Some(old.arrived));
             self.ids
                 .remove(&((u128::from(old.id[0]) << 64) | u128::from(old.id[1])));
             if old.replica != 0 {
@@ -85,16 +96,20 @@ impl Recent {
                 .get(&o.replica)
                 .is_some_and(|(h, _)| o.published <= *h)
         });
-        if too_late || !self.ids.insert(id) {
-            return false;
+        if self.ids.contains(&id) {
+            return Take::Taken;
         }
+        if too_late {
+            return Take::TooLate;
+        }
+        self.ids.insert(id);
         self.order.push_back(Taken {
             id: [(id >> 64) as u64, id as u64],
             arrived: now,
             replica: origin.map_or(0, |o| o.replica),
             published: origin.map_or(0, |o| o.published),
         });
-        true
+        Take::New
     }
 
     /// Keeps the horizons of at most [`MAX_ORIGINS`] replicas (replicas come and go with pods).
@@ -123,13 +138,6 @@ impl Recent {
         self.ids.capacity() * (std::mem::size_of::<u128>() + 1)
             + self.order.capacity() * std::mem::size_of::<Taken>()
             + self.horizons.capacity() * (std::mem::size_of::<(u64, (u64, u64))>() + 1)
-    }
-
-    /// Whether an id that arrived at or after `since` (this replica's clock) was forgotten:
-    /// then a message published after `since` may count as taken without having been (see
-    /// the horizons), and a catch-up from `since` cannot rely on this table.
-    pub fn forgot_since(&self, since: u64) -> bool {
-        self.forgot_arrival.is_some_and(|t| t >= since)
     }
 
     /// Ids remembered now.
@@ -184,7 +192,8 @@ mod tests {
         }
         assert_eq!(r.len(), 3);
         // 0..=6 were forgotten: their late copies are still refused, by their time
-        assert!(!r.first(2, from(7, 3), 11));
+        assert_eq!(r.take(2, from(7, 3), 11), Take::TooLate);
+        assert_eq!(r.take(8, from(7, 9), 11), Take::Taken);
         assert!(!r.first(6, from(7, 7), 11));
         // a new message published after the horizon is taken
         assert!(r.first(100, from(7, 11), 11));
@@ -196,7 +205,6 @@ mod tests {
         assert!(r.first(1, from(7, 0), 0));
         assert!(r.first(2, from(7, 1500), 1500));
         assert_eq!(r.len(), 1, "id 1 arrived longer ago than the window");
-        assert!(r.forgot_since(0) && !r.forgot_since(1));
         assert!(
             !r.first(1, from(7, 0), 1600),
             "its late copy is still refused"

@@ -432,16 +432,22 @@ impl Link {
             w.version += 1;
             self.shared.up.load(Ordering::SeqCst)
         };
-        if up
-            && let Some(link) = &self.redis
-            && let Err(e) = bounded(link.sub.clone().subscribe(chans)).await
-        {
-            tracing::debug!(
-                ?chans,
-                "subscribe failed, retried when the link is back: {e}"
-            );
-            self.shared.mark_down();
-            self.shared.wake.notify_one();
+        if up && let Some(link) = &self.redis {
+            match bounded(link.sub.clone().subscribe(chans)).await {
+                // The link came up before this subscriber was there: it is told now, once its
+                // channels are subscribed, as it would have been then.
+                Ok(()) => {
+                    tx.signal(Event::Up(self.shared.index));
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        ?chans,
+                        "subscribe failed, retried when the link is back: {e}"
+                    );
+                    self.shared.mark_down();
+                    self.shared.wake.notify_one();
+                }
+            }
         }
     }
 }

@@ -20,9 +20,9 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::{Delivered, Delivery, Message, Outbox, Socket, close_transport};
+use super::{ALL, Delivered, Delivery, Message, Outbox, Socket, close_transport};
 use crate::{
-    dedupe::now_ms,
+    dedupe::Take,
     history::{History, Position, Snapshot, Stamp, complete_rooms, recover},
     metrics::{GapCause, GapLabels},
 };
@@ -39,19 +39,20 @@ pub const MAX_CATCH_UP_ROOMS: usize = 10_000;
 /// reconnect to see no storm.
 const CLOSE_BATCH: usize = 10;
 const CLOSE_TICK: Duration = Duration::from_millis(10);
-/// A message published within this long of one this replica forgot may count as taken by its
-/// publisher's clock (see `dedupe`).
-const FORGET_MARGIN_MS: u64 = 1000;
 
 /// Where this replica stands on each link, and which links owe it a catch-up.
 pub(super) struct Tracker {
-    /// Per link: the last stamp taken, and when (this replica's clock).
-    at: Vec<Option<(Stamp, u64)>>,
+    /// Per link: the last stamp taken.
+    at: Vec<Option<Stamp>>,
+    /// Per link: the head when the link first came up, where the replica stands until it
+    /// takes a message (never handed out as a socket's position: messages before it may still
+    /// be on their way).
+    base: Vec<Option<Stamp>>,
     /// Per link: came up at least once.
     was_up: Vec<bool>,
     /// Per link: a gap not caught up yet.
     pending: Vec<bool>,
-    /// When to try again after a catch-up that could not read the history.
+    /// When to try again after a catch-up that could not read every pending link.
     retry_at: Option<Instant>,
 }
 
@@ -59,21 +60,42 @@ impl Tracker {
     pub(super) fn new(links: usize) -> Self {
         Self {
             at: vec![None; links],
+            base: vec![None; links],
             was_up: vec![false; links],
             pending: vec![false; links],
             retry_at: None,
         }
     }
 
-    /// Where the replica stands: the last stamp taken from each link.
+    /// Where the replica stands: the last stamp taken from each link. A socket that got the
+    /// latest message stands there.
     pub(super) fn position(&self) -> Position {
-        Position::of(self.at.iter().flatten().map(|(s, _)| *s))
+        Position::of(self.at.iter().flatten().copied())
+    }
+
+    /// Where the replica stands for a catch-up: on links it took nothing from yet, their head
+    /// when they came up.
+    fn standing(&self) -> Position {
+        Position::of(
+            self.at
+                .iter()
+                .zip(&self.base)
+                .filter_map(|(at, base)| at.or(*base)),
+        )
+    }
+
+    fn last(&self, link: usize) -> Option<Stamp> {
+        self.at
+            .get(link)
+            .copied()
+            .flatten()
+            .or(self.base.get(link).copied().flatten())
     }
 
     /// Whether `stamp`, just arrived from `link`, shows that messages before it never came.
     pub(super) fn skips(&self, link: usize, stamp: Stamp) -> bool {
-        match self.at.get(link).copied().flatten() {
-            Some((last, _)) if last.epoch == stamp.epoch => stamp.seq > last.seq + 1,
+        match self.last(link) {
+            Some(last) if last.epoch == stamp.epoch => stamp.seq > last.seq + 1,
             // A Redis that lost its data: what it had after `last` is gone with it.
             Some(_) => true,
             None => false,
@@ -84,8 +106,8 @@ impl Tracker {
     pub(super) fn advance(&mut self, link: usize, stamp: Stamp) {
         if let Some(slot) = self.at.get_mut(link) {
             match slot {
-                Some((last, _)) if last.epoch == stamp.epoch && last.seq >= stamp.seq => {}
-                _ => *slot = Some((stamp, now_ms())),
+                Some(last) if last.epoch == stamp.epoch && last.seq >= stamp.seq => {}
+                _ => *slot = Some(stamp),
             }
         }
     }
@@ -122,18 +144,6 @@ impl Tracker {
         self.retry_at.filter(|_| self.any_pending())
     }
 
-    /// When the earliest pending link's last message was taken (this replica's clock): the
-    /// gap began after it.
-    fn gap_began(&self) -> u64 {
-        self.pending
-            .iter()
-            .zip(&self.at)
-            .filter(|(p, _)| **p)
-            .map(|(_, at)| at.map_or(0, |(_, t)| t))
-            .min()
-            .unwrap_or(0)
-    }
-
     /// Whether the links read (`heads`) hold nothing past where the replica stands on every
     /// pending one.
     fn nothing_missed(&self, heads: &[Snapshot]) -> bool {
@@ -146,22 +156,24 @@ impl Tracker {
                     // Not readable now: known only once it is.
                     return false;
                 };
-                match self.at[link] {
-                    Some((at, _)) => at.epoch == head.epoch && at.seq >= head.seq,
+                match self.last(link) {
+                    Some(at) => at.epoch == head.epoch && at.seq >= head.seq,
                     None => head.seq == 0,
                 }
             })
     }
 
-    /// The links read are caught up to their heads; the others stay pending.
+    /// The links read are caught up to their heads; the others stay pending and are tried
+    /// again shortly.
     fn caught_up(&mut self, heads: &[Snapshot]) {
         for s in heads {
-            if let Some(p) = self.pending.get_mut(s.link) {
-                *p = false;
-            }
+            self.settle(s.link);
             self.advance(s.link, s.head);
         }
         self.retry_at = None;
+        if self.any_pending() {
+            self.retry_later();
+        }
     }
 
     /// Every link's gap is dealt with (the sockets concerned were closed).
@@ -190,13 +202,14 @@ impl Delivery {
     /// The first time a link comes up, where the replica starts on it: its head.
     pub(super) async fn start_on(&self, gaps: &mut Tracker, link: usize) {
         let Some(history) = &self.history else { return };
-        if gaps.at[link].is_some() {
+        if gaps.last(link).is_some() {
             return;
         }
         if let Ok(heads) = history.heads().await
             && let Some(s) = heads.iter().find(|s| s.link == link)
+            && let Some(base) = gaps.base.get_mut(link)
         {
-            gaps.advance(link, s.head);
+            *base = Some(s.head);
         }
     }
 
@@ -211,10 +224,9 @@ impl Delivery {
             return gaps.settle_all();
         };
         let sockets = io.sockets();
-        let rooms = rooms_of(&sockets);
         let Some(history) = &self.history else {
-            // Nothing to catch up from: every socket in a room may have missed something.
-            self.close_rooms(&sockets, &rooms.iter().collect());
+            // Nothing to catch up from: any socket may have missed something.
+            self.close(&sockets, &Lost::All);
             return gaps.settle_all();
         };
         let heads = match history.heads().await {
@@ -224,25 +236,25 @@ impl Delivery {
                 return gaps.retry_later();
             }
         };
-        if gaps.nothing_missed(&heads) || rooms.is_empty() {
+        if gaps.nothing_missed(&heads) {
             return gaps.caught_up(&heads);
         }
+        let rooms = rooms_of(&sockets);
         let (rooms, beyond) = rooms.split_at(rooms.len().min(MAX_CATCH_UP_ROOMS));
-        self.close_rooms(&sockets, &beyond.iter().collect());
-        let since = gaps.position();
-        let read = if self.remembers_since(gaps.gap_began()) {
-            history
-                .read_many(rooms, Some(&since), MAX_CATCH_UP_BYTES)
-                .await
-        } else {
-            Ok(None)
-        };
-        let snapshots = match read {
+        self.close(
+            &sockets,
+            &Lost::Rooms(beyond.iter().map(String::as_str).collect()),
+        );
+        let since = gaps.standing();
+        let snapshots = match history
+            .read_many(rooms, Some(&since), MAX_CATCH_UP_BYTES)
+            .await
+        {
             Ok(Some(snapshots)) if !snapshots.is_empty() => snapshots,
             Ok(_) => {
-                // Too much to read, or what was read does not go together, or the gap is older
-                // than the ids this replica remembers: every room's sockets resume instead.
-                self.close_rooms(&sockets, &rooms.iter().collect());
+                // Too much to read, or what was read does not go together: every socket
+                // resumes instead.
+                self.close(&sockets, &Lost::All);
                 return gaps.caught_up(&heads);
             }
             Err(e) => {
@@ -254,13 +266,11 @@ impl Delivery {
         gaps.caught_up(&snapshots);
     }
 
-    /// Closes the sockets of every room here, when `link`'s gap cannot be caught up on now and
-    /// a message after it has come.
+    /// Closes every socket here, when `link`'s gap cannot be caught up on now and a message
+    /// after it has come.
     pub(super) fn give_up(&self, gaps: &mut Tracker, link: usize) {
         if let Some(io) = self.io.get() {
-            let sockets = io.sockets();
-            let rooms: Vec<String> = rooms_of(&sockets);
-            self.close_rooms(&sockets, &rooms.iter().collect());
+            self.close(&io.sockets(), &Lost::All);
         }
         gaps.settle(link);
     }
@@ -276,38 +286,56 @@ impl Delivery {
     ) {
         let ttl = history.config().ttl;
         let recovery = recover(snapshots, Some(since), ttl);
-        let lost: HashSet<&String> = if recovery.recovered {
+        let lost: HashSet<&str> = if recovery.recovered {
             HashSet::new()
         } else {
             complete_rooms(snapshots, since, ttl)
                 .into_iter()
                 .zip(rooms)
                 .filter(|(complete, _)| !complete)
-                .map(|(_, room)| room)
+                .map(|(_, room)| room.as_str())
                 .collect()
         };
         let Some(io) = self.io.get() else { return };
         let sockets = io.sockets();
         // First, so that the closing sockets get none of what follows.
-        self.close_rooms(&sockets, &lost);
+        self.close(&sockets, &Lost::of(lost));
+        // What a later read of the batch held goes no further than the first read's heads:
+        // the rest comes live, in its order with the messages of other rooms.
+        let heads = heads_of(snapshots);
         let mut replayed = 0;
         for r in recovery.replay {
-            match serde_json::from_str::<Message>(&r.json) {
-                Ok(msg) if self.first_copy(&msg) => {
+            if heads.get(&r.stamp.epoch).is_some_and(|h| r.stamp.seq > *h) {
+                continue;
+            }
+            let msg = match serde_json::from_str::<Message>(&r.json) {
+                Ok(msg) => msg,
+                Err(e) => {
+                    tracing::warn!("unreadable history entry: {e}");
+                    continue;
+                }
+            };
+            match self.take_copy(&msg) {
+                Take::New => {
+                    let position = (!msg.rooms.is_empty()).then_some(r.position);
                     let size = r.json.len();
-                    self.fan_out(Arc::new(Delivered::new(msg, Some(r.position), size)));
+                    let mut d = Delivered::new(msg, position, size);
+                    d.stamp = Some(r.stamp);
+                    d.caught_up = true;
+                    self.fan_out(Arc::new(d));
                     replayed += 1;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("unreadable history entry: {e}"),
+                Take::Taken => {}
+                // Counted as taken by a forgotten message of its publisher: whether this
+                // replica handed it out cannot be told, so its sockets resume instead.
+                Take::TooLate => self.close(&io.sockets(), &Lost::rooms_of(&msg)),
             }
         }
+        let read: HashSet<&str> = rooms.iter().map(String::as_str).collect();
         let caught_up = sockets
             .iter()
             .filter(|s| {
-                s.rooms()
-                    .iter()
-                    .any(|r| rooms.iter().any(|x| x == r.as_ref()))
+                s.rooms().iter().any(|r| read.contains(r.as_ref()))
                     && s.extensions
                         .get::<Arc<Outbox>>()
                         .is_some_and(|o| !o.is_closing())
@@ -318,31 +346,20 @@ impl Delivery {
         tracing::info!(
             replayed,
             sockets = caught_up,
-            rooms_lost = lost.len(),
             "caught up on messages missed from redis"
         );
     }
 
-    /// Whether this replica still remembers every message id taken since `began`, so that
-    /// what it did not take can be told apart (see `dedupe`).
-    fn remembers_since(&self, began: u64) -> bool {
-        let taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
-        !taken.forgot_since(began.saturating_sub(FORGET_MARGIN_MS))
-    }
-
-    /// Stops delivery to the sockets in any of `rooms` and closes them, a few at a time, so
-    /// that they resume (and are told, by their resume, what the history no longer holds).
-    fn close_rooms(&self, sockets: &[Socket], rooms: &HashSet<&String>) {
-        if rooms.is_empty() {
+    /// Stops delivery to the sockets `lost` names and closes their transports, a few at a
+    /// time, so that they resume (and are told, by their resume, what the history no longer
+    /// holds).
+    fn close(&self, sockets: &[Socket], lost: &Lost) {
+        if lost.is_empty() {
             return;
         }
         let doomed: Vec<Socket> = sockets
             .iter()
-            .filter(|s| {
-                s.rooms()
-                    .iter()
-                    .any(|r| rooms.iter().any(|x| *x == r.as_ref()))
-            })
+            .filter(|s| lost.names(s))
             .filter(|s| {
                 s.extensions
                     .get::<Arc<Outbox>>()
@@ -370,8 +387,58 @@ impl Delivery {
     }
 }
 
-/// The rooms these sockets are in, each once.
-/// The rooms these sockets are in, each once, those with the most of them first.
+/// The sockets whose messages a gap may have lost for good.
+enum Lost<'a> {
+    /// Every socket: a message to all of them may be among the lost.
+    All,
+    /// The members of these rooms (the rooms' names; [`ALL`] among them stands for every
+    /// socket).
+    Rooms(HashSet<&'a str>),
+}
+
+impl<'a> Lost<'a> {
+    fn of(rooms: HashSet<&'a str>) -> Self {
+        if rooms.contains(ALL) {
+            Lost::All
+        } else {
+            Lost::Rooms(rooms)
+        }
+    }
+
+    fn rooms_of(msg: &'a Message) -> Self {
+        if msg.rooms.is_empty() {
+            Lost::All
+        } else {
+            Lost::of(msg.rooms.iter().map(String::as_str).collect())
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Lost::Rooms(rooms) if rooms.is_empty())
+    }
+
+    fn names(&self, s: &Socket) -> bool {
+        match self {
+            Lost::All => true,
+            Lost::Rooms(rooms) => s.rooms().iter().any(|r| rooms.contains(r.as_ref())),
+        }
+    }
+}
+
+/// Each epoch's head in what was read (a Redis's own, or the Redis a copy came from).
+fn heads_of(snapshots: &[Snapshot]) -> HashMap<u64, u64> {
+    let mut heads = HashMap::new();
+    for s in snapshots {
+        heads.insert(s.head.epoch, s.head.seq);
+        if let Some(c) = &s.copy {
+            heads.entry(c.head.epoch).or_insert(c.head.seq);
+        }
+    }
+    heads
+}
+
+/// The history of messages to every socket, read with the rooms in every catch-up, and the
+/// rooms these sockets are in, each once, those with the most of them first.
 fn rooms_of(sockets: &[Socket]) -> Vec<String> {
     let mut members: HashMap<String, usize> = HashMap::new();
     for room in sockets.iter().flat_map(|s| s.rooms()) {
@@ -379,7 +446,9 @@ fn rooms_of(sockets: &[Socket]) -> Vec<String> {
     }
     let mut rooms: Vec<(String, usize)> = members.into_iter().collect();
     rooms.sort_unstable_by_key(|r| std::cmp::Reverse(r.1));
-    rooms.into_iter().map(|(room, _)| room).collect()
+    std::iter::once(ALL.to_owned())
+        .chain(rooms.into_iter().map(|(room, _)| room))
+        .collect()
 }
 
 #[cfg(test)]
@@ -412,6 +481,11 @@ mod tests {
         assert!(!t.skips(1, st(9, 40)), "links are apart");
         t.advance(0, st(7, 3));
         assert_eq!(t.position(), Position::of([st(7, 5)]), "never back");
+        // Before taking anything, a link's head when it came up stands in for it.
+        t.base[1] = Some(st(9, 40));
+        assert!(t.skips(1, st(9, 42)) && !t.skips(1, st(9, 41)));
+        assert_eq!(t.position(), Position::of([st(7, 5)]), "not handed out");
+        assert_eq!(t.standing(), Position::of([st(7, 5), st(9, 40)]));
     }
 
     #[test]

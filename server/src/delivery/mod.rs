@@ -30,7 +30,7 @@ mod gaps;
 use crate::{
     bus::{Adapter, Bus, Event, Item, QueueStats},
     conn::Transport,
-    dedupe::{self, Origin, Recent},
+    dedupe::{self, Origin, Recent, Take},
     error::Failure,
     history::{History, Position, Recovery, Replayed, Snapshot, Stamp, recover},
     metrics::{GapCause, Limit, Metrics},
@@ -79,12 +79,22 @@ impl Message {
     }
 }
 
+/// The room name under which messages to every socket (no rooms) are kept in the history:
+/// not for `resume` (no client can name it: room names are never empty), only for a replica
+/// that missed some to catch up (see `gaps`).
+pub(crate) const ALL: &str = "";
+
 /// A message as this replica hands it out.
 struct Delivered {
     msg: Message,
     /// Set for room messages kept in the history: where a socket stands once it has this one.
     position: Option<Position>,
     offset: Option<String>,
+    /// The message's stamp on the Redis it came by (or was read from).
+    stamp: Option<Stamp>,
+    /// Replayed by a catch-up (see `gaps`): not for a socket whose own `join` or `resume`
+    /// already stands past it.
+    caught_up: bool,
     /// What one copy weighs in a socket's backlog (its encoded size).
     size: usize,
 }
@@ -95,6 +105,8 @@ impl Delivered {
             offset: position.as_ref().map(Position::offset),
             msg,
             position,
+            stamp: None,
+            caught_up: false,
             size,
         }
     }
@@ -137,6 +149,8 @@ struct Held {
     holders: u32,
     messages: Vec<Arc<Delivered>>,
     bytes: usize,
+    /// Where the last `join` or `resume` left the socket: it has every message this covers.
+    acked: Option<Position>,
 }
 
 impl Outbox {
@@ -198,6 +212,13 @@ impl Outbox {
         self.holding.store(true, Ordering::SeqCst);
     }
 
+    /// Whether the socket's last `join` or `resume` stood past `d` (a catch-up's replay).
+    fn had(&self, d: &Delivered) -> bool {
+        d.caught_up
+            && d.stamp
+                .is_some_and(|st| self.lock().acked.as_ref().is_some_and(|a| a.covers(st)))
+    }
+
     /// Keeps `d` for later when the socket is holding; false when it is not (send it now), or
     /// `Err` when holding it would pass the buffer limit.
     fn try_hold(&self, d: &Arc<Delivered>) -> Result<bool, ()> {
@@ -256,10 +277,6 @@ impl Waiting {
         }
     }
 }
-
-/// How long a session whose transport was closed is kept before it is ended: a long-polling
-/// client that was between two polls learns of the close from its next one (refused).
-const SESSION_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Marks a barrier in the delivery loop's queue; no message starts with it.
 const BARRIER: u8 = 0;
@@ -369,21 +386,31 @@ impl Delivery {
             self.metrics.duplicate_copies.inc();
             return;
         }
-        let position = stamp.map(|_| gaps.position());
-        self.fan_out(Arc::new(Delivered::new(msg, position, item.payload.len())));
+        // Messages to every socket are stamped (kept for catch-ups) but carry no offset.
+        let position = stamp
+            .filter(|_| !msg.rooms.is_empty())
+            .map(|_| gaps.position());
+        let mut d = Delivered::new(msg, position, item.payload.len());
+        d.stamp = stamp;
+        self.fan_out(Arc::new(d));
     }
 
     /// True for the first copy of a message this replica sees.
     fn first_copy(&self, msg: &Message) -> bool {
+        self.take_copy(msg) == Take::New
+    }
+
+    /// Takes a copy of a message, saying whether it is new (see [`Recent::take`]).
+    fn take_copy(&self, msg: &Message) -> Take {
         let Some(id) = dedupe::parse_id(&msg.id) else {
-            return true;
+            return Take::New;
         };
         let origin = msg
             .t
             .zip(msg.o)
             .map(|(published, replica)| Origin { replica, published });
         let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
-        taken.first(id, origin, dedupe::now_ms())
+        taken.take(id, origin, dedupe::now_ms())
     }
 
     /// Items from the bus waiting for this replica's delivery loop.
@@ -467,9 +494,10 @@ impl Delivery {
             .map_err(|e| Failure::invalid(format!("the message cannot be encoded: {e}")))?;
         let size = json.len();
         let sent = match &self.history {
-            Some(history) if !msg.rooms.is_empty() => {
-                history.publish(&self.chan, &msg.rooms, &json).await
+            Some(history) if msg.rooms.is_empty() => {
+                history.publish(&self.chan, &[ALL.to_owned()], &json).await
             }
+            Some(history) => history.publish(&self.chan, &msg.rooms, &json).await,
             _ => {
                 let (chan, payload): (Arc<str>, Arc<[u8]>) =
                     (self.chan.as_str().into(), json.into_bytes().into());
@@ -511,7 +539,7 @@ impl Delivery {
                 // Not set up yet (its connection is being accepted): nothing waits for it.
                 continue;
             };
-            if outbox.is_closing() {
+            if outbox.is_closing() || outbox.had(&d) {
                 continue;
             }
             match outbox.try_hold(&d) {
@@ -576,7 +604,7 @@ impl Delivery {
                 None
             }
         };
-        self.finish(s, &outbox, Vec::new(), None, head, |last| {
+        self.finish(s, &outbox, Vec::new(), None, None, head, |last| {
             reply(last.map(|p| p.offset()));
         });
     }
@@ -627,12 +655,22 @@ impl Delivery {
             }
             None => (Vec::new(), false, None, None),
         };
-        self.finish(s, &outbox, replay, seen.as_ref(), head, |last| {
-            reply(Resumed {
-                recovered,
-                offset: last.map(|p| p.offset()),
-            });
-        });
+        self.finish(
+            s,
+            &outbox,
+            replay,
+            seen.as_ref(),
+            since.as_ref(),
+            head,
+            |last| {
+                reply(Resumed {
+                    // No position (history unreadable, or the socket is closing): nothing is known
+                    // to be recovered.
+                    recovered: recovered && last.is_some(),
+                    offset: last.map(|p| p.offset()),
+                });
+            },
+        );
     }
 
     /// Parses the replay, keeping the newest entries that fit in the socket's buffer; false
@@ -640,7 +678,7 @@ impl Delivery {
     fn replayable(&self, replay: Vec<Replayed>, limit: usize) -> (Vec<Delivered>, bool) {
         let mut bytes = 0;
         let mut kept = Vec::new();
-        for Replayed { position, json } in replay.into_iter().rev() {
+        for Replayed { position, json, .. } in replay.into_iter().rev() {
             bytes += json.len();
             if bytes > limit {
                 return (kept.into_iter().rev().collect(), false);
@@ -654,15 +692,19 @@ impl Delivery {
     }
 
     /// Sends the replay, then the held live messages (skipping those the histories read hold:
-    /// the replay covered them, or the client had them), then calls `reply` with where the
-    /// socket stands (`head` and the held messages sent), all under the socket's lock so nothing
-    /// live comes in between.
+    /// the replay covered them, or those the client had: at or before `had`, a resume's
+    /// offset), then calls `reply` with where the socket stands (`head` and the held messages
+    /// sent), all under the socket's lock so nothing live comes in between. A socket being
+    /// closed to resume (see `gaps`) is sent nothing and answered no position: it must resume
+    /// from where it was.
+    #[allow(clippy::too_many_arguments)] // the seam's parts, each from the read before it
     fn finish(
         &self,
         s: &Socket,
         outbox: &Outbox,
         replay: Vec<Delivered>,
         seen: Option<&HashSet<String>>,
+        had: Option<&Position>,
         head: Option<Position>,
         reply: impl FnOnce(Option<Position>),
     ) {
@@ -672,7 +714,8 @@ impl Delivery {
             self.send_now(s, outbox, d);
         }
         for d in std::mem::take(&mut held.messages) {
-            if seen.is_some_and(|ids| ids.contains(&d.msg.id)) {
+            let covered = d.stamp.is_some_and(|st| had.is_some_and(|h| h.covers(st)));
+            if covered || seen.is_some_and(|ids| ids.contains(&d.msg.id)) {
                 continue;
             }
             self.send_now(s, outbox, &d);
@@ -681,11 +724,21 @@ impl Delivery {
             }
         }
         held.bytes = 0;
+        let mut acked = had.cloned().unwrap_or_default();
+        if let Some(last) = &last {
+            acked.merge(last);
+        }
+        if let Some(before) = held.acked.take() {
+            acked.merge(&before);
+        }
+        held.acked = Some(acked);
+        reply(last.filter(|_| !outbox.is_closing()));
+        // After the reply: a live message that finds the socket holding waits for this lock,
+        // so it goes out behind the ack.
         held.holders = held.holders.saturating_sub(1);
         if held.holders == 0 {
             outbox.holding.store(false, Ordering::SeqCst);
         }
-        reply(last);
     }
 }
 
@@ -747,24 +800,32 @@ pub fn is_closing(s: &Socket) -> bool {
         .is_some_and(|o| o.is_closing())
 }
 
-/// Closes `s`'s transport, as a drain does: its client sees the transport close and
-/// reconnects by itself (a plain `socket.io-client` too, which a Socket.IO disconnect would
-/// not make reconnect), then resumes. The session itself is ended a moment later, once its
-/// client has left it; a socket whose transport is not known is disconnected.
+/// The connection of a session's websocket, and that of its latest long poll, kept by the
+/// `sessions` middleware (see `app`) so that its transport can be closed from here.
+#[derive(Clone)]
+pub struct WebsocketConn(pub Transport);
+#[derive(Clone)]
+pub struct PollConn(pub Transport);
+
+/// Closes `s`'s transport, as a drain does: its client sees the transport close and reconnects
+/// by itself (a plain `socket.io-client` too, which a Socket.IO disconnect would not make
+/// reconnect), then resumes. A websocket's connection is closed (the session ends with it); a
+/// long-polling session's pending poll is cut, and every later request of the session is
+/// answered as an unknown session's (see [`is_closing`]) until the heartbeat ends it. Only a
+/// websocket whose connection is not known gets a Socket.IO disconnect.
 pub fn close_transport(s: Socket) {
-    let transport = s
-        .extensions
-        .get::<Transport>()
-        .or_else(|| s.req_parts().extensions.get::<Transport>().cloned());
-    if !transport.is_some_and(|t| t.close()) {
-        return close(s);
-    }
-    tokio::spawn(async move {
-        tokio::time::sleep(SESSION_LINGER).await;
-        if s.connected() {
+    if s.transport_type() == TransportType::Websocket {
+        let conn = s
+            .extensions
+            .get::<WebsocketConn>()
+            .map(|c| c.0)
+            .or_else(|| s.req_parts().extensions.get::<Transport>().cloned());
+        if !conn.is_some_and(|t| t.close()) {
             close(s);
         }
-    });
+    } else if let Some(poll) = s.extensions.get::<PollConn>() {
+        poll.0.close();
+    }
 }
 
 /// Disconnects `s`. When its transport is busy (a full queue), the disconnect is retried for

@@ -123,6 +123,8 @@ pub struct RoomLog {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Replayed {
     pub position: Position,
+    /// The message's stamp in the list it was placed from.
+    pub stamp: Stamp,
     pub json: String,
 }
 
@@ -371,6 +373,7 @@ fn positions(
             }
             Replayed {
                 position: Position::of(at.iter().flatten().copied()),
+                stamp: e.stamp,
                 json: e.json.to_owned(),
             }
         })
