@@ -1,16 +1,17 @@
-//! Gaps: room messages a Redis carried that never reached this replica, because its link was
-//! down, or the queue from Redis overflowed (`BUS_BACKLOG_BYTES`), or a message arrived whose
+//! Gaps: messages a Redis carried that never reached this replica, because its link was down,
+//! or the queue from Redis overflowed (`BUS_BACKLOG_BYTES`), or a message arrived whose
 //! sequence number skipped some. The sockets must not miss them silently.
 //!
 //! The delivery loop notices a gap before it hands out anything that came after it, and then,
 //! still in the loop (live messages wait in the queue meanwhile), catches up: it reads the
-//! history of every room this replica has members in, from where the replica stood, and hands
-//! out what it had not taken, in order, exactly as live messages are (a socket in the middle
-//! of a `join` or `resume` holds them and drops what its own read covered). What the replica
-//! had taken is dropped by message id, so nothing reaches a socket twice. The sockets of a
-//! room whose history does not reach back to the gap (trimmed, expired, a Redis that lost its
-//! data, history off) get nothing more and are closed, a few at a time, so that they resume
-//! and are told what is lost.
+//! history of every room this replica has members in, and of messages to every socket ([`ALL`]),
+//! from where the replica stood, and hands out what it had not taken, in order, exactly as live
+//! messages are (a socket in the middle of a `join` or `resume` holds them and drops what its
+//! own read covered; one whose `join` or `resume` stood past a message does not get it). What
+//! the replica had taken is dropped by message id, so nothing reaches a socket twice. The
+//! sockets of a room whose history does not reach back to the gap (trimmed, expired, a Redis
+//! that lost its data, history off) get nothing more and have their transports closed, a few at
+//! a time, so that they resume and are told what is lost.
 
 use std::{
     collections::{HashMap, HashSet},
