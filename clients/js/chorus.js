@@ -65,6 +65,7 @@
     let closed = false; // the app called close(): no reconnecting on its behalf
     let retries = 0;
     let retryTimer = null;
+    let rebalanceTimer = null;
     let connectedAt = 0;
 
     function emitOwn(name, value) {
@@ -171,12 +172,18 @@
     // nothing to resume or it failed (failures are reported as `error` events).
     function resume() {
       const list = Array.from(rooms);
-      if (!list.length) return Promise.resolve(null);
+      if (!list.length) {
+        // Nothing to resume; the server still learns that this client honours
+        // `chorus:rebalance` (no answer wanted).
+        if (socket.connected) socket.emit('resume', { rooms: [], since: null, rebalance: true });
+        return Promise.resolve(null);
+      }
       const since = offset;
       // No offset with history off, or while the server cannot reach Redis: the old position
       // is still the best one to resume from next time.
       const keep = (ack) => { if (typeof ack.offset === 'string') offset = ack.offset; };
-      return request('resume', { rooms: list, since }, keep).then((ack) => {
+      // `rebalance`: this client honours `chorus:rebalance` (below).
+      return request('resume', { rooms: list, since, rebalance: true }, keep).then((ack) => {
         const info = { rooms: list, recovered: ack.recovered === true, offset };
         if (!info.recovered) emitOwn('gap', { rooms: list });
         emitOwn('resumed', info);
@@ -199,6 +206,7 @@
     function close() {
       closed = true;
       clearTimeout(retryTimer);
+      clearTimeout(rebalanceTimer);
       socket.close();
       return api;
     }
@@ -213,6 +221,55 @@
       pending.forEach((req) => { if (!req.sent) req.send(); });
       resume();
     });
+
+    // A replica that holds more than its share of sockets sheds some: it sends them
+    // `chorus:rebalance` and closes their transports. The reconnect's handshake says it was
+    // shed (`chorus_shed`), so replicas holding their share or more refuse it and it lands on
+    // one below. Behind a Service that sends a client's reconnects back to the same replica for
+    // a while (session affinity), the event asks the client to stay away past that window, and
+    // as long again after each refusal, so that its reconnect is placed anew. The rooms are
+    // resumed on the next connection, as after any other.
+    let shedBy = null;
+    let shedWait = 0;
+    function setShed(from) {
+      shedBy = from;
+      const o = socket.io && socket.io.opts;
+      if (!o) return;
+      if (typeof o.query === 'string') {
+        o.query = o.query.replace(/&?chorus_shed=[^&]*/, '') + (from ? `&chorus_shed=${encodeURIComponent(from)}` : '');
+      } else {
+        const q = Object.assign({}, o.query);
+        if (from) q.chorus_shed = from; else delete q.chorus_shed;
+        o.query = q;
+      }
+    }
+    function reconnectAfter(wait) {
+      clearTimeout(rebalanceTimer);
+      rebalanceTimer = setTimeout(() => {
+        if (socket.io && typeof socket.io.reconnection === 'function') socket.io.reconnection(true);
+        if (!closed && !socket.connected) socket.connect();
+      }, wait);
+    }
+    socket.on('chorus:rebalance', (info) => {
+      if (closed) return;
+      const wait = Math.min(Number(info && info.retryAfterMs) || 0, 600000);
+      shedWait = wait;
+      setShed(typeof (info && info.from) === 'string' && info.from ? info.from : 'yes');
+      const manager = socket.io;
+      if (!(wait > 0) || !manager || typeof manager.reconnection !== 'function') return;
+      // The transport closes next: no reconnect of socket.io-client's own until the wait is over.
+      manager.reconnection(false);
+      reconnectAfter(wait);
+    });
+    // Refused (a replica that holds its share or more): behind an affinity, stop
+    // socket.io-client's own retries (each would renew the affinity) and wait as long again;
+    // otherwise its own retries go elsewhere.
+    socket.on('connect_error', () => {
+      if (!shedBy || closed || !(shedWait > 0)) return;
+      socket.disconnect();
+      reconnectAfter(shedWait);
+    });
+    socket.on('connect', () => { if (shedBy) setShed(null); });
 
     socket.on('disconnect', (reason) => {
       // Requests sent on the lost connection will never be answered; the app decides whether
@@ -245,6 +302,8 @@
     }
     socket.on('connect_error', refused);
     socket.on('error', refused);
+
+    if (socket.connected) resume();
 
     const api = {
       socket, join, leave, publish, on, off, resume, close,

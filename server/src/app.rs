@@ -36,6 +36,7 @@ use crate::{
     ops,
     origins::{self, Origins},
     realtime::{self, SocketCtx},
+    rebalance::{RebalanceConfig, Rebalancer},
     state::AppState,
 };
 
@@ -141,8 +142,27 @@ impl Server {
         realtime::register(&io);
         delivery.start(io.clone()).await;
 
-        let cluster = Cluster::new(bus.clone(), &config.channel_prefix, config.node_name());
+        let cluster = Cluster::new(
+            bus.clone(),
+            &config.channel_prefix,
+            config.node_name(),
+            delivery::is_live,
+        );
         cluster.start(io.clone()).await;
+        let draining = Arc::new(AtomicBool::new(false));
+        let rebalancer = Rebalancer::new(
+            bus.clone(),
+            &config.channel_prefix,
+            RebalanceConfig {
+                enabled: config.rebalance,
+                tolerance: config.rebalance_tolerance,
+                rate: config.rebalance_rate,
+                affinity: Duration::from_secs(config.rebalance_affinity_seconds),
+            },
+            metrics.clone(),
+            draining.clone(),
+        );
+        rebalancer.start(io.clone()).await;
 
         let state = Arc::new(AppState {
             io,
@@ -151,7 +171,7 @@ impl Server {
             bus,
             metrics,
             api_token: config.api_token.clone(),
-            draining: AtomicBool::new(false),
+            draining,
         });
         let router = Router::new()
             .merge(ops::router())
@@ -163,7 +183,7 @@ impl Server {
             .layer(layer)
             .layer(middleware::from_fn_with_state(state.io.clone(), sessions))
             .layer(middleware::from_fn_with_state(
-                (capacity, state.metrics.clone()),
+                (capacity, state.metrics.clone(), rebalancer),
                 refuse_over_capacity,
             ))
             .layer(middleware::map_request(detach_request_head))
@@ -251,7 +271,11 @@ impl Server {
 /// Answers a new Socket.IO session (a handshake: no `sid` yet) with 503 `over_capacity` while
 /// the replica holds MAX_CONNECTIONS sockets, before any session state is made.
 async fn refuse_over_capacity(
-    axum::extract::State((capacity, metrics)): axum::extract::State<(Capacity, Arc<Metrics>)>,
+    axum::extract::State((capacity, metrics, rebalancer)): axum::extract::State<(
+        Capacity,
+        Arc<Metrics>,
+        Arc<Rebalancer>,
+    )>,
     req: Request,
     next: middleware::Next,
 ) -> axum::response::Response {
@@ -265,6 +289,14 @@ async fn refuse_over_capacity(
         return Failure::new(
             ErrorCode::OverCapacity,
             "this replica holds MAX_CONNECTIONS sockets; try again later",
+        )
+        .into_response();
+    }
+    // Shedding its excess: a new client (a shed one among them) goes to another replica.
+    if handshake && rebalancer.refuses(req.uri().query()) {
+        return Failure::new(
+            ErrorCode::OverCapacity,
+            "this replica holds more than its share of sockets; try again",
         )
         .into_response();
     }

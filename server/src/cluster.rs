@@ -99,10 +99,15 @@ pub struct Cluster {
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
     io: OnceCell<SocketIo<Adapter>>,
+    /// Which sockets count as held (a socket being closed to resume elsewhere does not).
+    live: Live,
 }
 
+/// Whether a socket counts in this replica's socket count.
+pub type Live = fn(&SocketRef<Adapter>) -> bool;
+
 impl Cluster {
-    pub fn new(bus: Bus, prefix: &str, node: String) -> Arc<Self> {
+    pub fn new(bus: Bus, prefix: &str, node: String, live: Live) -> Arc<Self> {
         // A random id keeps response channels apart even if two replicas share a name.
         let uid = format!("{:016x}", rand::random::<u64>());
         Arc::new(Self {
@@ -115,6 +120,7 @@ impl Cluster {
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             io: OnceCell::new(),
+            live,
         })
     }
 
@@ -215,7 +221,7 @@ impl Cluster {
             id: 0,
             node: self.node.clone(),
             uid: self.uid.clone(),
-            outcome: apply(io, op.clone()),
+            outcome: apply(io, op.clone(), self.live),
         })
     }
 
@@ -237,7 +243,7 @@ impl Cluster {
         if !first {
             return;
         }
-        let outcome = apply(io, request.op);
+        let outcome = apply(io, request.op, self.live);
         let reply = Reply {
             id: request.id,
             node: self.node.clone(),
@@ -274,7 +280,7 @@ fn request_key(reply_to: &str, id: u64) -> u128 {
 }
 
 /// Applies one call to this replica's own sockets.
-fn apply(io: &SocketIo<Adapter>, op: Op) -> Outcome {
+fn apply(io: &SocketIo<Adapter>, op: Op, live: Live) -> Outcome {
     // Runs `act` on each of `sockets` this replica holds; answers the ids it held.
     let on_held = |sockets: &[Sid], act: &dyn Fn(SocketRef<Adapter>) -> bool| Outcome::Held {
         sockets: sockets
@@ -300,7 +306,7 @@ fn apply(io: &SocketIo<Adapter>, op: Op) -> Outcome {
             sockets: io.to(room).local().sockets().iter().map(|s| s.id).collect(),
         },
         Op::Nodes => Outcome::Count {
-            sockets: io.sockets().len(),
+            sockets: io.sockets().iter().filter(|s| live(s)).count(),
         },
     }
 }

@@ -130,6 +130,25 @@ pub struct Config {
     #[arg(long, env = "BUS_BACKLOG_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1024..))]
     pub bus_backlog_bytes: u64,
 
+    /// Shed sockets while this replica holds more than its share (see docs/server.md,
+    /// Rebalancing): `true` or `false`.
+    #[arg(long, env = "REBALANCE", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub rebalance: bool,
+
+    /// How far above the mean of the ready replicas a replica may be before it sheds (0 to 10).
+    #[arg(long, env = "REBALANCE_TOLERANCE", default_value_t = 0.2, value_parser = parse_tolerance)]
+    pub rebalance_tolerance: f64,
+
+    /// While shedding, at most this fraction of the replica's sockets closed per second (above
+    /// 0, at most 1).
+    #[arg(long, env = "REBALANCE_RATE", default_value_t = 0.005, value_parser = parse_rate)]
+    pub rebalance_rate: f64,
+
+    /// The Service's ClientIP affinity window, in seconds (0: no affinity): a shed client is
+    /// asked to stay away that long, so that its reconnect is placed anew.
+    #[arg(long, env = "REBALANCE_AFFINITY_SECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub rebalance_affinity_seconds: u64,
+
     /// Messages kept per room for `resume`; 0 turns history off.
     #[arg(long, env = "HISTORY_SIZE", default_value_t = 100)]
     pub history_size: u32,
@@ -186,6 +205,20 @@ pub struct TokenArgs {
 }
 
 /// `90s`, `15m`, `1h`, `7d`, or plain seconds; more than zero.
+fn parse_tolerance(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=10.0).contains(&v) => Ok(v),
+        _ => Err("expected a number from 0 to 10, such as 0.2".into()),
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err("expected a fraction above 0 and at most 1, such as 0.005".into()),
+    }
+}
+
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     const HINT: &str = "expected a duration like 90s, 15m, 1h or 7d";
     let s = s.trim();
@@ -393,9 +426,31 @@ mod tests {
         assert_eq!(c.socket_buffer_bytes, 1_048_576);
         assert_eq!(c.history_size, 100);
         assert_eq!(c.bus_backlog_bytes, 64 << 20);
+        assert!(c.rebalance);
+        assert_eq!((c.rebalance_tolerance, c.rebalance_rate), (0.2, 0.005));
+        assert_eq!(c.rebalance_affinity_seconds, 0);
         assert_eq!(c.history_ttl_seconds, 300);
         assert_eq!((c.jwt_audience, c.jwt_issuer), (None, None));
         assert!(c.command.is_none());
+    }
+
+    #[test]
+    fn malformed_rebalance_values_name_their_flag() {
+        for (flag, value) in [
+            ("--rebalance", "perhaps"),
+            ("--rebalance-tolerance", "-1"),
+            ("--rebalance-tolerance", "lots"),
+            ("--rebalance-rate", "0"),
+            ("--rebalance-rate", "2"),
+        ] {
+            let err = parse(&[&format!("{flag}={value}")]).expect_err(value);
+            let first = err.to_string();
+            let first = first.lines().next().unwrap_or_default();
+            assert!(first.contains(flag), "{flag} {value}: {first}");
+        }
+        let c = parse(&["--rebalance", "false", "--rebalance-rate", "0.05"]).expect("parses");
+        assert!(!c.rebalance);
+        assert_eq!(c.rebalance_rate, 0.05);
     }
 
     #[test]

@@ -19,13 +19,14 @@
 //! | [`dedupe`] | the bounded memory of ids already taken | |
 //! | [`cluster`] | acknowledged calls to every replica | bus, dedupe |
 //! | [`history`] | room histories and offsets for `resume` | bus |
-//! | [`delivery`] | messages to every replica over the bus, and to each local socket (or its disconnect when it falls behind) | bus, dedupe, error, history, metrics |
-//! | [`realtime`] | the Socket.IO handlers | auth, bus, delivery, error, history, limits, metrics, validate |
+//! | [`delivery`] | messages to every replica over the bus, and to each local socket (or its disconnect when it falls behind); gaps and their catch-up | bus, conn, dedupe, error, history, metrics |
+//! | [`rebalance`] | socket counts exchanged between replicas; shedding a replica's excess | bus, delivery, metrics |
+//! | [`realtime`] | the Socket.IO handlers | auth, bus, delivery, error, history, limits, metrics, rebalance, validate |
 //! | [`state`] | what the HTTP handlers share | bus, cluster, config, delivery, metrics |
 //! | [`ops`] | health, readiness, metrics endpoints; request metrics | bus, metrics, state |
 //! | [`client`] | the JavaScript client helper, served at `/client/chorus.js` | |
 //! | [`api`] | the `/v1` HTTP API and its OpenAPI description | auth, cluster, delivery, error, ops, state, validate |
-//! | [`app`] | wiring, serving and shutdown | api, auth, bus, client, cluster, config, conn, delivery, error, history, limits, metrics, ops, origins, realtime, state |
+//! | [`app`] | wiring, serving and shutdown | api, auth, bus, client, cluster, config, conn, delivery, error, history, limits, metrics, ops, origins, realtime, rebalance, state |
 
 pub mod api;
 pub mod app;
@@ -44,5 +45,6 @@ pub mod metrics;
 pub mod ops;
 pub mod origins;
 pub mod realtime;
+pub mod rebalance;
 pub mod state;
 pub mod validate;

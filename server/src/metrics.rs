@@ -93,6 +93,7 @@ pub struct Metrics {
     pub gap_caught_up: Counter,
     pub gap_closed: Counter,
     pub gap_replayed: Counter,
+    pub rebalance_closes: Counter,
 }
 
 impl Metrics {
@@ -127,6 +128,12 @@ impl Metrics {
         let gap_caught_up = Counter::default();
         let gap_closed = Counter::default();
         let gap_replayed = Counter::default();
+        let rebalance_closes = Counter::default();
+        registry.register(
+            "chorus_rebalance_closes",
+            "Sockets this replica closed because it held more than its share (rebalancing)",
+            rebalance_closes.clone(),
+        );
         registry.register(
             "chorus_bus_backlog_bytes",
             "Bytes of messages from Redis waiting for this replica's delivery (at most \
@@ -284,6 +291,7 @@ impl Metrics {
             gap_caught_up,
             gap_closed,
             gap_replayed,
+            rebalance_closes,
         }
     }
 

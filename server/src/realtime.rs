@@ -19,6 +19,7 @@ use crate::{
     history::Position,
     limits::{Admit, Capacity, SocketLimitConfig, SocketLimits},
     metrics::{ErrorLabels, Limit, Metrics},
+    rebalance::Cooperative,
     validate,
 };
 
@@ -298,6 +299,9 @@ struct Resume {
     rooms: Vec<String>,
     #[serde(default)]
     since: Option<String>,
+    /// The client honours `chorus:rebalance` (waits before reconnecting; see `rebalance`).
+    #[serde(default)]
+    rebalance: bool,
 }
 
 /// Joins the rooms a client was in and sends it what it missed since its last offset.
@@ -309,6 +313,9 @@ async fn on_resume(
 ) {
     let checked = admit(&s, &ctx).and_then(|limits| {
         let body = body.map_err(|_| Failure::invalid("expected {rooms, since}"))?;
+        if body.rebalance {
+            s.extensions.insert(Cooperative);
+        }
         let since = match &body.since {
             None => None,
             Some(offset) => Some(Position::parse(offset).ok_or_else(|| {
@@ -335,6 +342,14 @@ async fn on_resume(
         Ok((body.rooms, since))
     });
     match checked {
+        // No rooms: nothing to read or replay (a helper saying it honours `chorus:rebalance`).
+        Ok((rooms, _)) if rooms.is_empty() => {
+            let done = Done {
+                recovered: Some(true),
+                ..Done::default()
+            };
+            reply(&s, &ctx, ack, Ok(done));
+        }
         Ok((rooms, since)) => {
             let reply_to = |r: delivery::Resumed| {
                 let done = Done {

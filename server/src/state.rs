@@ -19,6 +19,6 @@ pub struct AppState {
     pub bus: Bus,
     pub metrics: Arc<Metrics>,
     pub api_token: Option<Secret>,
-    /// Set on SIGTERM: readiness fails from then on.
-    pub draining: AtomicBool,
+    /// Set on SIGTERM: readiness fails from then on (and rebalancing stops).
+    pub draining: Arc<AtomicBool>,
 }

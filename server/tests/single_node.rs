@@ -76,7 +76,10 @@ async fn single_node_is_ready_and_delivers() {
 
     let (status, nodes) = api.get("/v1/nodes").await;
     assert_eq!(status, 200);
-    assert_eq!(nodes, json!({"nodes": [{"id": "solo", "sockets": 3}]}));
+    assert_eq!(
+        nodes,
+        json!({"sockets": 3, "nodes": [{"id": "solo", "sockets": 3}]})
+    );
 }
 
 #[tokio::test]

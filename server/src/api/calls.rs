@@ -185,6 +185,8 @@ pub struct NodeEntry {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Nodes {
+    /// The sockets of every replica that answered, in all (what an autoscaler reads).
+    pub sockets: usize,
     pub nodes: Vec<NodeEntry>,
 }
 
@@ -206,7 +208,8 @@ pub async fn nodes(State(state): State<Arc<AppState>>) -> Result<Json<Nodes>, Fa
         })
         .collect();
     nodes.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(Json(Nodes { nodes }))
+    let sockets = nodes.iter().map(|n| n.sockets).sum();
+    Ok(Json(Nodes { sockets, nodes }))
 }
 
 async fn call(state: &AppState, op: Op) -> Result<Vec<Reply>, Failure> {

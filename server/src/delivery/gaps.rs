@@ -364,7 +364,7 @@ impl Delivery {
             .filter(|s| {
                 s.extensions
                     .get::<Arc<Outbox>>()
-                    .is_some_and(|o| o.mark_closing())
+                    .is_some_and(|o| o.start_closing())
             })
             .cloned()
             .collect();

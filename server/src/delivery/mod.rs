@@ -192,12 +192,13 @@ impl Outbox {
         !self.slow.swap(true, Ordering::Relaxed)
     }
 
-    /// Marks the socket as closing to resume; true the first time only.
-    fn mark_closing(&self) -> bool {
+    /// Marks the socket as closing to resume (it gets nothing more, and its session takes no
+    /// more requests); true the first time only.
+    pub fn start_closing(&self) -> bool {
         !self.closing.swap(true, Ordering::AcqRel)
     }
 
-    fn is_closing(&self) -> bool {
+    pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
     }
 
@@ -791,6 +792,12 @@ pub fn polled(io: &SocketIo<Adapter>, sid: Sid, bytes: usize) {
     {
         outbox.polled(bytes);
     }
+}
+
+/// Whether `s` counts as held by this replica: not being closed to resume elsewhere (a
+/// long-polling session lingers until its heartbeat ends it).
+pub fn is_live(s: &Socket) -> bool {
+    !is_closing(s)
 }
 
 /// Whether `s` is being closed to resume (see `gaps`): its session takes no more requests.
