@@ -198,7 +198,8 @@ fn chorus_env_and_probes() {
             "PORT",
             "API_TOKEN",
             "JWT_SECRET",
-            "REDIS_CHANNEL_PREFIX"
+            "REDIS_CHANNEL_PREFIX",
+            "REBALANCE_AFFINITY_SECONDS"
         ]
     );
     assert_eq!(value(&env, "REDIS_HOST"), Some("chat-redis.team.svc"));
@@ -303,6 +304,14 @@ fn auth_settings_and_limits_reach_the_chorus_environment() {
     );
     let generated = resources::generated(&app(spec), &config()).expect("generated");
     assert!(generated.jwt.is_none());
+}
+
+#[test]
+fn chorus_servers_behind_client_ip_affinity_are_told_its_window() {
+    let env = env_of(&build(json!({})));
+    assert_eq!(value(&env, "REBALANCE_AFFINITY_SECONDS"), Some("10"));
+    let env = env_of(&build(json!({"service": {"sessionAffinity": "None"}})));
+    assert_eq!(value(&env, "REBALANCE_AFFINITY_SECONDS"), None);
 }
 
 #[test]
@@ -597,6 +606,11 @@ fn network_policy_and_service_options() {
 
     let svc = serde_json::to_value(on.service.as_ref().expect("svc")).expect("json");
     assert_eq!(svc["spec"]["sessionAffinity"], json!("ClientIP"));
+    assert_eq!(
+        svc["spec"]["sessionAffinityConfig"],
+        json!({"clientIP": {"timeoutSeconds": 10}}),
+        "a short window, so that clients shed by rebalancing land elsewhere"
+    );
     assert_eq!(svc["spec"]["type"], json!("ClusterIP"));
     assert_eq!(svc["spec"]["ports"][0]["port"], json!(80));
     let lb = build(
@@ -605,6 +619,7 @@ fn network_policy_and_service_options() {
     let svc = serde_json::to_value(lb.service.as_ref().expect("svc")).expect("json");
     assert_eq!(svc["spec"]["type"], json!("LoadBalancer"));
     assert_eq!(svc["spec"]["sessionAffinity"], json!("None"));
+    assert_eq!(svc["spec"].get("sessionAffinityConfig"), None);
     assert_eq!(svc["spec"]["ports"][0]["port"], json!(443));
     assert_eq!(svc["metadata"]["annotations"], json!({"a": "b"}));
 

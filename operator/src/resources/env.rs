@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, Secr
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
 
 use super::{App, BuildError};
-use crate::crd::{AuthSpec, Flavor, RedisMode, SecretKeyRef};
+use crate::crd::{AuthSpec, Flavor, RedisMode, SecretKeyRef, SessionAffinity};
 
 /// Where the app's Redis is and how to authenticate.
 #[derive(Debug, Clone, PartialEq)]
@@ -274,6 +274,13 @@ pub fn container_env(a: &App<'_>, redis: &RedisEndpoint) -> Vec<EnvVar> {
                         env.push(plain(name, v.to_string()));
                     }
                 }
+            }
+            // Shed clients wait out the Service's affinity window (see `server::service`).
+            if a.app.spec.service.session_affinity == SessionAffinity::ClientIP {
+                env.push(plain(
+                    "REBALANCE_AFFINITY_SECONDS",
+                    super::server::AFFINITY_SECONDS.to_string(),
+                ));
             }
             if let Some(history) = &a.app.spec.history {
                 env.push(plain("HISTORY_SIZE", history.size.to_string()));

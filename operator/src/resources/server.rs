@@ -11,8 +11,9 @@ use k8s_openapi::{
             MetricSpec, MetricTarget, ResourceMetricSource,
         },
         core::v1::{
-            Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe,
-            ResourceRequirements, Secret, Service, ServicePort, ServiceSpec, TCPSocketAction,
+            ClientIPConfig, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec,
+            Probe, ResourceRequirements, Secret, Service, ServicePort, ServiceSpec,
+            SessionAffinityConfig, TCPSocketAction,
         },
         policy::v1::PodDisruptionBudget,
     },
@@ -32,6 +33,11 @@ use super::{
 use crate::crd::{Flavor, RealtimeApp, SessionAffinity};
 
 pub const COMPONENT: &str = "server";
+/// The window of the Service's `sessionAffinity: ClientIP`, in seconds: long enough for a
+/// long-polling session's requests to stay on one pod, short enough that a client shed by
+/// rebalancing is not kept away long (chorus-server asks it to wait this out, see
+/// `REBALANCE_AFFINITY_SECONDS`). Kubernetes' own default is three hours.
+pub const AFFINITY_SECONDS: i32 = 10;
 /// chorus-server's image runs as this non-root user.
 const CHORUS_UID: i64 = 65532;
 /// The `node` user of the official Node.js images, which Sails and Socket.IO apps build on.
@@ -268,6 +274,12 @@ pub fn service(a: &App<'_>) -> Service {
                 SessionAffinity::ClientIP => "ClientIP".into(),
                 SessionAffinity::None => "None".into(),
             }),
+            session_affinity_config: (spec.session_affinity == SessionAffinity::ClientIP)
+                .then_some(SessionAffinityConfig {
+                    client_ip: Some(ClientIPConfig {
+                        timeout_seconds: Some(AFFINITY_SECONDS),
+                    }),
+                }),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: spec.port,
