@@ -207,6 +207,7 @@
       closed = true;
       clearTimeout(retryTimer);
       clearTimeout(rebalanceTimer);
+      setShed(null);
       socket.close();
       return api;
     }
@@ -231,6 +232,8 @@
     // resumed on the next connection, as after any other.
     let shedBy = null;
     let shedWait = 0;
+    let shedRefusals = 0;
+    let appReconnects = true; // socket.io-client's own reconnection, as the app set it
     function setShed(from) {
       shedBy = from;
       const o = socket.io && socket.io.opts;
@@ -246,7 +249,8 @@
     function reconnectAfter(wait) {
       clearTimeout(rebalanceTimer);
       rebalanceTimer = setTimeout(() => {
-        if (socket.io && typeof socket.io.reconnection === 'function') socket.io.reconnection(true);
+        rebalanceTimer = null;
+        if (socket.io && typeof socket.io.reconnection === 'function') socket.io.reconnection(appReconnects);
         if (!closed && !socket.connected) socket.connect();
       }, wait);
     }
@@ -254,22 +258,33 @@
       if (closed) return;
       const wait = Math.min(Number(info && info.retryAfterMs) || 0, 600000);
       shedWait = wait;
+      shedRefusals = 0;
       setShed(typeof (info && info.from) === 'string' && info.from ? info.from : 'yes');
       const manager = socket.io;
       if (!(wait > 0) || !manager || typeof manager.reconnection !== 'function') return;
       // The transport closes next: no reconnect of socket.io-client's own until the wait is over.
+      if (!rebalanceTimer) appReconnects = manager.reconnection();
       manager.reconnection(false);
       reconnectAfter(wait);
     });
     // Refused (a replica that holds its share or more): behind an affinity, stop
     // socket.io-client's own retries (each would renew the affinity) and wait as long again;
     // otherwise its own retries go elsewhere.
+    // After three refusals the client no longer says it was shed (the replica that shed it
+    // may never get below its share), and is placed like any other.
     socket.on('connect_error', () => {
-      if (!shedBy || closed || !(shedWait > 0)) return;
+      if (!shedBy || closed) return;
+      shedRefusals += 1;
+      if (shedRefusals >= 3) setShed(null);
+      if (!(shedWait > 0)) return;
       socket.disconnect();
       reconnectAfter(shedWait);
     });
-    socket.on('connect', () => { if (shedBy) setShed(null); });
+    socket.on('connect', () => {
+      clearTimeout(rebalanceTimer);
+      rebalanceTimer = null;
+      if (shedBy) setShed(null);
+    });
 
     socket.on('disconnect', (reason) => {
       // Requests sent on the lost connection will never be answered; the app decides whether
@@ -296,6 +311,9 @@
     function refused(err) {
       if (!err || (err.message || err) !== 'unauthorized') return;
       clearTimeout(retryTimer);
+      clearTimeout(rebalanceTimer);
+      rebalanceTimer = null;
+      setShed(null);
       socket.close();
       emitOwn('error', chorusError('unauthorized',
         'the server refused the token: set a fresh one and call socket.connect()'));

@@ -309,7 +309,7 @@ fn auth_settings_and_limits_reach_the_chorus_environment() {
 #[test]
 fn chorus_servers_behind_client_ip_affinity_are_told_its_window() {
     let env = env_of(&build(json!({})));
-    assert_eq!(value(&env, "REBALANCE_AFFINITY_SECONDS"), Some("10"));
+    assert_eq!(value(&env, "REBALANCE_AFFINITY_SECONDS"), Some("60"));
     let env = env_of(&build(json!({"service": {"sessionAffinity": "None"}})));
     assert_eq!(value(&env, "REBALANCE_AFFINITY_SECONDS"), None);
 }
@@ -608,7 +608,7 @@ fn network_policy_and_service_options() {
     assert_eq!(svc["spec"]["sessionAffinity"], json!("ClientIP"));
     assert_eq!(
         svc["spec"]["sessionAffinityConfig"],
-        json!({"clientIP": {"timeoutSeconds": 10}}),
+        json!({"clientIP": {"timeoutSeconds": 60}}),
         "a short window, so that clients shed by rebalancing land elsewhere"
     );
     assert_eq!(svc["spec"]["type"], json!("ClusterIP"));

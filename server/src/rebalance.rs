@@ -99,6 +99,8 @@ pub struct Share {
     pub mean: f64,
     /// Sockets above the mean, when above the tolerance; 0 otherwise.
     pub excess: usize,
+    /// Sockets above the mean, whatever the tolerance (where a round stops).
+    pub over: usize,
 }
 
 /// This replica's share: the mean of the ready replicas' counts (its own included), and what
@@ -106,12 +108,13 @@ pub struct Share {
 pub fn decide(mine: usize, others: &[usize], tolerance: f64) -> Share {
     let total: usize = mine + others.iter().sum::<usize>();
     let mean = total as f64 / (others.len() + 1) as f64;
+    let over = mine.saturating_sub(mean.ceil() as usize);
     let excess = if (mine as f64) > (1.0 + tolerance) * mean {
-        mine.saturating_sub(mean.ceil() as usize)
+        over
     } else {
         0
     };
-    Share { mean, excess }
+    Share { mean, excess, over }
 }
 
 pub struct Rebalancer {
@@ -153,12 +156,15 @@ impl Rebalancer {
 
     /// Whether a new handshake with this query is refused now: every one while a round is
     /// shedding without affinity; one from a client some replica shed (the helper says so:
-    /// `chorus_shed=<replica>`) while this one holds more than the mean, so that shed clients
-    /// land on the replicas below it.
+    /// `chorus_shed=<replica>`) while this one holds more than the mean (as of its last
+    /// decision, a second ago at most), so that shed clients land on the replicas below it.
+    /// The replica holding the fewest never refuses them.
     pub fn refuses(&self, query: Option<&str>) -> bool {
         if self.refusing.load(Ordering::Relaxed) {
             return true;
         }
+        // Behind an affinity each refusal costs the client another window away, but a shed
+        // client accepted by another replica above the mean would have to move again.
         self.above.load(Ordering::Relaxed)
             && query.is_some_and(|q| q.split('&').any(|kv| kv.starts_with(SHED_PARAM)))
     }
@@ -216,12 +222,15 @@ impl Rebalancer {
             return;
         }
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        // Also with rebalancing off (nobody else prunes): pods come and go.
+        peers.retain(|_, p| now.duration_since(p.seen) < GONE_AFTER);
         peers.insert(
             load.uid,
             Peer {
                 sockets: load.sockets,
                 draining: load.draining,
-                seen: Instant::now(),
+                seen: now,
             },
         );
     }
@@ -247,6 +256,29 @@ impl Rebalancer {
         self.draining.load(Ordering::Relaxed) || !bus_ok
     }
 
+    /// This replica's share now, or `None` when no round may run: it or another replica
+    /// drains, a Redis is down, or it is alone. Keeps `above` current either way.
+    fn share(&self) -> Option<(Share, BTreeSet<String>)> {
+        let found = self
+            .others()
+            .filter(|(others, _)| !others.is_empty() && !self.paused());
+        let Some((others, set)) = found else {
+            self.above.store(false, Ordering::Relaxed);
+            return None;
+        };
+        let mine = self.sockets().len();
+        let share = decide(mine, &others, self.config.tolerance);
+        self.above
+            .store(mine as f64 > share.mean.ceil(), Ordering::Relaxed);
+        Some((share, set))
+    }
+
+    /// The wait after a round before the counts are trusted again: behind an affinity, the
+    /// shed clients stay away up to one and a half windows.
+    fn cool_down(&self) -> Duration {
+        COOL_DOWN + self.config.affinity.mul_f64(1.5)
+    }
+
     async fn run(self: Arc<Self>) {
         let mut set = BTreeSet::new();
         let mut wait_until = Instant::now() + SETTLE;
@@ -254,22 +286,16 @@ impl Rebalancer {
         loop {
             tick.tick().await;
             let now = Instant::now();
-            let Some((others, now_set)) = self.others() else {
-                wait_until = wait_until.max(now + TICK);
+            let Some((share, now_set)) = self.share() else {
+                // Paused (or alone): the counts are not settled when it ends.
+                wait_until = wait_until.max(now + SETTLE);
                 continue;
             };
             if now_set != set {
                 set = now_set;
                 wait_until = wait_until.max(now + SETTLE);
             }
-            if now < wait_until || self.paused() || others.is_empty() {
-                continue;
-            }
-            let mine = self.sockets().len();
-            let share = decide(mine, &others, self.config.tolerance);
-            self.above
-                .store(mine as f64 > share.mean.ceil(), Ordering::Relaxed);
-            if share.excess == 0 {
+            if now < wait_until || share.excess == 0 {
                 continue;
             }
             tracing::info!(
@@ -277,23 +303,37 @@ impl Rebalancer {
                 mean = share.mean,
                 "holding more than its share of sockets: shedding the excess"
             );
-            self.round(share.excess).await;
-            wait_until = Instant::now() + COOL_DOWN;
+            self.round(share.excess, &set).await;
+            wait_until = Instant::now() + self.cool_down();
         }
     }
 
     /// Sheds `excess` sockets, at most `REBALANCE_RATE` of the sockets a second; stops early
-    /// when the replica drains, a Redis goes down or it no longer holds more than the mean.
-    async fn round(&self, excess: usize) {
+    /// when a round may no longer run (see [`Rebalancer::share`]), the set of replicas
+    /// changes, or this replica no longer holds more than the mean.
+    async fn round(&self, excess: usize, set: &BTreeSet<String>) {
         let affinity = !self.config.affinity.is_zero();
         self.refusing.store(!affinity, Ordering::Relaxed);
         let mut left = excess;
-        while left > 0 && !self.paused() {
+        while left > 0 {
+            match self.share() {
+                Some((share, now_set)) if &now_set == set => left = left.min(share.over),
+                _ => break,
+            }
+            if left == 0 {
+                break;
+            }
             let sockets = self.sockets();
             let per_second = ((self.config.rate * sockets.len() as f64).ceil() as usize).max(1);
+            // Not a socket in the middle of a join or resume: its ack would tell a gap.
             let candidates: Vec<SocketRef> = sockets
                 .into_iter()
-                .filter(|s| !affinity || s.extensions.get::<Cooperative>().is_some())
+                .filter(|s| {
+                    s.extensions
+                        .get::<Arc<Outbox>>()
+                        .is_some_and(|o| !o.is_holding())
+                        && (!affinity || s.extensions.get::<Cooperative>().is_some())
+                })
                 .collect();
             if candidates.is_empty() {
                 break;
@@ -317,8 +357,9 @@ impl Rebalancer {
     }
 
     fn shed(&self, s: SocketRef) {
-        if let Some(outbox) = s.extensions.get::<Arc<Outbox>>()
-            && !outbox.start_closing()
+        if s.extensions
+            .get::<Arc<Outbox>>()
+            .is_none_or(|o| o.is_closing())
         {
             return;
         }
@@ -335,9 +376,16 @@ impl Rebalancer {
             "chorus:rebalance",
             &serde_json::json!({ "retryAfterMs": retry, "from": self.uid }),
         );
+        // Told first, closed after: a closing session takes no more polls, and the event
+        // must have gone out on one.
         tokio::spawn(async move {
             tokio::time::sleep(TELL_FIRST).await;
-            delivery::close_transport(s);
+            if s.extensions
+                .get::<Arc<Outbox>>()
+                .is_some_and(|o| o.start_closing())
+            {
+                delivery::close_transport(s);
+            }
         });
     }
 }

@@ -33,11 +33,13 @@ use super::{
 use crate::crd::{Flavor, RealtimeApp, SessionAffinity};
 
 pub const COMPONENT: &str = "server";
-/// The window of the Service's `sessionAffinity: ClientIP`, in seconds: long enough for a
-/// long-polling session's requests to stay on one pod, short enough that a client shed by
-/// rebalancing is not kept away long (chorus-server asks it to wait this out, see
-/// `REBALANCE_AFFINITY_SECONDS`). Kubernetes' own default is three hours.
-pub const AFFINITY_SECONDS: i32 = 10;
+/// The window of the Service's `sessionAffinity: ClientIP` for chorus-server, in seconds:
+/// longer than a long-polling session's heartbeat (25 s + 20 s), whose polls may each come on a
+/// new connection and must stay on one pod, and short enough that a client shed by
+/// rebalancing is not kept away for long (chorus-server asks it to wait this out, see
+/// `REBALANCE_AFFINITY_SECONDS`). Kubernetes' own default, kept for the other flavors, is
+/// three hours.
+pub const AFFINITY_SECONDS: i32 = 60;
 /// chorus-server's image runs as this non-root user.
 const CHORUS_UID: i64 = 65532;
 /// The `node` user of the official Node.js images, which Sails and Socket.IO apps build on.
@@ -274,7 +276,8 @@ pub fn service(a: &App<'_>) -> Service {
                 SessionAffinity::ClientIP => "ClientIP".into(),
                 SessionAffinity::None => "None".into(),
             }),
-            session_affinity_config: (spec.session_affinity == SessionAffinity::ClientIP)
+            session_affinity_config: (spec.session_affinity == SessionAffinity::ClientIP
+                && a.app.spec.flavor == Flavor::Chorus)
                 .then_some(SessionAffinityConfig {
                     client_ip: Some(ClientIPConfig {
                         timeout_seconds: Some(AFFINITY_SECONDS),

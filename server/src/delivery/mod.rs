@@ -198,6 +198,11 @@ impl Outbox {
         !self.closing.swap(true, Ordering::AcqRel)
     }
 
+    /// True while a `join` or `resume` of the socket waits for the history.
+    pub fn is_holding(&self) -> bool {
+        self.holding.load(Ordering::SeqCst)
+    }
+
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
     }
