@@ -17,6 +17,62 @@ function weight(id, port) {
   return crypto.createHash('sha1').update(`${id}@${port}`).digest().readUInt32BE(0);
 }
 
+// A connection handler for loopback proxies: reads the request head, asks `choose` (given the
+// request line) for a backend port and pipes the connection there, or answers 503 when there
+// is none. Every socket is kept in `open`; `stats.connections` and `stats.refused` are counted.
+function headRouter(open, stats, choose) {
+  return (client) => {
+    stats.connections += 1;
+    open.add(client);
+    client.on('close', () => open.delete(client));
+    client.on('error', () => client.destroy());
+    let head = Buffer.alloc(0);
+    const onData = (chunk) => {
+      head = Buffer.concat([head, chunk]);
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0) {
+        if (head.length > HEAD_LIMIT) client.destroy();
+        return;
+      }
+      client.off('data', onData);
+      client.pause();
+      const port = choose(head.subarray(0, head.indexOf('\r\n')).toString('latin1'));
+      if (port === undefined) {
+        client.end('HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
+        return;
+      }
+      const upstream = net.connect(port, '127.0.0.1');
+      open.add(upstream);
+      upstream.on('close', () => { open.delete(upstream); client.destroy(); });
+      client.on('close', () => upstream.destroy());
+      upstream.on('error', () => { stats.refused = (stats.refused || 0) + 1; upstream.destroy(); });
+      upstream.on('connect', () => {
+        upstream.setNoDelay(true);
+        upstream.write(head);
+        client.pipe(upstream);
+        upstream.pipe(client);
+        client.resume();
+      });
+    };
+    client.setNoDelay(true);
+    client.on('data', onData);
+  };
+}
+
+// Listens on a free loopback port: the proxy's address, and a close that ends every connection.
+async function listen(server, open) {
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address();
+  return {
+    port,
+    url: `http://127.0.0.1:${port}`,
+    close() {
+      for (const s of open) s.destroy();
+      return new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
 async function startProxy() {
   let backends = [];
   const sticky = new Map();
@@ -36,59 +92,18 @@ async function startProxy() {
     return best;
   }
 
-  const server = net.createServer((client) => {
-    stats.connections += 1;
-    open.add(client);
-    client.on('close', () => open.delete(client));
-    client.on('error', () => client.destroy());
-    let head = Buffer.alloc(0);
-    const onData = (chunk) => {
-      head = Buffer.concat([head, chunk]);
-      const end = head.indexOf('\r\n\r\n');
-      if (end < 0) {
-        if (head.length > HEAD_LIMIT) client.destroy();
-        return;
-      }
-      client.off('data', onData);
-      client.pause();
-      const line = head.subarray(0, head.indexOf('\r\n')).toString('latin1');
-      const match = /[?&]client=([^&\s]+)/.exec(line);
-      const port = match ? pick(decodeURIComponent(match[1])) : undefined;
-      if (port === undefined) {
-        if (!match) stats.noClient += 1;
-        client.end('HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
-        return;
-      }
-      const upstream = net.connect(port, '127.0.0.1');
-      open.add(upstream);
-      upstream.on('close', () => { open.delete(upstream); client.destroy(); });
-      client.on('close', () => upstream.destroy());
-      upstream.on('error', () => { stats.refused += 1; upstream.destroy(); });
-      upstream.on('connect', () => {
-        upstream.setNoDelay(true);
-        upstream.write(head);
-        client.pipe(upstream);
-        upstream.pipe(client);
-        client.resume();
-      });
-    };
-    client.setNoDelay(true);
-    client.on('data', onData);
-  });
-  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address();
+  const server = net.createServer(headRouter(open, stats, (line) => {
+    const match = /[?&]client=([^&\s]+)/.exec(line);
+    if (!match) stats.noClient += 1;
+    return match ? pick(decodeURIComponent(match[1])) : undefined;
+  }));
   return {
-    port,
-    url: `http://127.0.0.1:${port}`,
+    ...(await listen(server, open)),
     stats,
     route, // the backend a new client with this id would get now
     setBackends(ports) { backends = [...ports].sort((a, b) => a - b); },
     get backends() { return backends.slice(); },
-    close() {
-      for (const s of open) s.destroy();
-      return new Promise((resolve) => server.close(resolve));
-    },
   };
 }
 
-module.exports = { startProxy };
+module.exports = { startProxy, headRouter, listen };
