@@ -61,6 +61,10 @@ pub const SETTLE: Duration = Duration::from_secs(10);
 const COOL_DOWN: Duration = Duration::from_secs(8);
 /// How often a replica decides.
 const TICK: Duration = Duration::from_secs(1);
+/// How long a replica must have been above the tolerance before a round starts: during a burst
+/// of new connections every replica's own count runs ahead of the others' (published every
+/// [`LOAD_EVERY`]), and each would think itself above its share.
+const SUSTAINED: Duration = Duration::from_secs(6);
 /// The handshake query parameter by which a shed client names the replica that shed it.
 const SHED_PARAM: &str = "chorus_shed=";
 
@@ -282,6 +286,7 @@ impl Rebalancer {
     async fn run(self: Arc<Self>) {
         let mut set = BTreeSet::new();
         let mut wait_until = Instant::now() + SETTLE;
+        let mut above_since: Option<Instant> = None;
         let mut tick = tokio::time::interval(TICK);
         loop {
             tick.tick().await;
@@ -289,6 +294,7 @@ impl Rebalancer {
             let Some((share, now_set)) = self.share() else {
                 // Paused (or alone): the counts are not settled when it ends.
                 wait_until = wait_until.max(now + SETTLE);
+                above_since = None;
                 continue;
             };
             if now_set != set {
@@ -296,8 +302,13 @@ impl Rebalancer {
                 wait_until = wait_until.max(now + SETTLE);
             }
             if now < wait_until || share.excess == 0 {
+                above_since = None;
                 continue;
             }
+            if now.duration_since(*above_since.get_or_insert(now)) < SUSTAINED {
+                continue;
+            }
+            above_since = None;
             tracing::info!(
                 excess = share.excess,
                 mean = share.mean,
