@@ -131,7 +131,7 @@ pub struct Rebalancer {
     peers: Mutex<HashMap<String, Peer>>,
     /// Set while a round lasts and handshakes are refused (no affinity).
     refusing: AtomicBool,
-    /// Set while this replica holds more than the mean: the clients it shed are refused.
+    /// Set while this replica holds the mean or more: shed clients are refused.
     above: AtomicBool,
     io: OnceCell<SocketIo<Adapter>>,
 }
@@ -160,9 +160,8 @@ impl Rebalancer {
 
     /// Whether a new handshake with this query is refused now: every one while a round is
     /// shedding without affinity; one from a client some replica shed (the helper says so:
-    /// `chorus_shed=<replica>`) while this one holds more than the mean (as of its last
+    /// `chorus_shed=<replica>`) while this one holds the mean or more (as of its last
     /// decision, a second ago at most), so that shed clients land on the replicas below it.
-    /// The replica holding the fewest never refuses them.
     pub fn refuses(&self, query: Option<&str>) -> bool {
         if self.refusing.load(Ordering::Relaxed) {
             return true;
@@ -272,8 +271,10 @@ impl Rebalancer {
         };
         let mine = self.sockets().len();
         let share = decide(mine, &others, self.config.tolerance);
+        // At the mean counts as above: a shed client taken there would leave the replicas
+        // below it short.
         self.above
-            .store(mine as f64 > share.mean.ceil(), Ordering::Relaxed);
+            .store(mine > 0 && mine as f64 >= share.mean, Ordering::Relaxed);
         Some((share, set))
     }
 
