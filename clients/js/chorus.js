@@ -270,12 +270,12 @@
     // Refused (a replica that holds its share or more): behind an affinity, stop
     // socket.io-client's own retries (each would renew the affinity) and wait as long again;
     // otherwise its own retries go elsewhere.
-    // After three refusals the client no longer says it was shed (the replica that shed it
-    // may never get below its share), and is placed like any other.
+    // After five refusals the client no longer says it was shed (the counts it was refused on
+    // may be stale), and is placed like any other.
     socket.on('connect_error', () => {
       if (!shedBy || closed) return;
       shedRefusals += 1;
-      if (shedRefusals >= 3) setShed(null);
+      if (shedRefusals >= 5) setShed(null);
       if (!(shedWait > 0)) return;
       socket.disconnect();
       reconnectAfter(shedWait);

@@ -131,7 +131,7 @@ pub struct Rebalancer {
     peers: Mutex<HashMap<String, Peer>>,
     /// Set while a round lasts and handshakes are refused (no affinity).
     refusing: AtomicBool,
-    /// Set while this replica holds the mean or more: shed clients are refused.
+    /// Set while this replica holds more than the mean: shed clients are refused.
     above: AtomicBool,
     io: OnceCell<SocketIo<Adapter>>,
 }
@@ -160,7 +160,7 @@ impl Rebalancer {
 
     /// Whether a new handshake with this query is refused now: every one while a round is
     /// shedding without affinity; one from a client some replica shed (the helper says so:
-    /// `chorus_shed=<replica>`) while this one holds the mean or more (as of its last
+    /// `chorus_shed=<replica>`) while this one holds more than the mean (as of its last
     /// decision, a second ago at most), so that shed clients land on the replicas below it.
     pub fn refuses(&self, query: Option<&str>) -> bool {
         if self.refusing.load(Ordering::Relaxed) {
@@ -271,10 +271,11 @@ impl Rebalancer {
         };
         let mine = self.sockets().len();
         let share = decide(mine, &others, self.config.tolerance);
-        // At the mean counts as above: a shed client taken there would leave the replicas
-        // below it short.
+        // Above the exact mean (not rounded up): a shed client taken by a replica at the mean
+        // leaves the replicas below it short; when every replica holds exactly the mean, none
+        // refuses.
         self.above
-            .store(mine > 0 && mine as f64 >= share.mean, Ordering::Relaxed);
+            .store(mine as f64 > share.mean, Ordering::Relaxed);
         Some((share, set))
     }
 
