@@ -5,7 +5,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -27,7 +27,7 @@ use crate::{
     client,
     cluster::Cluster,
     config::Config,
-    conn::{self, DrainWindow, StreamLimits},
+    conn::{self, Drain, DrainWindow, StreamLimits},
     delivery::{self, Delivery},
     error::{self, ErrorCode, Failure},
     history::{History, HistoryConfig},
@@ -71,7 +71,10 @@ pub struct Server {
     listener: TcpListener,
     router: Router,
     state: Arc<AppState>,
-    drain: Duration,
+    /// DRAIN_SECONDS: the longest a drain may take.
+    longest_drain: Duration,
+    /// DRAIN_RATE: the most connections a drain closes per second.
+    drain_rate: u32,
     limits: StreamLimits,
 }
 
@@ -203,7 +206,8 @@ impl Server {
             listener,
             router,
             state,
-            drain: Duration::from_secs(config.drain_seconds),
+            longest_drain: Duration::from_secs(config.drain_seconds),
+            drain_rate: config.drain_rate,
             limits: StreamLimits {
                 ws_message: config.max_payload,
                 socket_buffer,
@@ -216,8 +220,9 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then drains: readiness fails at once, connections are
-    /// closed one by one over the drain window (so clients reconnect elsewhere and resume),
-    /// what is left is closed at its end, and the call returns.
+    /// closed one by one over the drain window (so clients reconnect elsewhere and resume), at
+    /// most DRAIN_RATE a second where DRAIN_SECONDS allows, what is left is closed at its end,
+    /// and the call returns.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -226,28 +231,41 @@ impl Server {
             listener,
             router,
             state,
-            drain,
+            longest_drain,
+            drain_rate,
             limits,
             ..
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (drain_tx, drain_rx) = tokio::sync::watch::channel(None);
+        let held = Arc::new(AtomicUsize::new(0));
         let drain_state = state.clone();
+        let drain_held = held.clone();
         tokio::spawn(async move {
             shutdown.await;
             drain_state.draining.store(true, Ordering::SeqCst);
+            // Sized by the connections held now: each close lands on the other replicas as a
+            // reconnect, so they come at most DRAIN_RATE a second unless DRAIN_SECONDS is short.
+            let connections = drain_held.load(Ordering::SeqCst);
+            let drain = conn::drain_length(connections, longest_drain, drain_rate);
             tracing::info!(
-                seconds = drain.as_secs(),
+                connections,
+                seconds = (drain.as_secs_f64() * 10.0).round() / 10.0,
+                rate = drain_rate,
                 "shutting down: not ready, closing connections over the drain"
             );
-            // The first fifth leaves time for the replica to leave the Service's endpoints,
-            // so that clients reconnect elsewhere; then each connection closes at a moment of
-            // its own, so the other replicas see no reconnect storm.
-            let start = tokio::time::Instant::now();
-            let _ = drain_tx.send(Some(DrainWindow {
-                from: start + drain / 5,
-                until: start + drain,
-            }));
+            if conn::paced_drain(connections, drain_rate) > longest_drain {
+                tracing::warn!(
+                    connections,
+                    drain_seconds = longest_drain.as_secs(),
+                    rate = drain_rate,
+                    "DRAIN_SECONDS is too short to close these connections at DRAIN_RATE: they \
+                     close faster; raise DRAIN_SECONDS (and the termination grace period with it)"
+                );
+            }
+            // Each connection closes at a moment of its own, so the other replicas see no
+            // reconnect storm.
+            let _ = drain_tx.send(Some(DrainWindow::new(tokio::time::Instant::now(), drain)));
             tokio::time::sleep(drain).await;
             tracing::info!("closing sockets");
             drain_state.io.close().await;
@@ -260,7 +278,10 @@ impl Server {
             limits,
             state.metrics.clone(),
             stop_rx,
-            drain_rx,
+            Drain {
+                window: drain_rx,
+                held,
+            },
             SHUTDOWN_GRACE,
         )
         .await;

@@ -96,9 +96,16 @@ pub struct Config {
     #[arg(long, env = "MAX_PAYLOAD", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_payload: u64,
 
-    /// On SIGTERM: seconds over which connections are closed, one by one, while not ready.
+    /// On SIGTERM: the longest a drain may take, in seconds (the pod's termination grace
+    /// period must cover it); a drain closes connections one by one while not ready.
     #[arg(long, env = "DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
+
+    /// On SIGTERM: the most connections the drain closes per second (on average), so the
+    /// other replicas take the reconnects at that rate; the drain lasts as long as that needs,
+    /// within DRAIN_SECONDS.
+    #[arg(long, env = "DRAIN_RATE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub drain_rate: u32,
 
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -417,7 +424,7 @@ mod tests {
         assert!(c.redis_urls.is_empty());
         assert_eq!(c.channel_prefix, "chorus");
         assert_eq!(c.max_payload, 1_048_576);
-        assert_eq!(c.drain_seconds, 5);
+        assert_eq!((c.drain_seconds, c.drain_rate), (5, 1000));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.cors_origins, vec!["*"]);
         assert_eq!(c.max_connections, 100_000);
@@ -526,6 +533,7 @@ mod tests {
             (&["--max-connections", "0"][..], "--max-connections"),
             (&["--max-rooms-per-socket=-1"][..], "--max-rooms-per-socket"),
             (&["--socket-rate", "fast"][..], "--socket-rate"),
+            (&["--drain-rate", "0"][..], "--drain-rate"),
             (
                 &["--socket-buffer-bytes", "10"][..],
                 "--socket-buffer-bytes",
