@@ -167,6 +167,7 @@ async fn bench(args: Args) -> Result<bool, String> {
         lease_namespace: "ops".into(),
         identity: "bench".into(),
         lease_duration_seconds: controller::LEASE_DURATION_SECONDS,
+        readings_address: chorus_operator::autoscale::DEFAULT_ADDRESS.into(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();

@@ -13,7 +13,10 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    api::{
+        ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+        Preconditions,
+    },
     runtime::events::EventType,
 };
 
@@ -23,7 +26,9 @@ use crate::{
     crd::RealtimeApp,
     error::{Error, ObjectName},
     reconcile::Context,
-    resources::{Child, Children, IMMUTABLE_ANNOTATION, MANAGER, digest, is_owned_by},
+    resources::{
+        Child, Children, IMMUTABLE_ANNOTATION, MANAGER, children_selector, digest, is_owned_by,
+    },
     secrets,
     status::Problem,
 };
@@ -288,6 +293,134 @@ impl<'a> Applier<'a> {
                 source,
             }),
         }
+    }
+
+    /// Whether the API serves `resource` (KEDA's kinds exist only where KEDA is installed).
+    pub async fn serves(&self, resource: &ApiResource) -> Result<bool, Error> {
+        match self
+            .ctx
+            .client
+            .list_api_group_resources(&resource.api_version)
+            .await
+        {
+            Ok(list) => Ok(list.resources.iter().any(|r| r.name == resource.plural)),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+            Err(source) => Err(Error::Read {
+                object: ObjectName::new("APIResourceList", "", &resource.api_version),
+                source,
+            }),
+        }
+    }
+
+    fn dynamic_api(&self, resource: &ApiResource) -> Api<DynamicObject> {
+        Api::namespaced_with(self.ctx.client.clone(), &self.namespace, resource)
+    }
+
+    /// [`Applier::apply`] for an object of a kind the operator has no type or cache for
+    /// (KEDA's): read from the API, applied when its hash changed, never over an object
+    /// this app does not own.
+    pub async fn apply_dynamic(
+        &self,
+        mut obj: DynamicObject,
+        resource: &ApiResource,
+        problems: &mut Vec<Problem>,
+    ) -> Result<(), Error> {
+        let name = obj.name_any();
+        let object = ObjectName::new(&resource.kind, &self.namespace, &name);
+        let hash = digest([serde_json::to_vec(&obj).unwrap_or_default().as_slice()]);
+        obj.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(APPLIED_ANNOTATION.into(), hash.clone());
+        let api = self.dynamic_api(resource);
+        let live = api.get_opt(&name).await.map_err(|source| Error::Read {
+            object: object.clone(),
+            source,
+        })?;
+        if let Some(current) = &live {
+            if !is_owned_by(current, &self.uid()) {
+                problems.push(Problem {
+                    reason: Reason::NameInUse,
+                    message: format!(
+                        "{object} exists and is not owned by this RealtimeApp: rename the app or remove it"
+                    ),
+                });
+                return Ok(());
+            }
+            if current.annotations().get(APPLIED_ANNOTATION) == Some(&hash) {
+                return Ok(());
+            }
+        }
+        api.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .map_err(|source| Error::Apply { object, source })?;
+        self.ctx.metrics.writes.inc();
+        let reason = if live.is_some() {
+            EventReason::Updated
+        } else {
+            EventReason::Created
+        };
+        self.event(reason, format!("{reason} {} {name}", resource.kind))
+            .await;
+        Ok(())
+    }
+
+    /// The orphan pass for a kind without a cache: deletes what this app owns of it and no
+    /// longer wants. Nothing to do where the API does not serve the kind.
+    pub async fn delete_unwanted_dynamic(
+        &self,
+        wanted: &Children,
+        resource: &ApiResource,
+    ) -> Result<(), Error> {
+        let wanted = wanted.names();
+        let api = self.dynamic_api(resource);
+        let params = ListParams::default().labels(&children_selector(&self.app.name_any()));
+        let owned = match api.list(&params).await {
+            Ok(list) => list.items,
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(source) => {
+                return Err(Error::List {
+                    kind: resource.kind.clone(),
+                    app: ObjectName::of(self.app),
+                    source,
+                });
+            }
+        };
+        for obj in owned.into_iter().filter(|o| is_owned_by(o, &self.uid())) {
+            let name = obj.name_any();
+            if wanted.contains(&(resource.kind.clone(), name.clone())) {
+                continue;
+            }
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: obj.uid(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => {
+                    self.ctx.metrics.writes.inc();
+                    self.event(
+                        EventReason::Deleted,
+                        format!("deleted {} {name}", resource.kind),
+                    )
+                    .await;
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(source) => {
+                    return Err(Error::Delete {
+                        object: ObjectName::new(&resource.kind, &self.namespace, &name),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn uid(&self) -> String {

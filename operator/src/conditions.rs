@@ -41,6 +41,8 @@ names!(
         Progressing,
         /// Something needs a person.
         Degraded,
+        /// The autoscaler works (True also while autoscaling is off).
+        AutoscalingReady,
     }
 );
 
@@ -88,6 +90,16 @@ names!(
         ApplyFailed,
         /// A reconcile failed deleting a child no longer wanted.
         DeleteFailed,
+        /// AutoscalingReady: autoscaling is off, spec.replicas is set by hand.
+        Disabled,
+        /// AutoscalingReady: the autoscaler reads its signals and sets the replicas.
+        Active,
+        /// AutoscalingReady is False: the Operator engine could read none of its signals.
+        NoReadings,
+        /// AutoscalingReady is False: the engine's API (KEDA) is not installed.
+        EngineMissing,
+        /// AutoscalingReady is False: the HPA says it cannot scale (its message follows).
+        EngineNotScaling,
     }
 );
 

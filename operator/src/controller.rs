@@ -41,6 +41,9 @@ pub struct RunConfig {
     /// How long the Lease is valid without a renewal; the leader renews it a third of that
     /// before it runs out, and notices then if another replica holds it.
     pub lease_duration_seconds: u64,
+    /// Where the Operator autoscaling engine reads an app's `GET /v1/nodes`
+    /// (`{name}`, `{namespace}`, `{port}` filled in).
+    pub readings_address: String,
 }
 
 /// The default of [`RunConfig::lease_duration_seconds`].
@@ -153,7 +156,9 @@ pub async fn run(
     let controller = Controller::new(apps, watcher::Config::default().any_semantic());
     let (controller, caches) = Caches::attach(controller, &client, ns.as_deref(), &owned);
     let ctx = Arc::new(
-        Context::new(client.clone(), config.operator.clone(), metrics).with_caches(caches),
+        Context::new(client.clone(), config.operator.clone(), metrics)
+            .with_caches(caches)
+            .with_readings_address(config.readings_address.clone()),
     );
     controller
         .graceful_shutdown_on(trigger)

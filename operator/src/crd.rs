@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
     TopologySpreadConstraint,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,10 @@ pub const GROUP: &str = "chorus.rs";
     .message("spec.redis.external.host is required when spec.redis.mode is External"))]
 #[x_kube(validation = Rule::new("self.autoscaling.minReplicas <= self.autoscaling.maxReplicas")
     .message("spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas"))]
+#[x_kube(validation = Rule::new("self.flavor == 'chorus' || !has(self.autoscaling.targetConnectionsPerReplica)")
+    .message("spec.autoscaling.targetConnectionsPerReplica applies to flavor chorus only: only chorus-server reports its connections"))]
+#[x_kube(validation = Rule::new("!self.autoscaling.enabled || has(self.autoscaling.targetConnectionsPerReplica) || (has(self.autoscaling.targetCPUUtilizationPercentage) && self.autoscaling.targetCPUUtilizationPercentage > 0)")
+    .message("spec.autoscaling needs targetConnectionsPerReplica or targetCPUUtilizationPercentage: with neither there is nothing to scale on"))]
 #[serde(rename_all = "camelCase")]
 pub struct RealtimeAppSpec {
     /// Which server runs in the pods: chorus-server, a Sails 1.x app, or a Node Socket.IO app.
@@ -73,7 +77,7 @@ pub struct RealtimeAppSpec {
     /// Server image. Defaults to the operator's --server-image for flavor chorus; required otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// Server replicas (ignored while autoscaling is enabled: the HPA sets it through /scale).
+    /// Server replicas (while autoscaling is enabled, the autoscaler sets it through /scale).
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0))]
     pub replicas: i32,
@@ -358,6 +362,28 @@ fn default_service_port() -> i32 {
     80
 }
 
+/// Which autoscaler scales the app (docs/operator.md, "Autoscaling").
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AutoscalingEngine {
+    /// The operator itself: reads the connections from the app's replicas, nothing to install.
+    #[default]
+    Operator,
+    /// A HorizontalPodAutoscaler (connections need a custom-metrics adapter).
+    HPA,
+    /// A KEDA ScaledObject (KEDA must be installed).
+    KEDA,
+}
+
+impl AutoscalingEngine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Operator => "Operator",
+            Self::HPA => "HPA",
+            Self::KEDA => "KEDA",
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
@@ -369,12 +395,23 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_max_replicas")]
     #[schemars(range(min = 1))]
     pub max_replicas: i32,
+    #[serde(default)]
+    pub engine: AutoscalingEngine,
+    /// Flavor chorus: sockets one replica should hold; replicas = ceil(connections / this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_connections_per_replica: Option<i32>,
+    /// CPU utilization (of the requests) to keep; 0 or null: CPU is not a signal (`kubectl
+    /// apply` drops a null, which the API server then defaults to 70: write 0 there).
+    /// Serialized even when null: an omitted field would be defaulted back to 70.
     #[serde(
         default = "default_cpu_target",
         rename = "targetCPUUtilizationPercentage"
     )]
-    #[schemars(range(min = 1, max = 1000))]
-    pub target_cpu_utilization_percentage: i32,
+    #[schemars(range(min = 0, max = 1000))]
+    pub target_cpu_utilization_percentage: Option<i32>,
+    #[serde(default)]
+    pub scale_down: ScaleDownSpec,
 }
 
 impl Default for AutoscalingSpec {
@@ -383,7 +420,33 @@ impl Default for AutoscalingSpec {
             enabled: false,
             min_replicas: default_min_replicas(),
             max_replicas: default_max_replicas(),
+            engine: AutoscalingEngine::default(),
+            target_connections_per_replica: None,
             target_cpu_utilization_percentage: default_cpu_target(),
+            scale_down: ScaleDownSpec::default(),
+        }
+    }
+}
+
+/// How fast the autoscaler may remove replicas (scale-ups happen at once).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDownSpec {
+    /// Scale down only to the highest answer of this window.
+    #[serde(default = "default_stabilization")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub stabilization_window_seconds: i32,
+    /// Replicas removed per minute at most.
+    #[serde(default = "default_max_replicas_per_minute")]
+    #[schemars(range(min = 1))]
+    pub max_replicas_per_minute: i32,
+}
+
+impl Default for ScaleDownSpec {
+    fn default() -> Self {
+        Self {
+            stabilization_window_seconds: default_stabilization(),
+            max_replicas_per_minute: default_max_replicas_per_minute(),
         }
     }
 }
@@ -394,8 +457,14 @@ fn default_min_replicas() -> i32 {
 fn default_max_replicas() -> i32 {
     10
 }
-fn default_cpu_target() -> i32 {
-    70
+fn default_cpu_target() -> Option<i32> {
+    Some(70)
+}
+fn default_stabilization() -> i32 {
+    300
+}
+fn default_max_replicas_per_minute() -> i32 {
+    1
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -455,8 +524,26 @@ pub struct RealtimeAppStatus {
     pub endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// What the autoscaler last read and decided.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    pub engine: AutoscalingEngine,
+    /// The app's sockets at the last reading (engine Operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<i64>,
+    /// The replicas the autoscaler last asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// When the autoscaler last changed the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -2,6 +2,7 @@
 //! adapter configuration injected, a Service, scaling objects, and status conditions.
 
 pub mod apply;
+pub mod autoscale;
 pub mod cache;
 pub mod conditions;
 pub mod controller;

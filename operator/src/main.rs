@@ -1,6 +1,7 @@
 use std::{io::Read, process::ExitCode};
 
 use chorus_operator::{
+    autoscale,
     controller::{self, RunConfig},
     render,
     resources::OperatorConfig,
@@ -91,6 +92,11 @@ struct Run {
     lease_duration: u64,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Where the Operator autoscaling engine reads an app's connections (`GET /v1/nodes`):
+    /// host:port, with `{name}`, `{namespace}` and `{port}` (the app's Service port) filled
+    /// in. The default reaches the app's Service from inside the cluster.
+    #[arg(long, env = "READINGS_ADDRESS", default_value = autoscale::DEFAULT_ADDRESS)]
+    readings_address: String,
 }
 
 fn main() -> ExitCode {
@@ -131,6 +137,7 @@ fn run_controller(run: Run) -> ExitCode {
             .filter(|i| !i.is_empty())
             .unwrap_or_else(hostname),
         lease_duration_seconds: run.lease_duration,
+        readings_address: run.readings_address,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -24,14 +24,16 @@ use tracing::Instrument;
 pub use crate::error::Error;
 use crate::{
     apply::Applier,
+    autoscale::{self, Engine, Report},
     cache::{Cached, Caches},
     conditions::{ConditionType, EventReason, Reason},
-    crd::{RealtimeApp, RealtimeAppStatus, SecretKeyRef},
+    crd::{AutoscalingEngine, AutoscalingStatus, RealtimeApp, RealtimeAppStatus, SecretKeyRef},
     error::ObjectName,
     metrics::Metrics,
     resources::{
         self, App, BuildError, Inputs, MANAGER, OperatorConfig,
-        env::{REDIS_URL_KEY, RedisEndpoint, secret_refs},
+        autoscaling::{scaled_object_resource, trigger_authentication_resource},
+        env::{REDIS_URL_KEY, RedisEndpoint, api_token_ref, secret_refs},
     },
     secrets,
     status::{self, Observed, Problem},
@@ -62,6 +64,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Stamps condition transitions.
     clock: Clock,
+    /// The Operator autoscaling engine.
+    pub autoscaler: Engine,
 }
 
 impl Context {
@@ -74,7 +78,15 @@ impl Context {
             caches: None,
             failures: Mutex::new(HashMap::new()),
             clock: Arc::new(now_seconds),
+            autoscaler: Engine::new(autoscale::DEFAULT_ADDRESS),
         }
+    }
+
+    /// Reads the apps' `GET /v1/nodes` at `address` (`{name}`, `{namespace}` and `{port}`
+    /// filled in) instead of their Service's address.
+    pub fn with_readings_address(mut self, address: impl Into<String>) -> Self {
+        self.autoscaler = Engine::new(address);
+        self
     }
 
     /// Stamps condition transitions with `clock` instead of the system time.
@@ -216,6 +228,8 @@ struct SecretPlan {
     /// The REDIS_URL Secret the operator writes.
     redis_url: SecretKeyRef,
     endpoint: RedisEndpoint,
+    /// The API token, which the Operator autoscaling engine reads `/v1/nodes` with.
+    api_token: Option<SecretKeyRef>,
 }
 
 async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error> {
@@ -232,6 +246,7 @@ async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error
                 key: REDIS_URL_KEY.into(),
             },
             endpoint,
+            api_token: api_token_ref(&a),
         };
         Ok((plan, redis_name))
     });
@@ -250,10 +265,15 @@ async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error
         if let Some(name) = &redis_name {
             seen.redis = Some(applier.live_owned(name).await?);
         }
-        converge(&applier, plan, &mut seen).await
+        let converged = converge(&applier, plan, &mut seen).await?;
+        if let Converged::Done { api_token } = &converged {
+            let report = autoscale_app(app, ctx, &seen, api_token.as_deref()).await?;
+            seen.autoscaling = report;
+        }
+        Ok::<_, Error>(converged)
     };
     match converged.await {
-        Ok(Converged::Done) => {}
+        Ok(Converged::Done { .. }) => {}
         Ok(Converged::InvalidSpec(e)) => return invalid_spec(app, ctx, e).await,
         Err(e) => {
             // What stopped the reconcile comes first; then what it saw on the way.
@@ -271,18 +291,106 @@ async fn reconcile_app(app: &RealtimeApp, ctx: &Context) -> Result<Action, Error
         }
     }
     let ready = write_status(app, &seen, ctx).await?;
-    Ok(if !seen.problems.is_empty() {
-        Action::requeue(RECHECK)
+    let next = if !seen.problems.is_empty() {
+        RECHECK
     } else if !ready {
-        Action::requeue(WAITING)
+        WAITING
     } else {
-        Action::requeue(RESYNC)
-    })
+        RESYNC
+    };
+    let operator_engine =
+        app.spec.autoscaling.enabled && app.spec.autoscaling.engine == AutoscalingEngine::Operator;
+    Ok(Action::requeue(if operator_engine {
+        next.min(autoscale::PERIOD)
+    } else {
+        next
+    }))
 }
 
 enum Converged {
-    Done,
+    /// Applied; the API token's value when it could be read.
+    Done {
+        api_token: Option<Vec<u8>>,
+    },
     InvalidSpec(BuildError),
+}
+
+/// The autoscaler's round and report: the Operator engine reads and scales; the HPA and
+/// KEDA engines are reported from what they show.
+async fn autoscale_app(
+    app: &RealtimeApp,
+    ctx: &Context,
+    seen: &Observed,
+    api_token: Option<&[u8]>,
+) -> Result<Option<Report>, Error> {
+    let auto = &app.spec.autoscaling;
+    if !auto.enabled || auto.engine != AutoscalingEngine::Operator {
+        ctx.autoscaler.forget(app);
+    }
+    if !auto.enabled {
+        return Ok(None);
+    }
+    let name = app.name_any();
+    let report = |ready, reason, message: String, status| Report {
+        status,
+        ready,
+        reason,
+        message,
+    };
+    Ok(Some(match auto.engine {
+        AutoscalingEngine::Operator => ctx.autoscaler.run(app, &ctx.client, api_token).await?,
+        AutoscalingEngine::HPA => {
+            let hpa = seen.hpa.as_ref().and_then(|h| h.status.as_ref());
+            let stuck = hpa.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.type_ == "ScalingActive" && c.status == "False")
+            });
+            let status = AutoscalingStatus {
+                engine: AutoscalingEngine::HPA,
+                connections: None,
+                desired_replicas: hpa.map(|s| s.desired_replicas),
+                last_scale_time: hpa.and_then(|s| s.last_scale_time.clone()),
+            };
+            match stuck {
+                Some(c) => report(
+                    false,
+                    Reason::EngineNotScaling,
+                    format!(
+                        "HorizontalPodAutoscaler {name}: {}",
+                        c.message.clone().unwrap_or_default()
+                    ),
+                    status,
+                ),
+                None => report(
+                    true,
+                    Reason::Active,
+                    format!("HorizontalPodAutoscaler {name} scales the app"),
+                    status,
+                ),
+            }
+        }
+        AutoscalingEngine::KEDA => {
+            let status = AutoscalingStatus {
+                engine: AutoscalingEngine::KEDA,
+                ..AutoscalingStatus::default()
+            };
+            if seen.keda_missing {
+                report(
+                    false,
+                    Reason::EngineMissing,
+                    "KEDA is not installed (no keda.sh/v1alpha1 ScaledObject in the API): install KEDA, or choose engine Operator or HPA".into(),
+                    status,
+                )
+            } else {
+                report(
+                    true,
+                    Reason::Active,
+                    format!("KEDA ScaledObject {name} scales the app"),
+                    status,
+                )
+            }
+        }
+    }))
 }
 
 /// Creates the generated Secrets, writes the REDIS_URL Secret, applies the children, deletes
@@ -353,13 +461,46 @@ async fn converge(
         applier.apply(svc.clone(), problems).await?;
     }
     if let Some(h) = &children.hpa {
-        applier.apply(h.clone(), problems).await?;
+        seen.hpa = applier.apply(h.clone(), problems).await?;
     }
     if let Some(p) = &children.pdb {
         applier.apply(p.clone(), problems).await?;
     }
+    if !children.keda.is_empty() {
+        let scaled = scaled_object_resource();
+        if applier.serves(&scaled).await? {
+            for obj in &children.keda {
+                let resource = match obj.types.as_ref() {
+                    Some(t) if t.kind == scaled.kind => scaled.clone(),
+                    _ => trigger_authentication_resource(),
+                };
+                applier
+                    .apply_dynamic(obj.clone(), &resource, problems)
+                    .await?;
+            }
+        } else {
+            seen.keda_missing = true;
+        }
+    }
     applier.delete_unwanted(&children).await?;
-    Ok(Converged::Done)
+    // KEDA's kinds are looked at only where the app uses KEDA or used it last: listing them
+    // for every app would cost a request each, and fail where KEDA is not installed.
+    let used_keda = app
+        .status
+        .as_ref()
+        .and_then(|s| s.autoscaling.as_ref())
+        .is_some_and(|a| a.engine == AutoscalingEngine::KEDA);
+    if used_keda || !children.keda.is_empty() {
+        for resource in [scaled_object_resource(), trigger_authentication_resource()] {
+            applier
+                .delete_unwanted_dynamic(&children, &resource)
+                .await?;
+        }
+    }
+    let api_token = plan
+        .api_token
+        .and_then(|r| checked.values.get(&(r.name, r.key)).cloned());
+    Ok(Converged::Done { api_token })
 }
 
 /// A spec the API server should have refused (say, an older CRD without the CEL rules):

@@ -1,11 +1,15 @@
 //! Status: conditions and counts, computed from what the operator observed (pure).
 
 use k8s_openapi::{
-    api::apps::v1::{Deployment, StatefulSet},
+    api::{
+        apps::v1::{Deployment, StatefulSet},
+        autoscaling::v2::HorizontalPodAutoscaler,
+    },
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
 };
 
 use crate::{
+    autoscale,
     conditions::{ConditionType, Reason},
     crd::{RealtimeApp, RealtimeAppStatus, RedisStatus},
     resources::{self, server},
@@ -26,6 +30,12 @@ pub struct Observed {
     pub redis: Option<Option<StatefulSet>>,
     pub redis_endpoint: String,
     pub problems: Vec<Problem>,
+    /// The HPA (engine HPA), for its status.
+    pub hpa: Option<HorizontalPodAutoscaler>,
+    /// engine KEDA: the API does not serve KEDA's kinds.
+    pub keda_missing: bool,
+    /// What the autoscaler reported, when autoscaling is on and it got to report.
+    pub autoscaling: Option<autoscale::Report>,
 }
 
 /// One condition before it is stamped with times and generation.
@@ -188,12 +198,14 @@ pub fn status(app: &RealtimeApp, seen: &Observed, now: Time) -> RealtimeAppStatu
         .as_ref()
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
+    let (autoscaling, autoscaling_status) = autoscaling(app, seen, previous);
     let conditions = [
         (ConditionType::Ready, summary),
         (ConditionType::RedisReady, redis_ready),
         (ConditionType::ServersAvailable, servers),
         (ConditionType::Progressing, progressing),
         (ConditionType::Degraded, degraded),
+        (ConditionType::AutoscalingReady, autoscaling),
     ]
     .into_iter()
     .map(|(type_, v)| {
@@ -227,8 +239,37 @@ pub fn status(app: &RealtimeApp, seen: &Observed, now: Time) -> RealtimeAppStatu
             buses: buses.map(|(n, _)| n),
             ready_buses: buses.map(|(_, ready)| ready),
         }),
+        autoscaling: autoscaling_status,
         conditions,
     }
+}
+
+/// The AutoscalingReady condition and `status.autoscaling`: off, what the autoscaler
+/// reported, or (a reconcile that failed before it reported) what the last status said.
+fn autoscaling(
+    app: &RealtimeApp,
+    seen: &Observed,
+    previous: &[Condition],
+) -> (Verdict, Option<crate::crd::AutoscalingStatus>) {
+    if !app.spec.autoscaling.enabled {
+        let off = "autoscaling is off: spec.replicas is set by hand (kubectl scale)";
+        return (verdict(true, Reason::Disabled, off), None);
+    }
+    if let Some(report) = &seen.autoscaling {
+        let v = verdict(report.ready, report.reason, report.message.clone());
+        return (v, Some(report.status.clone()));
+    }
+    let kept = app.status.as_ref().and_then(|s| s.autoscaling.clone());
+    let last = previous
+        .iter()
+        .find(|c| c.type_ == ConditionType::AutoscalingReady.as_str())
+        .and_then(|c| {
+            let reason = Reason::ALL.iter().find(|r| r.as_str() == c.reason)?;
+            Some(verdict(c.status == "True", *reason, c.message.clone()))
+        })
+        .filter(|v| v.reason != Reason::Disabled);
+    let v = last.unwrap_or_else(|| verdict(false, Reason::NoReadings, "not read yet"));
+    (v, kept.filter(|k| k.engine == app.spec.autoscaling.engine))
 }
 
 fn join(problems: &[Problem]) -> String {

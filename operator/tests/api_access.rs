@@ -74,9 +74,67 @@ async fn scenario(watch_namespace: Option<&str>) -> FakeApi {
     );
     change(
         &api,
-        "the Secret found, autoscaling on",
-        |s| s["autoscaling"] = json!({"enabled": true}),
+        "the Secret found, autoscaling on with an HPA",
+        |s| s["autoscaling"] = json!({"enabled": true, "engine": "HPA"}),
         |api| degraded(api) == json!("AsExpected") && exists(api, &hpa_path()),
+    )
+    .await;
+    // The Operator engine: it lists the pods, reads their CPU from metrics.k8s.io, marks the
+    // replica to remove, and scales down through /scale (at 10 % of a 70 % target, 1 replica).
+    api.serve("/apis/metrics.k8s.io/v1beta1", &[("pods", "PodMetrics")]);
+    for pod in ["chat-a", "chat-b"] {
+        api.create(
+            &format!("/api/v1/namespaces/{NS}/pods/{pod}"),
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": pod, "namespace": NS,
+                                "labels": {"app.kubernetes.io/instance": "chat", "app.kubernetes.io/component": "server"}},
+                   "spec": {"containers": [{"name": "server", "image": "i",
+                                            "resources": {"requests": {"cpu": "100m"}}}]},
+                   "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        api.create(
+            &format!("/apis/metrics.k8s.io/v1beta1/namespaces/{NS}/pods/{pod}"),
+            json!({"apiVersion": "metrics.k8s.io/v1beta1", "kind": "PodMetrics",
+                   "metadata": {"name": pod, "namespace": NS,
+                                "labels": {"app.kubernetes.io/instance": "chat", "app.kubernetes.io/component": "server"}},
+                   "containers": [{"name": "server", "usage": {"cpu": "10m"}}]}),
+        );
+    }
+    // (The scale-down is a new generation: wait for the status of the app's latest.)
+    api.edit(&app_path(NS, "chat"), |a| {
+        a["spec"]["autoscaling"] = json!({"enabled": true, "minReplicas": 1,
+            "scaleDown": {"stabilizationWindowSeconds": 0, "maxReplicasPerMinute": 5}})
+    });
+    eventually("the Operator engine scaled down", WAIT, || {
+        let a = app(&api, "chat");
+        a["spec"]["replicas"] == json!(1)
+            && a["status"]["observedGeneration"] == a["metadata"]["generation"]
+    })
+    .await;
+    let autoscaling =
+        |api: &FakeApi| condition(&app(api, "chat"), "AutoscalingReady")["reason"].clone();
+    change(
+        &api,
+        "KEDA missing",
+        |s| {
+            s["autoscaling"] =
+                json!({"enabled": true, "engine": "KEDA", "targetConnectionsPerReplica": 100})
+        },
+        |api| autoscaling(api) == json!("EngineMissing") && !exists(api, &hpa_path()),
+    )
+    .await;
+    api.serve(
+        "/apis/keda.sh/v1alpha1",
+        &[
+            ("scaledobjects", "ScaledObject"),
+            ("triggerauthentications", "TriggerAuthentication"),
+        ],
+    );
+    change(
+        &api,
+        "KEDA installed",
+        |s| s["autoscaling"]["minReplicas"] = json!(1),
+        |api| autoscaling(api) == json!("Active") && exists(api, &keda_path("scaledobjects")),
     )
     .await;
     change(
@@ -89,6 +147,8 @@ async fn scenario(watch_namespace: Option<&str>) -> FakeApi {
         },
         |api| {
             !exists(api, &hpa_path())
+                && !exists(api, &keda_path("scaledobjects"))
+                && !exists(api, &keda_path("triggerauthentications"))
                 && !api.paths().iter().any(|p| {
                     p.ends_with("/poddisruptionbudgets/chat")
                         || p.ends_with("/networkpolicies/chat-redis")
@@ -111,6 +171,10 @@ async fn scenario(watch_namespace: Option<&str>) -> FakeApi {
     .await;
 
     running.shut_down().await
+}
+
+fn keda_path(resource: &str) -> String {
+    format!("/apis/keda.sh/v1alpha1/namespaces/{NS}/{resource}/chat")
 }
 
 fn hpa_path() -> String {

@@ -192,7 +192,9 @@ async fn the_crd_works_on_a_real_api_server() {
         chat["spec"],
         json!({"flavor": "chorus", "replicas": 2, "redis": {"mode": "Managed", "replicas": 1},
                "service": {"type": "ClusterIP", "port": 80, "sessionAffinity": "ClientIP"},
-               "autoscaling": {"enabled": false, "minReplicas": 2, "maxReplicas": 10, "targetCPUUtilizationPercentage": 70},
+               "autoscaling": {"enabled": false, "minReplicas": 2, "maxReplicas": 10, "engine": "Operator",
+                               "targetCPUUtilizationPercentage": 70,
+                               "scaleDown": {"stabilizationWindowSeconds": 300, "maxReplicasPerMinute": 1}},
                "disruptionBudget": {"maxUnavailable": 1}, "networkPolicy": {"enabled": true}})
     );
 
@@ -257,6 +259,56 @@ async fn the_crd_works_on_a_real_api_server() {
     );
     server.ok(&["delete", "rtapp", "buses"], None);
 
+    // Connections alone: CPU off by an explicit null, which the API server keeps (an
+    // omitted field would be defaulted back to 70). `kubectl apply` would drop the null:
+    // create sends it.
+    let conns = r#"{"apiVersion":"chorus.rs/v1alpha1","kind":"RealtimeApp","metadata":{"name":"conns"},"spec":{"autoscaling":{"enabled":true,"engine":"KEDA","targetConnectionsPerReplica":5000,"targetCPUUtilizationPercentage":null}}}"#;
+    server.ok(&["create", "-f", "-"], Some(conns));
+    let stored = server.json(&["get", "rtapp", "conns", "-o", "json"]);
+    assert_eq!(
+        stored["spec"]["autoscaling"],
+        json!({"enabled": true, "engine": "KEDA", "minReplicas": 2, "maxReplicas": 10,
+               "targetConnectionsPerReplica": 5000, "targetCPUUtilizationPercentage": null,
+               "scaleDown": {"stabilizationWindowSeconds": 300, "maxReplicasPerMinute": 1}})
+    );
+    let parsed: RealtimeApp = serde_json::from_value(stored).expect("the operator reads it");
+    assert_eq!(
+        parsed.spec.autoscaling.target_cpu_utilization_percentage,
+        None
+    );
+    server.ok(&["delete", "rtapp", "conns"], None);
+    // Neither target (CPU null, no connections target): refused too.
+    let neither = conns.replace(r#""targetConnectionsPerReplica":5000,"#, "");
+    let out = server.kubectl(&["create", "-f", "-"], Some(&neither));
+    assert!(
+        !out.status.success(),
+        "an autoscaler with nothing to scale on was accepted"
+    );
+    for (spec, message) in [
+        (
+            r#"{"autoscaling": {"engine": "Custom"}}"#,
+            "Unsupported value: \"Custom\"",
+        ),
+        (
+            r#"{"autoscaling": {"scaleDown": {"stabilizationWindowSeconds": 4000}}}"#,
+            "should be less than or equal to 3600",
+        ),
+        (
+            r#"{"autoscaling": {"targetConnectionsPerReplica": 0}}"#,
+            "should be greater than or equal to 1",
+        ),
+    ] {
+        let doc = format!(
+            "{{\"apiVersion\":\"chorus.rs/v1alpha1\",\"kind\":\"RealtimeApp\",\"metadata\":{{\"name\":\"bad-auto\"}},\"spec\":{spec}}}"
+        );
+        let out = server.kubectl(&["apply", "-f", "-"], Some(&doc));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(message),
+            "{spec}: {stderr}"
+        );
+    }
+
     // Printer columns.
     let table = server.ok(&["get", "rtapp"], None);
     let header: Vec<&str> = table
@@ -300,7 +352,7 @@ async fn the_crd_works_on_a_real_api_server() {
         deployment: Some(deployment),
         redis: Some(Some(redis)),
         redis_endpoint: "chat-redis.default.svc:6379".into(),
-        problems: vec![],
+        ..Observed::default()
     };
     let new_status = status::status(&app, &observed, now_seconds());
     let client = server.client().await;

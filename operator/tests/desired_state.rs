@@ -199,6 +199,7 @@ fn chorus_env_and_probes() {
             "API_TOKEN",
             "JWT_SECRET",
             "REDIS_CHANNEL_PREFIX",
+            "DRAIN_SECONDS",
             "REBALANCE_AFFINITY_SECONDS"
         ]
     );
@@ -542,7 +543,7 @@ fn user_env_comes_last_and_wins() {
 #[test]
 fn scaling_objects_follow_the_spec() {
     let auto = build(
-        json!({"autoscaling": {"enabled": true, "minReplicas": 3, "maxReplicas": 9, "targetCPUUtilizationPercentage": 55}}),
+        json!({"autoscaling": {"enabled": true, "engine": "HPA", "minReplicas": 3, "maxReplicas": 9, "targetCPUUtilizationPercentage": 55}}),
     );
     let hpa = serde_json::to_value(auto.hpa.as_ref().expect("hpa")).expect("json");
     assert_eq!(hpa["apiVersion"], json!("autoscaling/v2"));
@@ -558,6 +559,19 @@ fn scaling_objects_follow_the_spec() {
     );
 
     assert!(build(json!({})).hpa.is_none());
+    // The Operator engine (the default) needs no object; KEDA gets its own.
+    let operator = build(json!({"autoscaling": {"enabled": true}}));
+    assert!(operator.hpa.is_none() && operator.keda.is_empty());
+    let keda = build(
+        json!({"autoscaling": {"enabled": true, "engine": "KEDA", "targetConnectionsPerReplica": 500}}),
+    );
+    let kinds: Vec<String> = keda
+        .keda
+        .iter()
+        .filter_map(|o| o.types.as_ref().map(|t| t.kind.clone()))
+        .collect();
+    assert_eq!(kinds, ["ScaledObject", "TriggerAuthentication"]);
+    assert!(keda.hpa.is_none());
     for (replicas, pdb) in [(0, false), (1, false), (2, true), (5, true)] {
         let c = build(json!({"replicas": replicas, "disruptionBudget": {"maxUnavailable": 2}}));
         assert_eq!(c.pdb.is_some(), pdb, "replicas {replicas}");
@@ -724,11 +738,28 @@ fn server_pods_roll_one_extra_at_a_time_and_outlive_their_drain() {
         d["strategy"],
         json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}})
     );
-    // chorus-server drains 5 s by default, then takes up to 5 s to close its sockets.
+    // chorus-server may hold 100,000 sockets by default: closing them at 1,000 a second in
+    // the last four fifths of the drain takes 125 s; then up to 5 s to close the rest.
+    let drain = |d: &Value| {
+        d["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .and_then(|env| env.iter().find(|e| e["name"] == json!("DRAIN_SECONDS")))
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(drain(&d), Some(json!("125")));
     assert_eq!(
         d["template"]["spec"]["terminationGracePeriodSeconds"],
+        json!(140)
+    );
+    // The drain follows limits.maxConnections, never under 5 s.
+    let small = deployment_spec(json!({"limits": {"maxConnections": 2000}}));
+    assert_eq!(drain(&small), Some(json!("5")));
+    assert_eq!(
+        small["template"]["spec"]["terminationGracePeriodSeconds"],
         json!(20)
     );
+    let big = deployment_spec(json!({"limits": {"maxConnections": 50001}}));
+    assert_eq!(drain(&big), Some(json!("63")), "ceil(50001 / 800)");
     let longer = deployment_spec(json!({"env": [{"name": "DRAIN_SECONDS", "value": "30"}]}));
     assert_eq!(
         longer["template"]["spec"]["terminationGracePeriodSeconds"],

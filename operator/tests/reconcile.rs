@@ -183,7 +183,8 @@ async fn a_new_app_gets_every_child_then_its_status() {
             "RedisReady",
             "ServersAvailable",
             "Progressing",
-            "Degraded"
+            "Degraded",
+            "AutoscalingReady"
         ]
     );
     assert_eq!(w.condition("chat", "Ready")["status"], json!("False"));
@@ -244,7 +245,8 @@ async fn spec_changes_patch_children_and_roll_pods_only_for_configuration() {
 
     // Turning autoscaling on adds an HPA; scaling to one replica removes the PDB.
     w.api.edit(&app_path(NS, "chat"), |a| {
-        a["spec"]["autoscaling"] = json!({"enabled": true, "minReplicas": 1, "maxReplicas": 4});
+        a["spec"]["autoscaling"] =
+            json!({"enabled": true, "engine": "HPA", "minReplicas": 1, "maxReplicas": 4});
         a["spec"]["replicas"] = json!(1);
     });
     w.reconcile("chat").await.expect("autoscaling");
@@ -599,7 +601,10 @@ async fn deleting_the_app_deletes_what_it_owns_and_nothing_else() {
         json!({"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": "chat", "namespace": NS}, "spec": {"ports": [{"port": 8080}]}}),
     );
-    w.add_app("chat", json!({"autoscaling": {"enabled": true}}));
+    w.add_app(
+        "chat",
+        json!({"autoscaling": {"enabled": true, "engine": "HPA"}}),
+    );
     w.reconcile("chat").await.expect("reconciles");
     let owned = |w: &World| {
         let uid = w

@@ -4,11 +4,14 @@
 use std::collections::BTreeSet;
 
 use chorus_operator::{
+    autoscale::Report,
     conditions::{
-        ConditionType::{self, Degraded, Progressing, Ready, RedisReady, ServersAvailable},
+        ConditionType::{
+            self, AutoscalingReady, Degraded, Progressing, Ready, RedisReady, ServersAvailable,
+        },
         EventReason, Reason,
     },
-    crd::RealtimeApp,
+    crd::{AutoscalingEngine, AutoscalingStatus, RealtimeApp},
     status::{self, Observed, Problem},
 };
 use k8s_openapi::{
@@ -78,7 +81,7 @@ fn seen(deployment: Option<Deployment>, redis: Option<Option<StatefulSet>>) -> O
         deployment,
         redis,
         redis_endpoint: "chat-redis.team.svc:6379".into(),
-        problems: vec![],
+        ..Observed::default()
     }
 }
 
@@ -230,6 +233,49 @@ fn rows() -> Vec<Row> {
                 (Degraded, true, reason),
                 (ServersAvailable, true, Reason::ReplicasAvailable),
             ],
+        });
+    }
+    // Autoscaling: off, or what the autoscaler reported; Ready does not depend on it.
+    rows.push(Row {
+        what: "autoscaling off",
+        spec: json!({}),
+        seen: seen(up(), redis(1)),
+        expect: vec![
+            (AutoscalingReady, true, Reason::Disabled),
+            (Ready, true, Reason::Ready),
+        ],
+    });
+    rows.push(Row {
+        what: "autoscaling on, nothing reported yet",
+        spec: json!({"autoscaling": {"enabled": true}}),
+        seen: seen(up(), redis(1)),
+        expect: vec![
+            (AutoscalingReady, false, Reason::NoReadings),
+            (Ready, true, Reason::Ready),
+        ],
+    });
+    for (engine, ok, reason) in [
+        (AutoscalingEngine::Operator, true, Reason::Active),
+        (AutoscalingEngine::Operator, false, Reason::NoReadings),
+        (AutoscalingEngine::HPA, false, Reason::EngineNotScaling),
+        (AutoscalingEngine::KEDA, false, Reason::EngineMissing),
+    ] {
+        rows.push(Row {
+            what: "the autoscaler's report",
+            spec: json!({"autoscaling": {"enabled": true, "engine": engine.as_str()}}),
+            seen: Observed {
+                autoscaling: Some(Report {
+                    status: AutoscalingStatus {
+                        engine,
+                        ..AutoscalingStatus::default()
+                    },
+                    ready: ok,
+                    reason,
+                    message: "as the engine says".into(),
+                }),
+                ..seen(up(), redis(1))
+            },
+            expect: vec![(AutoscalingReady, ok, reason), (Ready, true, Reason::Ready)],
         });
     }
     rows

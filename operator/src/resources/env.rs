@@ -276,6 +276,10 @@ pub fn container_env(a: &App<'_>, redis: &RedisEndpoint) -> Vec<EnvVar> {
                 }
             }
             // Shed clients wait out the Service's affinity window (see `server::service`).
+            env.push(plain(
+                "DRAIN_SECONDS",
+                super::server::drain_seconds(a).to_string(),
+            ));
             if a.app.spec.service.session_affinity == SessionAffinity::ClientIP {
                 env.push(plain(
                     "REBALANCE_AFFINITY_SECONDS",

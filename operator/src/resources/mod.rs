@@ -1,6 +1,7 @@
 //! Desired state: pure functions from a RealtimeApp (and the operator's configuration) to
 //! every object the operator applies (docs/operator.md, "What gets created").
 
+pub mod autoscaling;
 pub mod env;
 pub mod redis;
 pub mod server;
@@ -21,7 +22,7 @@ use k8s_openapi::{
         util::intstr::IntOrString,
     },
 };
-use kube::{Resource, ResourceExt};
+use kube::{Resource, ResourceExt, api::DynamicObject};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -93,6 +94,8 @@ pub struct Children {
     pub deployment: Option<Deployment>,
     pub service: Option<Service>,
     pub hpa: Option<HorizontalPodAutoscaler>,
+    /// engine KEDA: the ScaledObject and its TriggerAuthentication.
+    pub keda: Vec<DynamicObject>,
     pub pdb: Option<PodDisruptionBudget>,
 }
 
@@ -129,6 +132,7 @@ impl Children {
         ]
         .into_iter()
         .flatten()
+        .chain(self.keda.iter().map(to_value))
         {
             out.push(obj);
         }
@@ -351,7 +355,8 @@ pub fn build(
         redis,
         deployment: Some(deployment),
         service: Some(server::service(&a)),
-        hpa: server::hpa(&a),
+        hpa: autoscaling::hpa(&a),
+        keda: autoscaling::keda(&a),
         pdb: server::pdb(&a),
     })
 }

@@ -1,4 +1,4 @@
-//! The server side: Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, and
+//! The server side: Deployment, Service, PodDisruptionBudget, and
 //! the generated API-token and JWT Secrets.
 
 use std::collections::BTreeMap;
@@ -6,10 +6,6 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
-        autoscaling::v2::{
-            CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
-            MetricSpec, MetricTarget, ResourceMetricSource,
-        },
         core::v1::{
             ClientIPConfig, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec,
             Probe, ResourceRequirements, Secret, Service, ServicePort, ServiceSpec,
@@ -23,14 +19,13 @@ use k8s_openapi::{
         util::intstr::IntOrString,
     },
 };
-use kube::Resource;
 
 use super::{
     App, BuildError, CHECKSUM_ANNOTATION, Inputs, digest,
     env::{RedisEndpoint, container_env},
     random_token, restricted_container, restricted_pod,
 };
-use crate::crd::{Flavor, RealtimeApp, SessionAffinity};
+use crate::crd::{Flavor, SessionAffinity};
 
 pub const COMPONENT: &str = "server";
 /// The window of the Service's `sessionAffinity: ClientIP` for chorus-server, in seconds:
@@ -233,16 +228,37 @@ pub fn deployment(
     })
 }
 
-/// chorus-server's drain when DRAIN_SECONDS is not set.
+/// chorus-server's shortest drain (and its DRAIN_SECONDS default).
 pub const DEFAULT_DRAIN_SECONDS: i64 = 5;
+/// chorus-server's `DRAIN_RATE` default: the most sockets a draining replica closes a second.
+pub const DRAIN_RATE: i64 = 1000;
+/// chorus-server's `MAX_CONNECTIONS` default.
+pub const SERVER_MAX_CONNECTIONS: i64 = 100_000;
 /// After the drain, chorus-server closes its sockets (up to 5 s); the rest is margin.
 pub const GRACE_AFTER_DRAIN: i64 = 15;
 /// The other flavors: Kubernetes' default.
 const OTHER_GRACE_SECONDS: i64 = 30;
 
-/// The termination grace period: for chorus-server, its drain (DRAIN_SECONDS from
-/// `spec.env` when set there as a number) plus [`GRACE_AFTER_DRAIN`], so that the kubelet
-/// never kills a pod still draining.
+/// The DRAIN_SECONDS the operator gives chorus-server: long enough that a replica holding
+/// all the sockets it may (`limits.maxConnections`) closes them at [`DRAIN_RATE`] a second at
+/// most. Its closes fall in the last four fifths of the drain, hence / 0.8. A replica holding
+/// fewer drains sooner (the server sizes its drain by the sockets it holds).
+pub fn drain_seconds(a: &App<'_>) -> i64 {
+    let max = a
+        .app
+        .spec
+        .limits
+        .as_ref()
+        .and_then(|l| l.max_connections)
+        .map_or(SERVER_MAX_CONNECTIONS, i64::from);
+    let per_second = DRAIN_RATE * 8;
+    let needed = max.max(0).saturating_mul(10).saturating_add(per_second - 1) / per_second;
+    needed.max(DEFAULT_DRAIN_SECONDS)
+}
+
+/// The termination grace period: for chorus-server, its longest drain (DRAIN_SECONDS from
+/// `spec.env` when set there as a number, else [`drain_seconds`]) plus
+/// [`GRACE_AFTER_DRAIN`], so that the kubelet never kills a pod still draining.
 pub fn grace_period(a: &App<'_>) -> i64 {
     if a.flavor() != Flavor::Chorus {
         return OTHER_GRACE_SECONDS;
@@ -257,7 +273,7 @@ pub fn grace_period(a: &App<'_>) -> i64 {
         .and_then(|e| e.value.as_deref())
         .and_then(|v| v.trim().parse::<i64>().ok())
         .filter(|d| *d >= 0)
-        .unwrap_or(DEFAULT_DRAIN_SECONDS);
+        .unwrap_or_else(|| drain_seconds(a));
     drain.saturating_add(GRACE_AFTER_DRAIN)
 }
 
@@ -294,38 +310,6 @@ pub fn service(a: &App<'_>) -> Service {
         }),
         ..Service::default()
     }
-}
-
-/// An HPA that scales the RealtimeApp itself (through its scale subresource), so that
-/// `spec.replicas` stays the one source of truth for the Deployment.
-pub fn hpa(a: &App<'_>) -> Option<HorizontalPodAutoscaler> {
-    let auto = &a.app.spec.autoscaling;
-    auto.enabled.then(|| HorizontalPodAutoscaler {
-        metadata: a.meta(a.name.clone(), COMPONENT),
-        spec: Some(HorizontalPodAutoscalerSpec {
-            scale_target_ref: CrossVersionObjectReference {
-                api_version: Some(RealtimeApp::api_version(&()).into_owned()),
-                kind: RealtimeApp::kind(&()).into_owned(),
-                name: a.name.clone(),
-            },
-            min_replicas: Some(auto.min_replicas),
-            max_replicas: auto.max_replicas,
-            metrics: Some(vec![MetricSpec {
-                type_: "Resource".into(),
-                resource: Some(ResourceMetricSource {
-                    name: "cpu".into(),
-                    target: MetricTarget {
-                        type_: "Utilization".into(),
-                        average_utilization: Some(auto.target_cpu_utilization_percentage),
-                        ..MetricTarget::default()
-                    },
-                }),
-                ..MetricSpec::default()
-            }]),
-            ..HorizontalPodAutoscalerSpec::default()
-        }),
-        ..HorizontalPodAutoscaler::default()
-    })
 }
 
 /// A PodDisruptionBudget whenever more than one replica is wanted.

@@ -45,4 +45,12 @@ pub const INVALID: &[(&str, &str)] = &[
         r#"{"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}"#,
         "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas",
     ),
+    (
+        r#"{"flavor": "sails", "image": "i", "autoscaling": {"targetConnectionsPerReplica": 5}}"#,
+        "spec.autoscaling.targetConnectionsPerReplica applies to flavor chorus only: only chorus-server reports its connections",
+    ),
+    (
+        r#"{"autoscaling": {"enabled": true, "targetCPUUtilizationPercentage": 0}}"#,
+        "spec.autoscaling needs targetConnectionsPerReplica or targetCPUUtilizationPercentage: with neither there is nothing to scale on",
+    ),
 ];

@@ -156,7 +156,10 @@ impl FakeApi {
             state.requests.extend(request.clone());
             (watch || list) && state.refused.contains(&resource)
         };
-        if refused {
+        if self.state().unserved(&path) {
+            let message = "the server could not find the requested resource";
+            json_response(404, &status(404, "NotFound", message))
+        } else if refused {
             json_response(403, &status(403, "Forbidden", "list and watch refused"))
         } else if watch {
             self.watch(&path, &query)
@@ -238,6 +241,20 @@ impl FakeApi {
 
     pub fn get(&self, path: &str) -> Option<Value> {
         self.state().objects.get(path).cloned()
+    }
+
+    /// Serves an API group that is not there by default (`/apis/keda.sh/v1alpha1`,
+    /// `/apis/metrics.k8s.io/v1beta1`) with these resources, as installing it would.
+    pub fn serve(&self, group_version: &str, resources: &[(&str, &str)]) {
+        let list: Vec<Value> = resources
+            .iter()
+            .map(|(name, kind)| json!({"name": name, "kind": kind, "namespaced": true, "singularName": "", "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}))
+            .collect();
+        let version = group_version.trim_start_matches("/apis/");
+        self.state().objects.insert(
+            group_version.to_owned(),
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": version, "resources": list}),
+        );
     }
 
     /// What the test itself writes (as `kubectl` would, field manager `kubectl`).

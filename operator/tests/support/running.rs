@@ -20,6 +20,7 @@ pub fn config(port: u16, leader_elect: bool) -> RunConfig {
         lease_namespace: "ops".into(),
         identity: "operator-0".into(),
         lease_duration_seconds: LEASE_DURATION_SECONDS,
+        readings_address: chorus_operator::autoscale::DEFAULT_ADDRESS.into(),
     }
 }
 

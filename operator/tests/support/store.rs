@@ -48,11 +48,23 @@ pub(super) struct State {
     pub(super) requests: Vec<ApiRequest>,
 }
 
+/// API groups a cluster serves only when something installs them (metrics-server, KEDA):
+/// until a test stores the group's discovery document at its path (`FakeApi::serve`),
+/// every request to them is answered 404, as a real API server does.
+const OPTIONAL_GROUPS: [&str; 2] = ["/apis/metrics.k8s.io/v1beta1", "/apis/keda.sh/v1alpha1"];
+
 pub(super) fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": reason, "code": code, "message": message})
 }
 
 impl State {
+    /// Whether `path` is in an optional API group that is not installed.
+    pub(super) fn unserved(&self, path: &str) -> bool {
+        OPTIONAL_GROUPS
+            .iter()
+            .any(|g| path.starts_with(g) && !self.objects.contains_key(*g))
+    }
+
     /// Handles one request; returns the answer and what changed, for the watches.
     pub(super) fn apply_request(&mut self, req: &Req<'_>) -> (u16, Value, Vec<Change>) {
         let (method, path) = (req.method, req.path);
@@ -74,6 +86,9 @@ impl State {
             return (code, status(code, reason, "injected failure"), vec![]);
         }
         let body: Value = serde_json::from_slice(req.body).unwrap_or(Value::Null);
+        if let Some(obj_path) = path.strip_suffix("/scale") {
+            return self.scale(method, obj_path, &body, req.manager);
+        }
         if path.contains("/events.k8s.io/") {
             self.events.push(body.clone());
             return (201, body, vec![]);
@@ -172,6 +187,52 @@ impl State {
             }
             _ => (405, status(405, "MethodNotAllowed", method), vec![]),
         }
+    }
+
+    /// The scale subresource (`spec.replicas`, `status.replicas`, `status.selector`), as the
+    /// API server serves it for a custom resource: GET, and merge PATCH of spec.replicas.
+    fn scale(
+        &mut self,
+        method: &str,
+        obj_path: &str,
+        body: &Value,
+        manager: &str,
+    ) -> (u16, Value, Vec<Change>) {
+        let Some(existing) = self.objects.get(obj_path).cloned() else {
+            return (404, status(404, "NotFound", "not found"), vec![]);
+        };
+        let mut change = vec![];
+        let obj = match (method, body["spec"]["replicas"].as_i64()) {
+            ("GET", _) => existing,
+            ("PATCH", Some(replicas)) => {
+                let mut merged = existing.clone();
+                merged["spec"]["replicas"] = json!(replicas);
+                self.managers
+                    .entry(obj_path.to_owned())
+                    .or_default()
+                    .update(manager, Some(&existing), &merged);
+                let obj = self.stored(merged, Some(existing));
+                self.objects.insert(obj_path.to_owned(), obj.clone());
+                change.push((obj_path.to_owned(), "MODIFIED", obj.clone()));
+                obj
+            }
+            _ => {
+                return (
+                    422,
+                    status(422, "Invalid", "scale: PATCH spec.replicas"),
+                    vec![],
+                );
+            }
+        };
+        let scale = json!({
+            "apiVersion": "autoscaling/v1", "kind": "Scale",
+            "metadata": {"name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"],
+                         "resourceVersion": obj["metadata"]["resourceVersion"]},
+            "spec": {"replicas": obj["spec"]["replicas"]},
+            "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0),
+                       "selector": obj["status"]["selector"]},
+        });
+        (200, scale, change)
     }
 
     /// Removes the object at `path` and its field managers.
