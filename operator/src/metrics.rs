@@ -24,8 +24,19 @@ impl FailureLabels {
     }
 }
 
+/// The label of an autoscaler metric: a direction (`up`, `down`) or a signal (`connections`,
+/// `cpu`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AutoscalerLabels {
+    pub kind: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Replicas changes the Operator autoscaling engine made, by direction.
+    pub autoscaler_scales: Family<AutoscalerLabels, Counter>,
+    /// Readings the Operator engine could not take, by signal.
+    pub autoscaler_unread: Family<AutoscalerLabels, Counter>,
     pub reconciles: Counter,
     pub errors: Family<FailureLabels, Counter>,
     pub duration: Histogram,
@@ -66,8 +77,30 @@ impl Metrics {
             "Writes to the Kubernetes API (apply, create, delete, status)",
             writes.clone(),
         );
+        let autoscaler_scales = Family::<AutoscalerLabels, Counter>::default();
+        let autoscaler_unread = Family::<AutoscalerLabels, Counter>::default();
+        for (family, kinds) in [
+            (&autoscaler_scales, ["up", "down"]),
+            (&autoscaler_unread, ["connections", "cpu"]),
+        ] {
+            for kind in kinds {
+                drop(family.get_or_create(&AutoscalerLabels { kind: kind.into() }));
+            }
+        }
+        registry.register(
+            "chorus_operator_autoscaler_scales",
+            "Replicas changes made by the Operator autoscaling engine, by direction (kind)",
+            autoscaler_scales.clone(),
+        );
+        registry.register(
+            "chorus_operator_autoscaler_unread",
+            "Readings the Operator autoscaling engine could not take, by signal (kind)",
+            autoscaler_unread.clone(),
+        );
         Self {
             registry,
+            autoscaler_scales,
+            autoscaler_unread,
             reconciles,
             errors,
             duration,
@@ -82,6 +115,13 @@ impl Metrics {
             self.errors.get_or_create(&FailureLabels::of(reason)).inc();
         }
         self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts one autoscaler event of `family` with label `kind`.
+    pub fn count(family: &Family<AutoscalerLabels, Counter>, kind: &str) {
+        family
+            .get_or_create(&AutoscalerLabels { kind: kind.into() })
+            .inc();
     }
 
     pub fn render(&self) -> String {

@@ -338,7 +338,11 @@ async fn autoscale_app(
         message,
     };
     Ok(Some(match auto.engine {
-        AutoscalingEngine::Operator => ctx.autoscaler.run(app, &ctx.client, api_token).await?,
+        AutoscalingEngine::Operator => {
+            ctx.autoscaler
+                .run(app, &ctx.client, api_token, &ctx.metrics)
+                .await?
+        }
         AutoscalingEngine::HPA => {
             let hpa = seen.hpa.as_ref().and_then(|h| h.status.as_ref());
             let stuck = hpa.and_then(|s| s.conditions.as_ref()).and_then(|cs| {

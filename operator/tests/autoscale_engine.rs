@@ -202,7 +202,11 @@ async fn the_operator_engine_scales_on_a_real_servers_connections() {
                "stringData": {"token": TOKEN}}),
     );
     api.create(&pod_path("chat-abc"), pod("chat-abc", true));
-    let mut cfg = config(0, false);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port");
+    let mut cfg = config(metrics_port, false);
     cfg.readings_address = format!("127.0.0.1:{}", server.port);
     let running = Running::start(&api, cfg);
     add_app(
@@ -289,5 +293,30 @@ async fn the_operator_engine_scales_on_a_real_servers_connections() {
     })
     .await;
     assert_eq!(app(&api)["spec"]["replicas"], json!(1));
+
+    // The operator's metrics count what it did and what it could not read.
+    let (status, metrics) = get(&client(), metrics_port, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(
+        value("chorus_operator_autoscaler_scales_total{kind=\"up\"} "),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        value("chorus_operator_autoscaler_scales_total{kind=\"down\"} "),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("chorus_operator_autoscaler_unread_total{kind=\"connections\"} ") >= 1.0,
+        "{metrics}"
+    );
     running.stop().await;
 }

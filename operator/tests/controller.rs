@@ -107,6 +107,8 @@ async fn with_leader_election_it_takes_the_lease_and_serves_metrics() {
         "chorus_operator_reconcile_errors_total{reason=\"ApplyFailed\"} 0",
         "chorus_operator_reconcile_duration_seconds_count",
         "chorus_operator_writes_total",
+        "chorus_operator_autoscaler_scales_total{kind=\"down\"} 0",
+        "chorus_operator_autoscaler_unread_total{kind=\"cpu\"} 0",
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }

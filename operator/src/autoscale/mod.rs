@@ -24,6 +24,7 @@ use crate::{
     conditions::Reason,
     crd::{AutoscalingEngine, AutoscalingStatus, RealtimeApp},
     error::{Error, ObjectName},
+    metrics::Metrics,
     status,
 };
 use decide::{Autoscaler, Connections, Decision, Policy, Reading, Why};
@@ -91,6 +92,7 @@ impl Engine {
         app: &RealtimeApp,
         client: &Client,
         token: Option<&[u8]>,
+        metrics: &Metrics,
     ) -> Result<Report, Error> {
         let ns = app.namespace().unwrap_or_default();
         let policy = Policy::of(&app.spec.autoscaling);
@@ -114,7 +116,10 @@ impl Engine {
         let mut per_pod = HashMap::new();
         if policy.target_connections.is_some() {
             match token.map(String::from_utf8_lossy) {
-                None => notes.push("connections: the API token cannot be read".to_owned()),
+                None => {
+                    Metrics::count(&metrics.autoscaler_unread, "connections");
+                    notes.push("connections: the API token cannot be read".to_owned());
+                }
                 Some(token) => match self.reader.read(&self.address(app), &token).await {
                     Ok(nodes) => {
                         let answered: BTreeSet<&str> =
@@ -134,7 +139,10 @@ impl Engine {
                             complete: silent == 0,
                         });
                     }
-                    Err(e) => notes.push(format!("connections: {e}")),
+                    Err(e) => {
+                        Metrics::count(&metrics.autoscaler_unread, "connections");
+                        notes.push(format!("connections: {e}"));
+                    }
                 },
             }
         }
@@ -143,7 +151,10 @@ impl Engine {
             match reading::cpu_percent(client, &ns, &selector, &owned).await {
                 Ok(Ok(cpu)) => reading.cpu_percent = Some(cpu),
                 Ok(Err(why)) => notes.push(format!("CPU is not a signal: {why}")),
-                Err(e) => notes.push(format!("CPU: {e}")),
+                Err(e) => {
+                    Metrics::count(&metrics.autoscaler_unread, "cpu");
+                    notes.push(format!("CPU: {e}"));
+                }
             }
         }
 
@@ -166,6 +177,12 @@ impl Engine {
                 mark(&pods_api, &live, &per_pod, remove).await?;
             }
             scale(client, app, decision.desired).await?;
+            let direction = if decision.desired > current {
+                "up"
+            } else {
+                "down"
+            };
+            Metrics::count(&metrics.autoscaler_scales, direction);
             last_scale_time = Some(crate::reconcile::now_seconds());
             tracing::info!(
                 from = current,
