@@ -224,7 +224,7 @@ async function main() {
     const rooms = Array.from({ length: opt.roomsPerClient }, (_, k) => ROOMS[(i + k * step) % opt.rooms]);
     const c = {
       i, rooms, chorus, socket, got: [], raw: new Set(), rawDups: 0, gaps: 0, errors: [],
-      connects: 0, shedEvents: 0, refusals: 0, shedPending: false, ordinaryReconnects: 0,
+      connects: 0, shedEvents: 0, toldAgain: 0, refusals: 0, shedPending: false, ordinaryReconnects: 0,
     };
     socket.on('m', (data) => {
       const n = data && data.n;
@@ -235,7 +235,9 @@ async function main() {
       if (c.connects > 1 && !c.shedPending) c.ordinaryReconnects += 1;
       c.shedPending = false;
     });
-    socket.on('chorus:rebalance', () => { c.shedEvents += 1; c.shedPending = true; });
+    // A second `chorus:rebalance` before the client reconnected: the server told (and counted)
+    // the same socket twice.
+    socket.on('chorus:rebalance', () => { c.shedEvents += 1; if (c.shedPending) c.toldAgain += 1; c.shedPending = true; });
     socket.on('connect_error', () => { c.refusals += 1; });
     chorus.on('m', (data) => c.got.push(data.n));
     chorus.on('gap', () => { c.gaps += 1; });
@@ -418,6 +420,7 @@ async function main() {
       at_balance: movedAtBalance,
       client_reconnects: reconnects,
       client_rebalance_events: clients.reduce((s, c) => s + c.shedEvents, 0),
+      client_told_again_before_reconnecting: clients.reduce((s, c) => s + c.toldAgain, 0),
       client_refused_handshakes: clients.reduce((s, c) => s + c.refusals, 0),
       ordinary_reconnects: ordinary,
     },
