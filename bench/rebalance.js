@@ -64,7 +64,9 @@ const AFTER_BALANCE_MS = 10000; // keep watching this long after balance...
 const QUIET_MS = 10000; // ...and after the last shed socket (a round's cool-down is 8 s)
 const STEADY_MS = 10000; // the counts before t0: unchanged this long, which is also the baseline CPU window
 const CONNECT_MS = 30000 + opt.clients * 60; // bound on connecting and joining every client
-const DELIVERED_MS = 60000; // bound on the last messages arriving once the publisher stops
+// Bound on every client being back with the last messages once the publisher stops: behind an
+// affinity a shed client stays away a window or more after each refusal, up to six times.
+const DELIVERED_MS = 60000 + 10 * opt.affinitySeconds * 1000;
 const HARD_MS = CONNECT_MS + 60000 + opt.timeoutS * 1000 + 120000 + DELIVERED_MS + 60000;
 const CLK_TCK = Number(execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100;
 const log = (...a) => console.error(`${new Date().toISOString().slice(11, 19)} rebalance N=${opt.clients}${opt.affinitySeconds ? ` affinity=${opt.affinitySeconds}s` : ''}:`, ...a);
@@ -351,13 +353,18 @@ async function main() {
   await publisher;
   const need = (c) => c.rooms.flatMap((r) => acked.get(r));
   const deliveredBy = Date.now() + DELIVERED_MS;
+  let allBackAt = balanceAt;
   while (Date.now() < deliveredBy) {
-    if (clients.every((c) => c.got.length >= need(c).length && need(c).every((x) => c.raw.has(x)))) break;
+    if (allBackAt === null && clients.every((c) => c.socket.connected)) allBackAt = Date.now();
+    if (clients.every((c) => c.socket.connected && c.got.length >= need(c).length && need(c).every((x) => c.raw.has(x)))) break;
     await h.sleep(200);
   }
 
   // Exactly once and in order, per client, as tests/js/rebalance.test.js counts it.
   let lost = 0; let duplicates = 0; let rawDuplicates = 0; let outOfOrder = 0; let gaps = 0; let errors = 0;
+  // A client still away when the bound ran out has not had the chance to resume: what it misses
+  // is counted apart from what a connected client lost.
+  let notBack = 0; let missingNotBack = 0;
   const problems = [];
   for (const c of clients) {
     const want = need(c);
@@ -367,10 +374,11 @@ async function main() {
     const dups = c.got.length - got.size;
     const inAck = c.got.filter((x) => ackedSet.has(x));
     const order = inAck.some((x, k) => k > 0 && x <= inAck[k - 1]);
-    lost += missingHere; duplicates += dups; rawDuplicates += c.rawDups; gaps += c.gaps; errors += c.errors.length;
+    if (c.socket.connected) lost += missingHere; else { notBack += 1; missingNotBack += missingHere; }
+    duplicates += dups; rawDuplicates += c.rawDups; gaps += c.gaps; errors += c.errors.length;
     if (order) outOfOrder += 1;
     if ((missingHere || dups || order || c.gaps || c.errors.length || c.rawDups) && problems.length < 20) {
-      problems.push(`client ${c.i}: lost ${missingHere}, duplicated ${dups}, raw copies twice ${c.rawDups}${order ? ', out of order' : ''}, gaps ${c.gaps}, errors ${c.errors.slice(0, 3).join(',')}`);
+      problems.push(`client ${c.i}${c.socket.connected ? '' : ' (still away)'}: missing ${missingHere}, duplicated ${dups}, raw copies twice ${c.rawDups}${order ? ', out of order' : ''}, gaps ${c.gaps}, errors ${c.errors.slice(0, 3).join(',')}`);
     }
   }
   const reconnects = clients.reduce((s, c) => s + c.connects - 1, 0);
@@ -388,6 +396,7 @@ async function main() {
   if (closesBy['rb-3'] > 0) problems.push(`the new replica shed ${closesBy['rb-3']} sockets`);
   for (const [name, list] of Object.entries(roundsBy)) if (list && list.length > 1) problems.push(`${name} ran ${list.length} rounds: excess ${list.join(', ')}`);
   if (moved > 1.5 * minimumBand) problems.push(`moved ${moved}, more than 1.5 times the fewest within the tolerance (${minimumBand})`);
+  if (notBack) problems.push(`${notBack} clients not back ${Math.round(DELIVERED_MS / 1000)} s after the publisher stopped (${missingNotBack} messages not yet delivered to them)`);
   if (lost || duplicates || outOfOrder || rawDuplicates) problems.push(`messages: lost ${lost}, duplicated ${duplicates}, raw copies twice ${rawDuplicates}, clients out of order ${outOfOrder}`);
 
   const cpu = balanceAt !== null ? cpuBetween(snap0, snapBalance) : null;
@@ -414,6 +423,7 @@ async function main() {
     first_close_s: firstCloseAt === null ? null : round((firstCloseAt - t0) / 1000, 1),
     last_close_s: lastCloseAt === null ? null : round((lastCloseAt - t0) / 1000, 1),
     watched_s: round((end - t0) / 1000, 1),
+    all_clients_back_s: allBackAt === null ? null : round((allBackAt - t0) / 1000, 1),
     moved: {
       rebalance_closes: moved,
       rebalance_closes_by_replica: closesBy,
@@ -435,7 +445,8 @@ async function main() {
     messages: {
       publish_rate: opt.publishRate, sent: sentTotal, acked: ackedTotal, send_errors: sendErrors,
       expected_deliveries: clients.reduce((s, c) => s + need(c).length, 0),
-      lost, duplicates, raw_duplicates: rawDuplicates, clients_out_of_order: outOfOrder, gaps, errors,
+      lost, duplicates, raw_duplicates: rawDuplicates,
+      clients_not_back: notBack, missing_for_clients_not_back: missingNotBack, clients_out_of_order: outOfOrder, gaps, errors,
     },
     proxy_stats: { ...service.stats },
     series,

@@ -12,7 +12,8 @@
 #                               ClientIP affinity mode with an S-second window and sets
 #                               REBALANCE_AFFINITY_SECONDS=S on the replicas
 #   CHORUS_SERVER_BIN           a chorus-server binary; unset: `cargo build --release -p chorus-server`
-#   TIMEOUT_S [600]             longest wait for balance after the third replica starts
+#   TIMEOUT_S [600]             longest wait for balance after the third replica starts (then up
+#                               to 60 s plus ten affinity windows for the last clients to come back)
 #   NICE [-10 as root, else 0]  each run's scheduler autogroup gets this nice value
 #
 # Needs redis-server, node and tests/js/node_modules (`npm ci` in tests/js). Each client holds
@@ -83,7 +84,7 @@ for run in $RUNS; do
   log "run: $n clients, affinity ${aff}s"
   # setsid: the run (node, its proxy, redis-server and the replicas it starts) is a process
   # group of its own, and a scheduler autogroup of its own; timeout bounds the whole run.
-  setsid timeout -k 30 $((TIMEOUT_S + 900)) \
+  setsid timeout -k 30 $((TIMEOUT_S + 900 + 10 * aff)) \
     node bench/rebalance.js --clients "$n" --affinity-seconds "$aff" --timeout-s "$TIMEOUT_S" --out "$OUT" &
   RUN_PGID=$!
   if [ "$NICE" != 0 ]; then echo "$NICE" >"/proc/$RUN_PGID/autogroup" 2>/dev/null || true; fi
