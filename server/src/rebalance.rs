@@ -97,6 +97,11 @@ struct Peer {
 #[derive(Clone, Copy)]
 pub struct Cooperative;
 
+/// Set on a socket once it is shed: between `chorus:rebalance` and its close (250 ms) it must
+/// not be picked again, told twice and counted twice.
+#[derive(Clone, Copy)]
+struct Shed;
+
 /// What one decision found (pure, see [`decide`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Share {
@@ -345,6 +350,7 @@ impl Rebalancer {
                     s.extensions
                         .get::<Arc<Outbox>>()
                         .is_some_and(|o| !o.is_holding())
+                        && s.extensions.get::<Shed>().is_none()
                         && (!affinity || s.extensions.get::<Cooperative>().is_some())
                 })
                 .collect();
@@ -373,6 +379,7 @@ impl Rebalancer {
         if s.extensions
             .get::<Arc<Outbox>>()
             .is_none_or(|o| o.is_closing())
+            || s.extensions.insert(Shed).is_some()
         {
             return;
         }

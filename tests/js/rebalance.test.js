@@ -80,6 +80,10 @@ async function scenario(t, { clients: N, affinityMs }) {
       if (!meta || !meta.id) return;
       if (c.rawIds.has(meta.id)) c.rawDups += 1; else c.rawIds.add(meta.id);
     });
+    // Told to move twice before it reconnected: the server picked a socket it had already shed.
+    c.told = 0; c.toldTwice = 0;
+    socket.on('connect', () => { c.told = 0; });
+    socket.on('chorus:rebalance', () => { c.told += 1; if (c.told > 1) c.toldTwice += 1; });
     chorus.on('m', (data) => c.got.push(data.n));
     chorus.on('gap', () => { c.gaps += 1; });
     chorus.on('error', (err) => c.errors.push(err.code));
@@ -163,6 +167,7 @@ async function scenario(t, { clients: N, affinityMs }) {
     if (c.rawDups) p.push(`${c.rawDups} copies reached the socket twice`);
     if (order) p.push('out of order');
     if (c.gaps) p.push(`${c.gaps} gaps`);
+    if (c.toldTwice) p.push(`told chorus:rebalance again ${c.toldTwice} times before reconnecting`);
     if (c.errors.length) p.push(`errors ${c.errors.slice(0, 3).join(',')}`);
     if (p.length) problems.push(`client ${c.i} (${c.kind}): ${p.join('; ')}`);
   }
