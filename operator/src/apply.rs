@@ -270,6 +270,21 @@ impl<'a> Applier<'a> {
     /// Deletes the child `name`, provided it is still the object `uid` (not one re-created
     /// meanwhile by someone else).
     async fn delete<K: Cached>(&self, name: &str, uid: Option<String>) -> Result<(), Error> {
+        self.delete_in(&self.api::<K>(), &K::kind(&()), name, uid)
+            .await
+    }
+
+    /// [`Applier::delete`] through `api`, for typed and dynamic kinds alike.
+    async fn delete_in<K>(
+        &self,
+        api: &Api<K>,
+        kind: &str,
+        name: &str,
+        uid: Option<String>,
+    ) -> Result<(), Error>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
         let params = DeleteParams {
             preconditions: Some(Preconditions {
                 uid,
@@ -277,19 +292,16 @@ impl<'a> Applier<'a> {
             }),
             ..DeleteParams::default()
         };
-        match self.api::<K>().delete(name, &params).await {
+        match api.delete(name, &params).await {
             Ok(_) => {
                 self.ctx.metrics.writes.inc();
-                self.event(
-                    EventReason::Deleted,
-                    format!("deleted {} {name}", K::kind(&())),
-                )
-                .await;
+                self.event(EventReason::Deleted, format!("deleted {kind} {name}"))
+                    .await;
                 Ok(())
             }
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
             Err(source) => Err(Error::Delete {
-                object: self.object::<K>(name),
+                object: ObjectName::new(kind, &self.namespace, name),
                 source,
             }),
         }
@@ -395,30 +407,8 @@ impl<'a> Applier<'a> {
             if wanted.contains(&(resource.kind.clone(), name.clone())) {
                 continue;
             }
-            let params = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid: obj.uid(),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match api.delete(&name, &params).await {
-                Ok(_) => {
-                    self.ctx.metrics.writes.inc();
-                    self.event(
-                        EventReason::Deleted,
-                        format!("deleted {} {name}", resource.kind),
-                    )
-                    .await;
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(source) => {
-                    return Err(Error::Delete {
-                        object: ObjectName::new(&resource.kind, &self.namespace, &name),
-                        source,
-                    });
-                }
-            }
+            self.delete_in(&api, &resource.kind, &name, obj.uid())
+                .await?;
         }
         Ok(())
     }

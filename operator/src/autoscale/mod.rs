@@ -147,8 +147,7 @@ impl Engine {
             }
         }
         if policy.target_cpu_percent.is_some() {
-            let owned: Vec<Pod> = live.iter().map(|p| (*p).clone()).collect();
-            match reading::cpu_percent(client, &ns, &selector, &owned).await {
+            match reading::cpu_percent(client, &ns, &selector, &live).await {
                 Ok(Ok(cpu)) => reading.cpu_percent = Some(cpu),
                 Ok(Err(why)) => notes.push(format!("CPU is not a signal: {why}")),
                 Err(e) => {

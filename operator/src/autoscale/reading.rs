@@ -101,7 +101,7 @@ pub async fn cpu_percent(
     client: &Client,
     namespace: &str,
     selector: &str,
-    pods: &[Pod],
+    pods: &[&Pod],
 ) -> Result<Result<f64, &'static str>, kube::Error> {
     let resource = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("metrics.k8s.io", "v1beta1", "PodMetrics"),
