@@ -561,3 +561,97 @@ async fn the_misses_of_a_replica_that_died_are_marked_by_the_others() {
         "replayed from B alone, in order, each once"
     );
 }
+
+/// One publisher's messages keep their order on every Redis, also on one that answers late or
+/// has to be sent a script again: each Redis stamps them in the order they reach it and keeps
+/// them so for resumes, and the publisher gets its answer from the first Redis that took a
+/// message, so the next one leaves before the slower Redis has the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_publishers_messages_keep_their_order_on_each_redis() {
+    if !support::tools_present(&["redis-server"]) {
+        return;
+    }
+    const SENT: u64 = 400;
+    let s = start(&[
+        ("SOCKET_RATE", "100000".into()),
+        ("HISTORY_SIZE", SENT.to_string()),
+    ]);
+    wait_buses(&s, [true, true]).await;
+    // Redis B forgets its scripts over and over while the messages go out: each publish it
+    // gets first is refused (NOSCRIPT) and has to follow the script.
+    let done = Arc::new(AtomicBool::new(false));
+    let flusher = {
+        let (done, url) = (done.clone(), s.redis[1].url());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = redis::Client::open(url)
+                .and_then(|c| c.get_connection())
+                .expect("a connection to Redis B");
+            let mut flushes = 0u64;
+            while !done.load(Ordering::SeqCst) && flushes < 100_000 {
+                redis::cmd("SCRIPT")
+                    .arg("FLUSH")
+                    .exec(&mut conn)
+                    .expect("SCRIPT FLUSH");
+                flushes += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            flushes
+        })
+    };
+    let socket = Client::connect(&s.replicas[0].url()).await;
+    for n in 0..SENT {
+        let ack = socket
+            .ack(
+                "publish",
+                json!({"room": "o", "event": "m", "data": {"n": n}}),
+            )
+            .await;
+        support::assert_ok(&ack);
+    }
+    done.store(true, Ordering::SeqCst);
+    let flushes = flusher.await.expect("the flusher ran");
+    assert!(flushes > 10, "Redis B forgot its scripts {flushes} times");
+
+    for (i, redis) in s.redis.iter().enumerate() {
+        // The publishes still on their way to this Redis land within a few round trips.
+        let url = redis.url();
+        let mut kept = Vec::new();
+        support::eventually(
+            &format!("Redis {i} holds all {SENT} messages"),
+            Duration::from_secs(10),
+            || {
+                kept = room_history(&url, "o");
+                let n = kept.len() as u64;
+                async move { n == SENT }
+            },
+        )
+        .await;
+        assert_eq!(
+            kept,
+            (0..SENT).collect::<Vec<_>>(),
+            "Redis {i} keeps the messages in the order they were published"
+        );
+    }
+}
+
+/// The `n` of each message that a Redis keeps for `room`, in stream order.
+fn room_history(url: &str, room: &str) -> Vec<u64> {
+    let mut conn = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("a connection to Redis");
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(format!("chorus#h#{room}"))
+        .arg("-")
+        .arg("+")
+        .query(&mut conn)
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .flat_map(|(_, fields)| fields)
+        .map(|(_, stamped)| {
+            let json = stamped.split_once('|').expect("a stamped message").1;
+            let msg: serde_json::Value = serde_json::from_str(json).expect("JSON");
+            msg["data"]["n"].as_u64().expect("n")
+        })
+        .collect()
+}

@@ -21,9 +21,10 @@ use std::{
     time::Duration,
 };
 
-use redis::{AsyncCommands, FromRedisValue, PushInfo, PushKind, aio::ConnectionManager};
+use redis::{FromRedisValue, PushInfo, PushKind, Value, aio::ConnectionManager};
 use tokio::sync::{Notify, watch};
 
+use super::lane::{Host, Lane, Outgoing, Reply};
 use super::queue::{Event, Queue};
 use crate::config::RedisUrl;
 
@@ -41,10 +42,12 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the link is checked when nothing else happens.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
     #[error("redis is unavailable")]
     Unavailable,
+    #[error("{0} bytes of publishes already wait to leave for this redis")]
+    Busy(usize),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("redis error: {0}")]
@@ -56,6 +59,7 @@ impl BusError {
     pub fn is_link_failure(&self) -> bool {
         match self {
             BusError::Unavailable | BusError::Timeout(_) => true,
+            BusError::Busy(_) => false,
             BusError::Redis(e) => e.is_io_error() || e.is_connection_dropped() || e.is_timeout(),
         }
     }
@@ -103,6 +107,11 @@ struct Shared {
     /// Wakes the health loop early (a disconnection was pushed, a subscribe failed).
     wake: Notify,
     state: watch::Sender<LinkState>,
+    /// Set when a message meant for every link was not sent on this one (it was down), so
+    /// that the link's history can be marked as having a gap when it returns.
+    missed: AtomicBool,
+    /// Operations this link failed or missed, ever (metrics).
+    failures: AtomicU64,
 }
 
 impl Shared {
@@ -156,6 +165,15 @@ impl Shared {
         }
     }
 
+    fn note_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn note_missed(&self) {
+        self.missed.store(true, Ordering::SeqCst);
+        self.note_failure();
+    }
+
     fn mark_down(&self) {
         if self.up.swap(false, Ordering::SeqCst) {
             tracing::warn!("redis connection lost; serving local sockets only until it returns");
@@ -170,9 +188,30 @@ impl Shared {
     }
 }
 
+impl Host for Shared {
+    fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    fn link_failed(&self) {
+        self.mark_down();
+        self.wake.notify_one();
+    }
+
+    fn command_failed(&self, missed: bool) {
+        if missed {
+            self.note_missed();
+        } else {
+            self.note_failure();
+        }
+    }
+}
+
 struct RedisLink {
-    /// Commands: publishes, scripts.
+    /// Commands: reads, scripts.
     conn: ConnectionManager,
+    /// Publishes, in order (on a clone of `conn`).
+    lane: Lane,
     /// Subscriptions only; what arrives goes to the push callback.
     sub: ConnectionManager,
     display: String,
@@ -183,11 +222,6 @@ struct RedisLink {
 pub struct Link {
     shared: Arc<Shared>,
     redis: Option<Arc<RedisLink>>,
-    /// Set when a message meant for every link was not sent on this one (it was down), so
-    /// that the link's history can be marked as having a gap when it returns.
-    missed: Arc<AtomicBool>,
-    /// Operations this link failed or missed, ever (metrics).
-    failures: Arc<AtomicU64>,
 }
 
 impl Link {
@@ -200,6 +234,8 @@ impl Link {
             up: AtomicBool::new(false),
             wake: Notify::new(),
             state,
+            missed: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
         })
     }
 
@@ -208,15 +244,13 @@ impl Link {
         Self {
             shared: Self::with_state(0, LinkState::Single),
             redis: None,
-            missed: Arc::default(),
-            failures: Arc::default(),
         }
     }
 
     /// A link to one Redis, link number `index` of the bus. An unreachable Redis is not an
     /// error: the link comes up in the background (see [`Link::run_health`]) and
     /// [`Link::state`] tells when. Needs a tokio runtime.
-    pub fn redis(url: &RedisUrl, index: usize) -> Result<Self, BusError> {
+    pub fn redis(url: &RedisUrl, index: usize, backlog: usize) -> Result<Self, BusError> {
         let shared = Self::with_state(index, LinkState::Starting);
         let client = redis::Client::open(url.info.clone())?;
         let push_shared = shared.clone();
@@ -235,15 +269,15 @@ impl Link {
                 Ok::<(), std::convert::Infallible>(())
             }),
         )?;
+        let lane = Lane::start(conn.clone(), shared.clone(), backlog);
         Ok(Self {
             shared,
             redis: Some(Arc::new(RedisLink {
                 conn,
+                lane,
                 sub,
                 display: url.display.clone(),
             })),
-            missed: Arc::default(),
-            failures: Arc::default(),
         })
     }
 
@@ -269,23 +303,29 @@ impl Link {
 
     /// Records that a message meant for every link was not sent on this one.
     pub fn note_missed(&self) {
-        self.missed.store(true, Ordering::SeqCst);
-        self.note_failure();
+        self.shared.note_missed();
     }
 
     /// Counts an operation this link failed or skipped (metrics).
     pub fn note_failure(&self) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.shared.note_failure();
     }
 
     /// Operations this link failed or missed since the process started.
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+        self.shared.failures.load(Ordering::Relaxed)
     }
 
     /// Whether something was missed since the last call (and clears it).
     pub fn take_missed(&self) -> bool {
-        self.missed.swap(false, Ordering::SeqCst)
+        self.shared.missed.swap(false, Ordering::SeqCst)
+    }
+
+    /// Bounds what may wait in this link's lane (see `lane`).
+    pub fn set_backlog(&self, bytes: usize) {
+        if let Some(link) = &self.redis {
+            link.lane.set_limit(bytes);
+        }
     }
 
     /// Keeps the Redis link alive: pings every [`PING_INTERVAL`] (or at once when woken),
@@ -361,20 +401,40 @@ impl Link {
         }
     }
 
-    /// Publishes and returns how many subscribers received the message (Redis' own count,
-    /// so the cluster calls know how many replicas to wait for).
-    pub async fn publish_count(&self, chan: String, payload: Vec<u8>) -> Result<usize, BusError> {
-        match self.live_conn()? {
-            None => Ok(usize::from(self.shared.deliver(chan, payload))),
-            Some(mut conn) => {
-                let result = bounded(conn.publish::<_, _, usize>(chan, payload)).await;
-                if result.is_err() {
-                    self.shared.mark_down();
-                    self.shared.wake.notify_one();
-                }
-                result
+    /// Queues `out` behind this link's earlier publishes (see `lane`); on a single node a
+    /// publish reaches this process's subscriber at once and a script does nothing. `missed`
+    /// says whether a failure means a message this link's history lacks. Fails at once, and
+    /// counts it, while the link is down or its lane is full.
+    pub fn send(&self, out: &Arc<Outgoing>, missed: bool) -> Result<Reply, BusError> {
+        let result = match &self.redis {
+            None => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let value = match &**out {
+                    Outgoing::Publish { chan, payload } => Value::Int(i64::from(
+                        self.shared.deliver(chan.to_string(), payload.to_vec()),
+                    )),
+                    Outgoing::Script { .. } => Value::Nil,
+                };
+                let _ = tx.send(Ok(value));
+                Ok(rx)
             }
+            Some(_) if !self.is_up() => Err(BusError::Unavailable),
+            Some(link) => link.lane.send(out, missed),
+        };
+        if result.is_err() {
+            self.shared.command_failed(missed);
         }
+        result
+    }
+
+    /// Publishes (in order, see [`Link::send`]) and returns how many subscribers received the
+    /// message (Redis' own count, so the cluster calls know how many replicas to wait for).
+    pub async fn publish_count(&self, out: &Arc<Outgoing>) -> Result<usize, BusError> {
+        let value = self
+            .send(out, false)?
+            .await
+            .unwrap_or(Err(BusError::Unavailable))?;
+        usize::from_redis_value(value).map_err(|e| BusError::Redis(e.into()))
     }
 
     /// Hands `payload` to this process's subscriber of `chan` at once, behind everything that
@@ -452,7 +512,7 @@ impl Link {
     }
 }
 
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     fut: impl Future<Output = Result<T, redis::RedisError>>,
 ) -> Result<T, BusError> {
     match tokio::time::timeout(OP_TIMEOUT, fut).await {

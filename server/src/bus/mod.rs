@@ -6,16 +6,18 @@
 //! receivers drop the second copy (`dedupe`). Losing a link loses nothing as long as another is
 //! up; there is no failover to wait for.
 
+mod lane;
 mod link;
 mod queue;
 
-use std::{future::Future, panic::AssertUnwindSafe, sync::Arc};
+use std::{future::Future, sync::Arc};
 
-use futures_util::{FutureExt, StreamExt, stream::FuturesUnordered};
+use futures_util::{StreamExt, stream::FuturesUnordered};
 use tokio::sync::watch;
 
 use crate::config::RedisUrl;
 
+pub use lane::Outgoing;
 pub use link::{BusError, Item, Link, LinkState, OP_TIMEOUT, PING_INTERVAL};
 pub use queue::{Event, Incoming, QueueStats};
 
@@ -29,7 +31,8 @@ pub struct Bus {
     links: Arc<[Link]>,
     /// The links taken together (see [`Bus::state`]).
     state: watch::Sender<LinkState>,
-    /// Bytes each subscription's queue holds at most (`BUS_BACKLOG_BYTES`).
+    /// Bytes each subscription's queue, and each link's lane of publishes, hold at most
+    /// (`BUS_BACKLOG_BYTES`).
     backlog: usize,
 }
 
@@ -46,9 +49,12 @@ impl Bus {
         }
     }
 
-    /// The same bus with subscriptions' queues bounded at `bytes`.
+    /// The same bus with subscriptions' queues and publish lanes bounded at `bytes`.
     pub fn with_backlog(mut self, bytes: usize) -> Self {
         self.backlog = bytes;
+        for link in self.links.iter() {
+            link.set_backlog(bytes);
+        }
         self
     }
 
@@ -63,7 +69,7 @@ impl Bus {
         let links = urls
             .iter()
             .enumerate()
-            .map(|(i, url)| Link::redis(url, i))
+            .map(|(i, url)| Link::redis(url, i, DEFAULT_BACKLOG_BYTES))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self::of(links, LinkState::Starting))
     }
@@ -131,14 +137,16 @@ impl Bus {
     /// Publishes on every link that is up and answers each one's subscriber count (`None`
     /// where it failed or was down), after all have answered or timed out.
     pub async fn publish_each(&self, chan: &str, payload: &[u8]) -> Vec<Option<usize>> {
-        self.each(|link| {
-            let (chan, payload) = (chan.to_owned(), payload.to_vec());
-            async move { link.publish_count(chan, payload).await }
-        })
-        .await
-        .into_iter()
-        .map(Result::ok)
-        .collect()
+        let out = Arc::new(Outgoing::Publish {
+            chan: chan.into(),
+            payload: payload.into(),
+        });
+        let counts = self.links.iter().map(|link| link.publish_count(&out));
+        futures_util::future::join_all(counts)
+            .await
+            .into_iter()
+            .map(Result::ok)
+            .collect()
     }
 
     /// Runs `op` on every link that is up, concurrently; the results in link order. A link
@@ -149,7 +157,7 @@ impl Bus {
         Fut: Future<Output = Result<T, BusError>>,
     {
         if let [link] = &self.links[..] {
-            return vec![counted(link, op(link.clone()).await, Link::note_failure)];
+            return vec![counted(link, op(link.clone()).await)];
         }
         let runs = self.links.iter().map(|link| {
             let run = link.is_up().then(|| op(link.clone()));
@@ -158,50 +166,31 @@ impl Bus {
                     Some(run) => run.await,
                     None => Err(BusError::Unavailable),
                 };
-                counted(link, result, Link::note_failure)
+                counted(link, result)
             }
         });
         futures_util::future::join_all(runs).await
     }
 
-    /// Runs `op` (a publish) on every link that is up and answers as soon as one succeeds (the
-    /// others go on in the background, so a link that hangs does not hold the caller); the
-    /// first error when none does. A link that did not take it remembers that it missed a
-    /// message (see `history`'s gap marks).
-    pub async fn first_ok<T, F, Fut>(&self, op: F) -> Result<T, BusError>
-    where
-        T: Send + 'static,
-        F: Fn(Link) -> Fut,
-        Fut: Future<Output = Result<T, BusError>> + Send + 'static,
-    {
-        if let [link] = &self.links[..] {
-            return counted(link, op(link.clone()).await, Link::note_missed);
-        }
-        let mut runs = FuturesUnordered::new();
-        for link in self.links.iter() {
-            if !link.is_up() {
-                link.note_missed();
-                continue;
-            }
-            let (run, link) = (op(link.clone()), link.clone());
-            runs.push(tokio::spawn(async move {
-                // A panic counts as a miss too, so the link's history gets its gap mark.
-                let result = AssertUnwindSafe(run)
-                    .catch_unwind()
-                    .await
-                    .unwrap_or(Err(BusError::Unavailable));
-                if result.is_err() {
-                    link.note_missed();
-                }
-                result
-            }));
-        }
+    /// Publishes `out` on every link that is up, behind this replica's earlier publishes on
+    /// each (see `lane`), and answers as soon as one Redis took it (the others go on without
+    /// holding the caller); the first error when none does. A link that did not take it
+    /// remembers that it missed a message (see `history`'s gap marks).
+    pub async fn publish_first(&self, out: Outgoing) -> Result<(), BusError> {
+        let out = Arc::new(out);
         let mut error = BusError::Unavailable;
-        while let Some(done) = runs.next().await {
-            match done {
-                Ok(Ok(value)) => return Ok(value),
+        // Queued on every lane before anything is awaited, so that the order of calls is the
+        // order on every Redis.
+        let mut replies: FuturesUnordered<_> = self
+            .links
+            .iter()
+            .filter_map(|link| link.send(&out, true).map_err(|e| error = e).ok())
+            .collect();
+        while let Some(reply) = replies.next().await {
+            match reply {
+                Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => error = e,
-                Err(_) => {} // cancelled at shutdown
+                Err(_) => {} // the lane is gone (shutdown)
             }
         }
         Err(error)
@@ -214,10 +203,10 @@ impl Bus {
     }
 }
 
-/// `result`, after `note` on its link when it failed.
-fn counted<T>(link: &Link, result: Result<T, BusError>, note: fn(&Link)) -> Result<T, BusError> {
+/// `result`, counted as a failure of its link when it failed.
+fn counted<T>(link: &Link, result: Result<T, BusError>) -> Result<T, BusError> {
     if result.is_err() {
-        note(link);
+        link.note_failure();
     }
     result
 }

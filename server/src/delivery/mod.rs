@@ -28,7 +28,7 @@ use tokio::sync::{OnceCell, oneshot};
 mod gaps;
 
 use crate::{
-    bus::{Adapter, Bus, Event, Item, QueueStats},
+    bus::{Adapter, Bus, Event, Item, Outgoing, QueueStats},
     conn::Transport,
     dedupe::{self, Origin, Recent, Take},
     error::Failure,
@@ -505,12 +505,10 @@ impl Delivery {
             }
             Some(history) => history.publish(&self.chan, &msg.rooms, &json).await,
             _ => {
-                let (chan, payload): (Arc<str>, Arc<[u8]>) =
-                    (self.chan.as_str().into(), json.into_bytes().into());
                 self.bus
-                    .first_ok(move |link| {
-                        let (chan, payload) = (chan.to_string(), payload.to_vec());
-                        async move { link.publish_count(chan, payload).await.map(|_| ()) }
+                    .publish_first(Outgoing::Publish {
+                        chan: self.chan.as_str().into(),
+                        payload: json.into_bytes().into(),
                     })
                     .await
             }

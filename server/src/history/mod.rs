@@ -31,7 +31,7 @@ use std::{
 use redis::{FromRedisValue, Script, Value as RedisValue};
 
 use crate::{
-    bus::{Bus, BusError, Link},
+    bus::{Bus, BusError, Link, Outgoing},
     dedupe::now_ms,
 };
 
@@ -346,17 +346,11 @@ impl History {
                 // Answered once one Redis has it: the others follow in the background.
                 redis
                     .bus
-                    .first_ok(move |link| {
-                        let (keys, args) = (keys.clone(), args.clone());
-                        async move {
-                            link.script::<RedisValue>(
-                                script(&PUBLISH_SCRIPT, &[PUBLISH]),
-                                &keys,
-                                &args,
-                            )
-                            .await
-                            .map(|_| ())
-                        }
+                    .publish_first(Outgoing::Script {
+                        script: script(&PUBLISH_SCRIPT, &[PUBLISH]),
+                        code: PUBLISH,
+                        keys,
+                        args,
                     })
                     .await
             }
