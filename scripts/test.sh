@@ -21,10 +21,50 @@ shared=${CHORUS_SHARED:-$root/../shared}
 # the run lists them, and every failure names the step it happened in.
 CHORUS_SKIP_LOG=$(mktemp)
 export CHORUS_SKIP_LOG
+# Every step's wall time and CPU time go in a table printed at the end (also after a failure).
+# CPU: user+sys of the step's processes, from this shell's /proc stat (its own time plus that of
+# the children it has waited for, which includes their waited-for descendants; containers that
+# podman runs under conmon are not among them). machine: the CPU the whole machine was busy
+# meanwhile (/proc/stat), this run's and any other work's: well above cpu means a shared machine.
+clk_tck=$(getconf CLK_TCK)
+sample() { # sets t_wall (microseconds), t_cpu and t_busy (clock ticks)
+  local stat f
+  t_wall=${EPOCHREALTIME//[^0-9]/}
+  read -r stat <"/proc/$$/stat"
+  read -r -a f <<<"${stat##*) }"   # fields from the 3rd (state) on: utime is f[11]
+  t_cpu=$((f[11] + f[12] + f[13] + f[14]))
+  read -r -a f </proc/stat           # cpu user nice system idle iowait irq softirq steal
+  t_busy=$((f[1] + f[2] + f[3] + f[6] + f[7] + f[8]))
+}
+sample
+run_wall=$t_wall run_cpu=$t_cpu run_busy=$t_busy
+timings=() # "wall_us cpu_ticks busy_ticks step" for each finished step
 current=""
-step() { current=$*; printf '\n==> %s\n' "$*"; }
+step_end() {
+  [ -n "$current" ] || return 0
+  sample
+  timings+=("$((t_wall - step_wall)) $((t_cpu - step_cpu)) $((t_busy - step_busy)) $current")
+}
+step() {
+  step_end
+  current=$*
+  printf '\n==> %s\n' "$*"
+  sample
+  step_wall=$t_wall step_cpu=$t_cpu step_busy=$t_busy
+}
+print_timings() {
+  sample
+  timings+=("$((t_wall - run_wall)) $((t_cpu - run_cpu)) $((t_busy - run_busy)) total")
+  printf '%s\n' "${timings[@]}" | awk -v hz="$clk_tck" -v load="$(cut -d' ' -f1-3 /proc/loadavg)" '
+    BEGIN { print ""; printf "%8s %8s %8s  %s\n", "wall s", "cpu s", "machine", "step" }
+    { name = $0; sub(/^[^ ]+ [^ ]+ [^ ]+ /, "", name)
+      printf "%8.1f %8.1f %8.1f  %s\n", $1 / 1e6, $2 / hz, $3 / hz, name }
+    END { printf "(load average at the end: %s)\n", load }'
+}
 finish() {
   local rc=$? skipped
+  step_end
+  print_timings
   skipped=$(paste -sd ';' "$CHORUS_SKIP_LOG" | sed 's/;/; /g')
   rm -f "$CHORUS_SKIP_LOG"
   if [ "$rc" != 0 ]; then printf '\nFAILED (exit %s) in step: %s\n' "$rc" "${current:-setup}" >&2; fi
