@@ -1,0 +1,596 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane on 127.0.0.1 for the project's tests: etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler and kwok (fake nodes whose pods turn Ready without
+# containers), plus kubectl and helm, all built with `go build` from the Go modules pinned in
+# tools/k8s/*/go.mod. See docs/control-plane.md.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: scripts/control-plane.sh COMMAND [ARGS]
+
+  build               build the missing binaries into the cache (see below); a no-op when cached
+  start [--dir DIR]   build if needed, start etcd, kube-apiserver, kube-controller-manager,
+                      kube-scheduler and kwok on free 127.0.0.1 ports, create the fake nodes,
+                      wait until all is ready, then print shell exports on stdout:
+                        eval "$(scripts/control-plane.sh start)"
+                      DIR (default: a new mktemp dir) holds certificates, kubeconfigs, logs, pids
+  stop [DIR]          stop every process started in DIR (default $CHORUS_K8S_DIR): TERM, then
+                      KILL after 10 s; then remove DIR
+  env [DIR]           print the exports of a started DIR again (default $CHORUS_K8S_DIR)
+  status [DIR]        one line per component: running or not
+  clean               remove cached builds other than the current one
+  -h, --help          this text
+
+environment:
+  CHORUS_K8S_CACHE          cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/chorus-k8s);
+                            binaries go to <root>/<key>/bin, build logs to <root>/<key>/logs,
+                            key = hash of tools/k8s/** and the Go version
+  CHORUS_K8S_NODES          number of fake nodes (default 3, 110 pods / 32 CPU / 128Gi each)
+  CHORUS_K8S_START_TIMEOUT  seconds allowed to each readiness wait (default 120)
+  CHORUS_K8S_GOCACHE        Go compile cache for the builds (default <root>/<key>/go-build, removed
+                            after a complete build unless CHORUS_K8S_KEEP_GOCACHE=1; a
+                            CHORUS_K8S_GOCACHE given is never removed)
+EOF
+}
+
+say() { printf 'control-plane: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOOLS=$ROOT/tools/k8s
+# Bump when the way binaries are built changes (flags, list), so the cache key changes.
+BUILD_REV=1
+K8S_VERSION=v1.37.2
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+
+# component -> "module-dir package"
+pkg_of() {
+  case $1 in
+    etcd) echo "etcd ./cmd/etcd" ;;
+    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl)
+      echo "kubernetes k8s.io/kubernetes/cmd/$1" ;;
+    kwok) echo "kwok sigs.k8s.io/kwok/cmd/kwok" ;;
+    helm) echo "helm helm.sh/helm/v4/cmd/helm" ;;
+    *) return 1 ;;
+  esac
+}
+
+ldflags_of() {
+  local f="-s -w" p
+  case $1 in
+    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl)
+      # What hack/lib/version.sh stamps in a release build, so /version and
+      # `kubectl version` say v1.37.2 instead of v0.0.0-master.
+      for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        f+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=37"
+        f+=" -X $p.gitTreeState=clean -X $p.buildDate=2026-10-27T12:01:04Z"
+      done ;;
+    helm) f+=" -X helm.sh/helm/v4/internal/version.version=v4.3.2" ;;
+  esac
+  echo "$f"
+}
+
+cache_paths() {
+  command -v go >/dev/null || die "go is not on PATH (Go 1.26 is needed to build the control plane)"
+  local key
+  key=$(
+    cd "$TOOLS" &&
+      { echo "rev=$BUILD_REV"; go version;
+        find . -type f \( -name go.mod -o -name go.sum -o -name '*.go' \) -print0 | sort -z |
+          xargs -0 sha256sum; } | sha256sum | cut -c1-16
+  )
+  CACHE_ROOT=${CHORUS_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chorus-k8s}
+  CACHE=$CACHE_ROOT/$key
+  BIN=$CACHE/bin
+  SHARE=$CACHE/share
+  BUILD_LOGS=$CACHE/logs
+}
+
+built() {
+  local c
+  for c in "${COMPONENTS[@]}"; do [[ -x $BIN/$c ]] || return 1; done
+  [[ -s $SHARE/kwok-stages.yaml ]]
+}
+
+# The kwok controller needs its Stage definitions in a config file: take kwok's own defaults
+# (what kwokctl uses: fast node init, heartbeat with lease, fast pod ready/complete/delete)
+# from the pinned module.
+kwok_stages() {
+  local log=$BUILD_LOGS/kwok-stages.log dir f
+  if ! dir=$(cd "$TOOLS/kwok" && go list -mod=readonly -m -f '{{.Dir}}' sigs.k8s.io/kwok 2>"$log") ||
+    [[ -z $dir ]]; then
+    die "build of kwok-stages failed; log: $log"
+  fi
+  {
+    for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+      pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+      echo "---"
+      cat "$dir/kustomize/stage/$f"
+    done
+  } >"$SHARE/.kwok-stages.yaml.tmp" 2>>"$log" || die "build of kwok-stages failed; log: $log"
+  mv "$SHARE/.kwok-stages.yaml.tmp" "$SHARE/kwok-stages.yaml"
+}
+
+do_build() {
+  cache_paths
+  built && return 0
+  mkdir -p "$BIN" "$SHARE" "$BUILD_LOGS"
+  # A compile cache of its own (not the user's), so it can be dropped after the build.
+  export GOCACHE=${CHORUS_K8S_GOCACHE:-$CACHE/go-build}
+  export GOFLAGS="${GOFLAGS:-} -buildvcs=false"
+  exec 8>"$CACHE/.lock"
+  flock 8 # another build of the same key finishes first
+  built && { exec 8>&-; return 0; }
+  local c mod pkg log rc t0
+  for c in "${COMPONENTS[@]}"; do
+    [[ -x $BIN/$c ]] && continue
+    read -r mod pkg < <(pkg_of "$c")
+    log=$BUILD_LOGS/$c.log
+    say "building $c (log: $log)"
+    rc=0
+    {
+      echo "GOCACHE=$GOCACHE: go build $pkg in $TOOLS/$mod"
+      TIMEFORMAT="built $c in %R s wall, %U s user, %S s sys"
+      time (
+        cd "$TOOLS/$mod" &&
+          nice -n 10 go build -mod=readonly -trimpath -ldflags="$(ldflags_of "$c")" \
+            -o "$BIN/.$c.tmp" "$pkg"
+      )
+    } >"$log" 2>&1 || rc=$?
+    if ((rc != 0)); then
+      rm -f "$BIN/.$c.tmp"
+      die "build of $c failed (go build exit $rc); log: $log"
+    fi
+    mv "$BIN/.$c.tmp" "$BIN/$c"
+  done
+  [[ -s $SHARE/kwok-stages.yaml ]] || kwok_stages
+  # The compile cache of these builds is 5-6 GB and only serves a rebuild of the same
+  # versions, which the binaries already are: drop it unless asked to keep it.
+  if [[ -z ${CHORUS_K8S_GOCACHE:-} && ${CHORUS_K8S_KEEP_GOCACHE:-0} != 1 ]]; then
+    go clean -cache >/dev/null 2>&1 || true
+    rm -rf -- "$GOCACHE"
+  fi
+  exec 8>&-
+}
+
+do_clean() {
+  cache_paths
+  local d
+  for d in "$CACHE_ROOT"/*/; do
+    d=${d%/}
+    [[ -d $d && $d != "$CACHE" ]] || continue
+    say "removing $d"
+    rm -rf -- "$d"
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# State dir layout: .chorus-k8s (marker), pki/, *.kubeconfig, logs/<component>.log,
+# pids/<n>-<component> ("pid starttime"), env (the exports), etcd-data/, kwok.yaml, nodes.yaml.
+
+STOP_ORDER=(kwok kube-scheduler kube-controller-manager kube-apiserver etcd)
+
+start_time_of() { # field 22 of /proc/PID/stat; tells a reused pid from ours
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  # shellcheck disable=SC2086
+  set -- $stat
+  echo "${20}"
+}
+
+alive() { # pid starttime: our process, still running (a zombie counts as gone)
+  local st state
+  st=$(start_time_of "$1") || return 1
+  [[ $st == "$2" ]] || return 1
+  state=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null) || return 1
+  [[ $state != Z ]]
+}
+
+free_port() { # a free 127.0.0.1 TCP port below the ephemeral range, not yet handed out
+  local p hex i
+  for ((i = 0; i < 200; i++)); do
+    p=$((20000 + RANDOM % 12000))
+    [[ " ${USED_PORTS:-} " == *" $p "* ]] && continue
+    printf -v hex ':%04X ' "$p"
+    if ! grep -qi "$hex" /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
+      USED_PORTS="${USED_PORTS:-} $p"
+      echo "$p"
+      return 0
+    fi
+  done
+  die "no free port found on 127.0.0.1"
+}
+
+# Launch NAME: stdin from /dev/null and output to its log, so `$(start)` does not wait on it.
+launch() {
+  local name=$1
+  shift
+  "$@" </dev/null >"$DIR/logs/$name.log" 2>&1 &
+  local pid=$! st
+  st=$(start_time_of "$pid") || st=gone
+  echo "$pid $st" >"$DIR/pids/$name"
+  PIDS[$name]="$pid $st"
+}
+
+tail_log() {
+  local f=$DIR/logs/$1.log
+  [[ -f $f ]] || return 0
+  say "last lines of $f:"
+  tail -n 25 "$f" | sed 's/^/    /' >&2
+}
+
+START_OK=0
+fail_start() { # component message
+  say "$1 did not come up: $2"
+  tail_log "$1"
+  say "stopping what was started; state and logs kept in $DIR"
+  stop_pids
+  exit 1
+}
+
+check_alive() {
+  local name=$1
+  # shellcheck disable=SC2086
+  alive ${PIDS[$name]} || fail_start "$name" "the process exited"
+}
+
+# wait_for COMPONENT WHAT COMMAND...: poll COMMAND every 0.2 s until it succeeds, fail after the
+# timeout, or at once if the component's process is gone.
+wait_for() {
+  local name=$1 what=$2 deadline=$((SECONDS + TIMEOUT))
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    check_alive "$name"
+    ((SECONDS < deadline)) || fail_start "$name" "no $what after ${TIMEOUT} s"
+    sleep 0.2
+  done
+}
+
+stop_pids() { # uses $DIR/pids
+  local name pid st f deadline left killed=0
+  local -a pending=()
+  [[ -d $DIR/pids ]] || return 0
+  for name in "${STOP_ORDER[@]}"; do
+    f=$DIR/pids/$name
+    [[ -f $f ]] || continue
+    read -r pid st <"$f" || continue
+    if [[ $st != gone ]] && alive "$pid" "$st"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      pending+=("$pid:$st:$name")
+    fi
+    rm -f "$f"
+  done
+  ((${#pending[@]})) || return 0
+  deadline=$((SECONDS + 10))
+  while :; do
+    left=()
+    for f in "${pending[@]}"; do
+      IFS=: read -r pid st name <<<"$f"
+      alive "$pid" "$st" && left+=("$f")
+    done
+    ((${#left[@]})) || return 0
+    if ((SECONDS >= deadline)); then
+      if ((killed)); then
+        for f in "${left[@]}"; do say "${f##*:} (pid ${f%%:*}) is still there after KILL"; done
+        return 1
+      fi
+      for f in "${left[@]}"; do
+        IFS=: read -r pid st name <<<"$f"
+        say "$name (pid $pid) ignored TERM for 10 s: KILL"
+        alive "$pid" "$st" && kill -KILL "$pid" 2>/dev/null || true
+      done
+      killed=1
+      deadline=$((SECONDS + 10))
+    fi
+    pending=("${left[@]}")
+    sleep 0.1
+  done
+}
+
+b64() { base64 -w0 <"$1"; }
+
+kubeconfig() { # file user cert key
+  cat >"$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: chorus
+  cluster:
+    server: $APISERVER
+    certificate-authority-data: $(b64 "$PKI/ca.crt")
+users:
+- name: $2
+  user:
+    client-certificate-data: $(b64 "$3")
+    client-key-data: $(b64 "$4")
+contexts:
+- name: chorus
+  context:
+    cluster: chorus
+    user: $2
+current-context: chorus
+EOF
+  chmod 600 "$1"
+}
+
+make_pki() {
+  local o=$PKI
+  mkdir -p "$o"
+  (
+    set -e
+    cd "$o"
+    key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+    ca() { # name cn
+      key "$1.key"
+      openssl req -x509 -new -key "$1.key" -subj "/CN=$2" -days 3650 -out "$1.crt" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+    }
+    cert() { # name ca subject extendedKeyUsage [subjectAltName]
+      key "$1.key"
+      openssl req -new -key "$1.key" -subj "$3" -out "$1.csr"
+      {
+        echo "basicConstraints=critical,CA:FALSE"
+        echo "keyUsage=critical,digitalSignature,keyEncipherment"
+        echo "extendedKeyUsage=$4"
+        [[ -z ${5:-} ]] || echo "subjectAltName=$5"
+      } >"$1.ext"
+      openssl x509 -req -in "$1.csr" -CA "$2.crt" -CAkey "$2.key" -CAcreateserial -days 3650 \
+        -extfile "$1.ext" -out "$1.crt" 2>/dev/null
+      rm -f "$1.csr" "$1.ext"
+    }
+    ca ca chorus-k8s-ca
+    ca front-proxy-ca chorus-k8s-front-proxy-ca
+    cert apiserver ca "/CN=kube-apiserver" serverAuth \
+      "IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    cert admin ca "/O=system:masters/CN=chorus-admin" clientAuth
+    cert apiserver-kubelet-client ca "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
+    cert controller-manager ca "/CN=system:kube-controller-manager" clientAuth
+    cert scheduler ca "/CN=system:kube-scheduler" clientAuth
+    cert kwok ca "/O=system:masters/CN=kwok-controller" clientAuth,serverAuth "IP:127.0.0.1,DNS:localhost"
+    cert front-proxy-client front-proxy-ca "/CN=front-proxy-client" clientAuth
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
+    openssl pkey -in sa.key -pubout -out sa.pub
+    chmod 600 ./*.key
+  ) >"$DIR/logs/pki.log" 2>&1 || { say "making certificates with openssl failed"; tail_log pki; exit 1; }
+}
+
+print_env() {
+  local q
+  q() { printf '%q' "$1"; }
+  echo "export KUBECONFIG=$(q "$DIR/admin.kubeconfig")"
+  echo "export PATH=$(q "$BIN"):\"\$PATH\""
+  echo "export CHORUS_K8S_DIR=$(q "$DIR")"
+  echo "export CHORUS_K8S_BIN=$(q "$BIN")"
+  echo "export CHORUS_K8S_APISERVER=$(q "$APISERVER")"
+  echo "export CHORUS_K8S_CA_FILE=$(q "$PKI/ca.crt")"
+  echo "export CHORUS_K8S_ADMIN_CERT=$(q "$PKI/admin.crt")"
+  echo "export CHORUS_K8S_ADMIN_KEY=$(q "$PKI/admin.key")"
+  echo "export CHORUS_K8S_ETCD=$(q "$ETCD_URL")"
+  echo "export CHORUS_K8S_NODE_NAMES=$(q "$NODE_NAMES")"
+  echo "export CHORUS_K8S_SA_ISSUER=$(q "$SA_ISSUER")"
+}
+
+nodes_yaml() {
+  local i n
+  for ((i = 0; i < NODES; i++)); do
+    n=kwok-node-$i
+    NODE_NAMES+="${NODE_NAMES:+ }$n"
+    cat <<EOF
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: $n
+  annotations:
+    kwok.x-k8s.io/node: fake
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    type: kwok
+    kubernetes.io/arch: amd64
+    kubernetes.io/os: linux
+    kubernetes.io/hostname: $n
+    topology.kubernetes.io/zone: zone-$((i % 3))
+    node-role.kubernetes.io/agent: ""
+status:
+  allocatable: {cpu: "32", memory: 128Gi, pods: "110", ephemeral-storage: 100Gi}
+  capacity: {cpu: "32", memory: 128Gi, pods: "110", ephemeral-storage: 100Gi}
+  nodeInfo:
+    architecture: amd64
+    operatingSystem: linux
+    kubeletVersion: $K8S_VERSION
+    kubeProxyVersion: $K8S_VERSION
+    containerRuntimeVersion: kwok-fake
+    kernelVersion: kwok-fake
+    osImage: kwok fake node
+    bootID: ""
+    machineID: ""
+    systemUUID: ""
+EOF
+  done
+}
+
+kc() { "$BIN/kubectl" --kubeconfig "$DIR/admin.kubeconfig" --request-timeout=10s "$@"; }
+
+curl_ok() { # url expected-body [curl args]
+  local url=$1 want=$2 got
+  shift 2
+  got=$(curl -sS --max-time 3 "$@" "$url") && [[ $got == "$want" ]]
+}
+
+do_start() {
+  DIR=
+  while (($#)); do
+    case $1 in
+      --dir) DIR=${2:?--dir needs a directory}; shift 2 ;;
+      --dir=*) DIR=${1#--dir=}; shift ;;
+      -h | --help) usage; exit 0 ;;
+      *) die "start: unknown argument $1 (see -h)" ;;
+    esac
+  done
+  NODES=${CHORUS_K8S_NODES:-3}
+  TIMEOUT=${CHORUS_K8S_START_TIMEOUT:-120}
+  [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "CHORUS_K8S_NODES must be a positive number"
+  command -v openssl >/dev/null || die "openssl is needed to make the certificates"
+  command -v curl >/dev/null || die "curl is needed to poll readiness"
+
+  do_build
+  local t0=$SECONDS
+  if [[ -z $DIR ]]; then
+    DIR=$(mktemp -d "${TMPDIR:-/tmp}/chorus-k8s.XXXXXX")
+  else
+    mkdir -p "$DIR"
+    DIR=$(cd "$DIR" && pwd)
+    [[ -z $(ls -A "$DIR") ]] || die "start: $DIR is not empty (stop the cluster in it first, or pick another dir)"
+  fi
+  touch "$DIR/.chorus-k8s"
+  mkdir -p "$DIR/logs" "$DIR/pids" "$DIR/etcd-data"
+  chmod 700 "$DIR/etcd-data"
+  PKI=$DIR/pki
+  declare -gA PIDS=()
+  trap 'rc=$?; if ((rc != 0 && START_OK == 0)); then stop_pids; fi' EXIT
+  trap 'say "interrupted"; exit 130' INT TERM
+
+  make_pki
+  local etcd_port etcd_peer api_port kcm_port sched_port kwok_port
+  etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port)
+  kcm_port=$(free_port); sched_port=$(free_port); kwok_port=$(free_port)
+  ETCD_URL=http://127.0.0.1:$etcd_port
+  APISERVER=https://127.0.0.1:$api_port
+  SA_ISSUER=https://kubernetes.default.svc.cluster.local
+  kubeconfig "$DIR/admin.kubeconfig" chorus-admin "$PKI/admin.crt" "$PKI/admin.key"
+  kubeconfig "$DIR/controller-manager.kubeconfig" system:kube-controller-manager \
+    "$PKI/controller-manager.crt" "$PKI/controller-manager.key"
+  kubeconfig "$DIR/scheduler.kubeconfig" system:kube-scheduler "$PKI/scheduler.crt" "$PKI/scheduler.key"
+  kubeconfig "$DIR/kwok.kubeconfig" kwok-controller "$PKI/kwok.crt" "$PKI/kwok.key"
+
+  launch etcd "$BIN/etcd" --name=chorus --data-dir="$DIR/etcd-data" \
+    --listen-client-urls="$ETCD_URL" --advertise-client-urls="$ETCD_URL" \
+    --listen-peer-urls="http://127.0.0.1:$etcd_peer" \
+    --initial-advertise-peer-urls="http://127.0.0.1:$etcd_peer" \
+    --initial-cluster="chorus=http://127.0.0.1:$etcd_peer" --initial-cluster-state=new \
+    --unsafe-no-fsync --quota-backend-bytes=2147483648 --log-level=warn
+  wait_for etcd "healthy etcd at $ETCD_URL/health" \
+    curl_ok "$ETCD_URL/health" '{"health":"true","reason":""}'
+
+  launch kube-apiserver "$BIN/kube-apiserver" \
+    --etcd-servers="$ETCD_URL" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
+    --endpoint-reconciler-type=none \
+    --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
+    --client-ca-file="$PKI/ca.crt" \
+    --authorization-mode=Node,RBAC \
+    --service-account-issuer="$SA_ISSUER" \
+    --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
+    --service-cluster-ip-range=10.96.0.0/16 \
+    --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
+    --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP \
+    --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" \
+    --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User \
+    --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$PKI/front-proxy-client.crt" \
+    --proxy-client-key-file="$PKI/front-proxy-client.key" \
+    --allow-privileged=true --profiling=false --v=1
+  wait_for kube-apiserver "ok from $APISERVER/readyz" curl_ok "$APISERVER/readyz" ok \
+    --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key"
+
+  launch kube-controller-manager "$BIN/kube-controller-manager" \
+    --kubeconfig="$DIR/controller-manager.kubeconfig" \
+    --authentication-kubeconfig="$DIR/controller-manager.kubeconfig" \
+    --authorization-kubeconfig="$DIR/controller-manager.kubeconfig" \
+    --bind-address=127.0.0.1 --secure-port="$kcm_port" \
+    --leader-elect=false --use-service-account-credentials=true \
+    --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
+    --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
+    --cluster-name=chorus --horizontal-pod-autoscaler-sync-period=5s \
+    --profiling=false --v=1
+  launch kube-scheduler "$BIN/kube-scheduler" \
+    --kubeconfig="$DIR/scheduler.kubeconfig" \
+    --authentication-kubeconfig="$DIR/scheduler.kubeconfig" \
+    --authorization-kubeconfig="$DIR/scheduler.kubeconfig" \
+    --bind-address=127.0.0.1 --secure-port="$sched_port" --leader-elect=false \
+    --profiling=false --v=1
+  cp "$SHARE/kwok-stages.yaml" "$DIR/kwok.yaml"
+  launch kwok "$BIN/kwok" --kubeconfig="$DIR/kwok.kubeconfig" --config="$DIR/kwok.yaml" \
+    --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+    --node-ip=127.0.0.1 --node-name=localhost --node-port="$kwok_port" \
+    --server-address="127.0.0.1:$kwok_port" \
+    --tls-cert-file="$PKI/kwok.crt" --tls-private-key-file="$PKI/kwok.key" \
+    --node-lease-duration-seconds=40 --cidr=10.244.0.0/16
+
+  wait_for kube-controller-manager "ok from https://127.0.0.1:$kcm_port/healthz" \
+    curl_ok "https://127.0.0.1:$kcm_port/healthz" ok -k
+  wait_for kube-scheduler "ok from https://127.0.0.1:$sched_port/healthz" \
+    curl_ok "https://127.0.0.1:$sched_port/healthz" ok -k
+  NODE_NAMES=
+  nodes_yaml >"$DIR/nodes.yaml"
+  kc apply -f "$DIR/nodes.yaml" >"$DIR/logs/nodes.log" 2>&1 ||
+    fail_start kube-apiserver "creating the fake nodes failed: $(tail -n 3 "$DIR/logs/nodes.log")"
+  local n
+  for n in $NODE_NAMES; do
+    wait_for kwok "Ready node $n" node_ready "$n"
+  done
+  wait_for kube-controller-manager "ServiceAccount default/default" kc get serviceaccount default -n default
+  print_env >"$DIR/env"
+  START_OK=1
+  cat "$DIR/env"
+  say "started in $((SECONDS - t0)) s: apiserver $APISERVER, etcd $ETCD_URL, nodes: $NODE_NAMES"
+  say "state, logs and pids in $DIR; stop with: scripts/control-plane.sh stop $DIR"
+}
+
+node_ready() {
+  [[ $(kc get node "$1" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}') == True ]] &&
+    # the node lifecycle controller has lifted its not-ready taint, so pods can be scheduled
+    [[ $(kc get node "$1" -o 'jsonpath={.spec.taints[*].key}') != *node.kubernetes.io/not-ready* ]]
+}
+
+state_dir() { # from an argument or $CHORUS_K8S_DIR
+  DIR=${1:-${CHORUS_K8S_DIR:-}}
+  [[ -n $DIR ]] || die "$CMD: no state dir given and CHORUS_K8S_DIR is not set"
+  [[ -d $DIR ]] || die "$CMD: $DIR does not exist"
+  [[ -f $DIR/.chorus-k8s ]] || die "$CMD: $DIR is not a control-plane state dir (no .chorus-k8s)"
+  DIR=$(cd "$DIR" && pwd)
+}
+
+do_stop() {
+  state_dir "${1:-}"
+  stop_pids
+  rm -rf -- "$DIR"
+  say "stopped; removed $DIR"
+}
+
+do_env() {
+  state_dir "${1:-}"
+  [[ -f $DIR/env ]] || die "env: $DIR has no env (was start successful?)"
+  cat "$DIR/env"
+}
+
+do_status() {
+  state_dir "${1:-}"
+  local name pid st
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+    if [[ -f $DIR/pids/$name ]] && read -r pid st <"$DIR/pids/$name" && alive "$pid" "$st"; then
+      echo "$name running (pid $pid)"
+    else
+      echo "$name not running"
+    fi
+  done
+}
+
+CMD=${1:-}
+(($#)) && shift
+case $CMD in
+  build) do_build; say "binaries in $BIN" ;;
+  start) do_start "$@" ;;
+  stop) do_stop "$@" ;;
+  env) do_env "$@" ;;
+  status) do_status "$@" ;;
+  clean) do_clean ;;
+  -h | --help | help) usage ;;
+  '') usage >&2; exit 2 ;;
+  *) say "unknown command $CMD"; usage >&2; exit 2 ;;
+esac
