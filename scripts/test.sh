@@ -104,14 +104,19 @@ else
   CHORUS_SERVER_BIN=$root/target/debug/chorus-server CHROMIUM_BIN=/usr/bin/chromium npm --prefix tests/browser test
 fi
 
-step "container images (podman): build both, three server containers on one Redis"
+# One release build of the three binaries, in one invocation so that they share their
+# dependencies: the images package chorus-server and chorus-operator from it, the benchmark
+# steps run chorus-server and chorus-bench.
+step "release build (chorus-server, chorus-operator, chorus-bench)"
+cargo build --release --locked -p chorus-server -p chorus-operator -p chorus-bench
+
+step "container images (podman): package both release binaries, three server containers on one Redis"
 bash tests/images/run.sh
 
 if [ ! -x "$shared/bench/run-peer.sh" ]; then
   cannot_run "benchmark smoke check and comparison" "$shared/bench/run-peer.sh not found (set CHORUS_SHARED to the shared folder)"
 else
   step "benchmark protocol smoke check (three release replicas)"
-  cargo build --release --locked -p chorus-server
   out=$(mktemp -d)/smoke.jsonl
   SERVER_NAME=chorus SERVER_DIR=$root SERVER_CMD=target/release/chorus-server SCENARIOS=smoke \
     OUT=$out NICE=0 "$shared/bench/run-peer.sh"

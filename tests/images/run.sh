@@ -4,17 +4,26 @@
 # a client on one container receives a publish made on another, and that `podman stop` ends a
 # container promptly with exit code 0.
 #
+# By default the images package the host's release binaries (target/release, built here if
+# scripts/test.sh has not just built them: then the cargo call below has nothing to do), through
+# the Dockerfiles' `binary` build context, so that nothing is compiled twice. The host is Debian
+# 12 (bookworm) like the builder image, whose glibc the runtime image takes, so they match.
+# IMAGE_BUILD=source compiles inside the builder instead, as a plain `docker build` does.
+#
 # Nothing can be pulled on this machine kind, so the builder image the Dockerfiles take as
 # BUILDER_IMAGE (normally rust:<ver>-bookworm) is a local stand-in: Debian bookworm made with
 # debootstrap (plus gcc, libc6-dev, make, ca-certificates and redis-server, which also serves
-# as the Redis image), with the host's Rust toolchain and crate cache mounted at build time.
-# The stand-in and the build layers stay in podman's storage, so later runs are quick.
+# as the Redis image); IMAGE_BUILD=source mounts the host's Rust toolchain and crate cache in it
+# at build time. The stand-in and the build layers stay in podman's storage, so later runs are
+# quick.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
 
 . scripts/suite.sh
-for tool in podman node; do
+image_build=${IMAGE_BUILD:-host}
+case $image_build in host | source) ;; *) echo "IMAGE_BUILD is host or source, not $image_build" >&2; exit 2 ;; esac
+for tool in podman node cargo; do
   command -v "$tool" >/dev/null || { cannot_run "container images" "$tool is not installed (.ci/run installs it)"; exit 0; }
 done
 
@@ -55,16 +64,30 @@ if ! podman image exists "$toolbox"; then
     - "$toolbox" >/dev/null
 fi
 
-rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
-cargo_home=${CARGO_HOME:-$HOME/.cargo}
-# Everything the build needs is in the crate cache once the host has built the workspace.
-cargo fetch --locked >/dev/null
-build() { # dockerfile tag
-  podman build --quiet -f "$1" -t "$2" \
-    --build-arg BUILDER_IMAGE="$toolbox" --build-arg CARGO_NET_OFFLINE=true \
-    -v "$rustup_home:/usr/local/rustup:ro" -v "$cargo_home:/usr/local/cargo" . >/dev/null
-}
-echo "images: building server/Dockerfile and operator/Dockerfile"
+if [ "$image_build" = host ]; then
+  # Nothing to do after scripts/test.sh's release build: these two packages' dependencies have
+  # the same features with or without chorus-bench.
+  cargo build --release --locked -p chorus-server -p chorus-operator
+  # The binaries alone are the build context (target/ is gigabytes; podman gets two files).
+  bin=$work/binary
+  mkdir "$bin"
+  cp target/release/chorus-server target/release/chorus-operator "$bin/"
+  build() { # dockerfile tag
+    podman build --quiet -f "$1" -t "$2" --build-arg BUILDER_IMAGE="$toolbox" \
+      --build-context binary="$bin" "$bin" >/dev/null
+  }
+else
+  rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
+  cargo_home=${CARGO_HOME:-$HOME/.cargo}
+  # Everything the build needs is in the crate cache once the host has built the workspace.
+  cargo fetch --locked >/dev/null
+  build() { # dockerfile tag
+    podman build --quiet -f "$1" -t "$2" \
+      --build-arg BUILDER_IMAGE="$toolbox" --build-arg CARGO_NET_OFFLINE=true \
+      -v "$rustup_home:/usr/local/rustup:ro" -v "$cargo_home:/usr/local/cargo" . >/dev/null
+  }
+fi
+echo "images: building server/Dockerfile and operator/Dockerfile ($image_build binaries)"
 build server/Dockerfile localhost/chorus-server:test
 build operator/Dockerfile localhost/chorus-operator:test
 
