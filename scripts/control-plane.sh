@@ -19,6 +19,9 @@ usage: scripts/control-plane.sh COMMAND [ARGS]
                       KILL after 10 s; then remove DIR
   env [DIR]           print the exports of a started DIR again (default $CHORUS_K8S_DIR)
   status [DIR]        one line per component: running or not
+  smoke               start a cluster in a new dir, check what the tests rely on (nodes Ready,
+                      Deployment, scale, StatefulSet, HPA, garbage collection, TokenRequest
+                      and RBAC, EndpointSlices, helm), stop it; exit 1 if a check failed
   clean               remove cached builds other than the current one
   -h, --help          this text
 
@@ -28,6 +31,10 @@ environment:
                             key = hash of tools/k8s/** and the Go version
   CHORUS_K8S_NODES          number of fake nodes (default 3, 110 pods / 32 CPU / 128Gi each)
   CHORUS_K8S_START_TIMEOUT  seconds allowed to each readiness wait (default 120)
+  CHORUS_K8S_POD_CIDR       range kwok takes the fake pod IPs from (default 10.244.0.0/16; no
+                            packet ever goes there: never dial a pod IP or a ClusterIP; a range
+                            in 127.0.0.0/8 makes pod IPs dialable on loopback, but then
+                            EndpointSlices refuse them and Services have no endpoints)
   CHORUS_K8S_GOCACHE        Go compile cache for the builds (default <root>/<key>/go-build, removed
                             after a complete build unless CHORUS_K8S_KEEP_GOCACHE=1; a
                             CHORUS_K8S_GOCACHE given is never removed)
@@ -76,7 +83,7 @@ cache_paths() {
   local key
   key=$(
     cd "$TOOLS" &&
-      { echo "rev=$BUILD_REV"; go version;
+      { echo "rev=$BUILD_REV"; go version; declare -f pkg_of ldflags_of kwok_stages;
         find . -type f \( -name go.mod -o -name go.sum -o -name '*.go' \) -print0 | sort -z |
           xargs -0 sha256sum; } | sha256sum | cut -c1-16
   )
@@ -370,6 +377,8 @@ print_env() {
   echo "export CHORUS_K8S_ETCD=$(q "$ETCD_URL")"
   echo "export CHORUS_K8S_NODE_NAMES=$(q "$NODE_NAMES")"
   echo "export CHORUS_K8S_SA_ISSUER=$(q "$SA_ISSUER")"
+  echo "export CHORUS_K8S_POD_CIDR=$(q "$POD_CIDR")"
+  echo "export CHORUS_K8S_SERVICE_CIDR=10.96.0.0/16"
 }
 
 nodes_yaml() {
@@ -430,6 +439,7 @@ do_start() {
     esac
   done
   NODES=${CHORUS_K8S_NODES:-3}
+  POD_CIDR=${CHORUS_K8S_POD_CIDR:-10.244.0.0/16}
   TIMEOUT=${CHORUS_K8S_START_TIMEOUT:-120}
   [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "CHORUS_K8S_NODES must be a positive number"
   command -v openssl >/dev/null || die "openssl is needed to make the certificates"
@@ -520,7 +530,7 @@ do_start() {
     --node-ip=127.0.0.1 --node-name=localhost --node-port="$kwok_port" \
     --server-address="127.0.0.1:$kwok_port" \
     --tls-cert-file="$PKI/kwok.crt" --tls-private-key-file="$PKI/kwok.key" \
-    --node-lease-duration-seconds=40 --cidr=10.244.0.0/16
+    --node-lease-duration-seconds=40 --cidr="$POD_CIDR"
 
   wait_for kube-controller-manager "ok from https://127.0.0.1:$kcm_port/healthz" \
     curl_ok "https://127.0.0.1:$kcm_port/healthz" ok -k
@@ -581,6 +591,134 @@ do_status() {
   done
 }
 
+# ---------------------------------------------------------------------------------------------
+# smoke: a self-check of a fresh cluster, run by hand (docs/control-plane.md).
+
+SMOKE_PASS=0
+SMOKE_FAIL=0
+check() { # description command...: passes when the command succeeds
+  local what=$1
+  shift
+  if "$@" >>"$SMOKE_LOG" 2>&1; then
+    SMOKE_PASS=$((SMOKE_PASS + 1))
+    say "ok    $what"
+  else
+    SMOKE_FAIL=$((SMOKE_FAIL + 1))
+    say "FAIL  $what (see $SMOKE_LOG)"
+  fi
+}
+
+eventually() { # seconds command...: retry every 0.2 s
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
+
+jp() { kubectl -n smoke get "$1" -o "jsonpath=$2"; }
+nodes_ready() {
+  local want
+  want=$(printf 'True %.0s' $(seq "${CHORUS_K8S_NODES:-3}"))
+  [[ $(kubectl get nodes -o 'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status} {end}') == "$want" ]]
+}
+ready_replicas() { [[ $(jp "$1" '{.status.readyReplicas}') == "$2" ]]; }
+rs_owned_by_deployment() {
+  [[ $(kubectl -n smoke get rs -l app=x -o 'jsonpath={.items[0].metadata.ownerReferences[0].kind}/{.items[0].metadata.ownerReferences[0].name}') == Deployment/x ]] &&
+    [[ $(kubectl -n smoke get pods -l app=x -o 'jsonpath={.items[*].status.phase}') == "Running Running Running" ]]
+}
+hpa_able_to_scale() {
+  [[ $(jp hpa/x '{.status.conditions[?(@.type=="AbleToScale")].status}') == True ]]
+}
+gc_done() { [[ -z $(kubectl -n smoke get rs,pods -l app=x -o name) ]]; }
+slice_has_two() {
+  [[ $(kubectl -n smoke get endpointslices -l kubernetes.io/service-name=web \
+    -o 'jsonpath={range .items[*].endpoints[*]}{.addresses[0]} {end}' | wc -w) == 2 ]]
+}
+sa_forbidden() {
+  local out
+  out=$(kubectl --kubeconfig "$SMOKE_DIR/sa.kubeconfig" -n smoke get pods 2>&1) && return 1
+  echo "$out"
+  [[ $out == *Forbidden* ]]
+}
+sa_allowed() { kubectl --kubeconfig "$SMOKE_DIR/sa.kubeconfig" -n smoke get pods; }
+
+SMOKE_MANIFEST='apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: web}
+spec:
+  serviceName: web
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: web, image: nginx, ports: [{containerPort: 80}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{port: 80}]
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: x}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: x}
+  minReplicas: 2
+  maxReplicas: 6
+  metrics:
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}'
+
+do_smoke() {
+  local env token t0=$SECONDS
+  SMOKE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/chorus-k8s-smoke.XXXXXX")
+  SMOKE_LOG=$SMOKE_DIR/smoke.log
+  env=$("$0" start --dir "$SMOKE_DIR/cluster") || die "smoke: start failed (state in $SMOKE_DIR)"
+  eval "$env"
+  # shellcheck disable=SC2064
+  trap "'$0' stop '$SMOKE_DIR/cluster' || true" EXIT
+  check "$(kubectl get nodes --no-headers | wc -l) kwok nodes Ready" nodes_ready
+  kubectl create namespace smoke >>"$SMOKE_LOG" 2>&1
+  kubectl -n smoke create deployment x --image=nginx --replicas=3 >>"$SMOKE_LOG" 2>&1
+  check "Deployment x: 3 pods Ready" eventually 60 ready_replicas deploy/x 3
+  check "its ReplicaSet made by the deployment controller, pods Running" rs_owned_by_deployment
+  kubectl -n smoke scale deployment x --replicas=5 >>"$SMOKE_LOG" 2>&1
+  check "kubectl scale to 5: 5 Ready" eventually 60 ready_replicas deploy/x 5
+  echo "$SMOKE_MANIFEST" | kubectl -n smoke apply -f - >>"$SMOKE_LOG" 2>&1
+  check "StatefulSet web: 2 pods Ready" eventually 60 ready_replicas statefulset/web 2
+  if [[ $CHORUS_K8S_POD_CIDR == 127.* ]]; then
+    say "skip  EndpointSlice (loopback pod IPs are refused in EndpointSlices)"
+  else
+    check "EndpointSlice of Service web lists its 2 pods" eventually 30 slice_has_two
+  fi
+  check "HPA x (autoscaling/v2) picked up: AbleToScale=True" eventually 30 hpa_able_to_scale
+  kubectl -n smoke delete hpa x >>"$SMOKE_LOG" 2>&1
+  kubectl -n smoke delete deployment x >>"$SMOKE_LOG" 2>&1
+  check "Deployment deleted: the garbage collector removed its ReplicaSet and pods" eventually 60 gc_done
+  token=$(kubectl -n smoke create token default --duration=10m 2>>"$SMOKE_LOG") || token=
+  check "kubectl create token (TokenRequest)" test -n "$token"
+  printf '%s\n' "apiVersion: v1" "kind: Config" \
+    "clusters: [{name: c, cluster: {server: \"$CHORUS_K8S_APISERVER\", certificate-authority: \"$CHORUS_K8S_CA_FILE\"}}]" \
+    "users: [{name: sa, user: {token: \"$token\"}}]" \
+    "contexts: [{name: c, context: {cluster: c, user: sa}}]" \
+    "current-context: c" >"$SMOKE_DIR/sa.kubeconfig"
+  check "the token is refused (403 Forbidden) to list pods without a RoleBinding" sa_forbidden
+  kubectl -n smoke create rolebinding sa-view --clusterrole=view --serviceaccount=smoke:default >>"$SMOKE_LOG" 2>&1
+  check "and allowed after a RoleBinding to view" eventually 10 sa_allowed
+  check "helm version: $(helm version --template '{{.Version}}' 2>/dev/null)" helm version
+  trap - EXIT
+  "$0" stop "$SMOKE_DIR/cluster"
+  say "smoke: $SMOKE_PASS passed, $SMOKE_FAIL failed in $((SECONDS - t0)) s (log: $SMOKE_LOG)"
+  ((SMOKE_FAIL == 0)) || exit 1
+  rm -rf -- "$SMOKE_DIR"
+}
+
 CMD=${1:-}
 (($#)) && shift
 case $CMD in
@@ -589,6 +727,7 @@ case $CMD in
   stop) do_stop "$@" ;;
   env) do_env "$@" ;;
   status) do_status "$@" ;;
+  smoke) do_smoke ;;
   clean) do_clean ;;
   -h | --help | help) usage ;;
   '') usage >&2; exit 2 ;;
