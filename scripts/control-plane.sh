@@ -138,7 +138,7 @@ do_build() {
     rc=0
     {
       echo "GOCACHE=$GOCACHE: go build $pkg in $TOOLS/$mod"
-      TIMEFORMAT="built $c in %R s wall, %U s user, %S s sys"
+      TIMEFORMAT="go build of $c: %R s wall, %U s user, %S s sys"
       time (
         cd "$TOOLS/$mod" &&
           nice -n 10 go build -mod=readonly -trimpath -ldflags="$(ldflags_of "$c")" \
@@ -216,6 +216,7 @@ launch() {
   shift
   "$@" </dev/null >"$DIR/logs/$name.log" 2>&1 &
   local pid=$! st
+  disown "$pid" # no job report from this shell when a stop kills it
   st=$(start_time_of "$pid") || st=gone
   echo "$pid $st" >"$DIR/pids/$name"
   PIDS[$name]="$pid $st"
@@ -253,6 +254,9 @@ wait_for() {
     ((SECONDS < deadline)) || fail_start "$name" "no $what after ${TIMEOUT} s"
     sleep 0.2
   done
+  local us=$((${EPOCHREALTIME/./} - START_US))
+  printf '%d.%01d s: %s: %s\n' $((us / 1000000)) $((us % 1000000 / 100000)) "$name" "$what" \
+    >>"$DIR/logs/start.log"
 }
 
 stop_pids() { # uses $DIR/pids
@@ -442,11 +446,14 @@ do_start() {
   POD_CIDR=${CHORUS_K8S_POD_CIDR:-10.244.0.0/16}
   TIMEOUT=${CHORUS_K8S_START_TIMEOUT:-120}
   [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "CHORUS_K8S_NODES must be a positive number"
+  [[ $POD_CIDR =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+/[0-9]+$ ]] ||
+    die "CHORUS_K8S_POD_CIDR must be an IPv4 CIDR such as 10.244.0.0/16"
   command -v openssl >/dev/null || die "openssl is needed to make the certificates"
   command -v curl >/dev/null || die "curl is needed to poll readiness"
 
   do_build
   local t0=$SECONDS
+  START_US=${EPOCHREALTIME/./}
   if [[ -z $DIR ]]; then
     DIR=$(mktemp -d "${TMPDIR:-/tmp}/chorus-k8s.XXXXXX")
   else
@@ -561,6 +568,10 @@ node_ready() {
 state_dir() { # from an argument or $CHORUS_K8S_DIR
   DIR=${1:-${CHORUS_K8S_DIR:-}}
   [[ -n $DIR ]] || die "$CMD: no state dir given and CHORUS_K8S_DIR is not set"
+  if [[ ! -e $DIR && $CMD == stop ]]; then
+    say "stop: $DIR does not exist: nothing to stop"
+    exit 0
+  fi
   [[ -d $DIR ]] || die "$CMD: $DIR does not exist"
   [[ -f $DIR/.chorus-k8s ]] || die "$CMD: $DIR is not a control-plane state dir (no .chorus-k8s)"
   DIR=$(cd "$DIR" && pwd)
