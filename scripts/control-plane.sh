@@ -10,11 +10,13 @@ usage() {
 usage: scripts/control-plane.sh COMMAND [ARGS]
 
   build               build the missing binaries into the cache (see below); a no-op when cached
-  start [--dir DIR]   build if needed, start etcd, kube-apiserver, kube-controller-manager,
+  start [--dir DIR] [--audit-policy FILE]
+                      build if needed, start etcd, kube-apiserver, kube-controller-manager,
                       kube-scheduler and kwok on free 127.0.0.1 ports, create the fake nodes,
                       wait until all is ready, then print shell exports on stdout:
                         eval "$(scripts/control-plane.sh start)"
-                      DIR (default: a new mktemp dir) holds certificates, kubeconfigs, logs, pids
+                      DIR (default: a new mktemp dir) holds certificates, kubeconfigs, logs, pids;
+                      with an audit policy, the apiserver writes its audit log to DIR/audit.log
   stop [DIR]          stop every process started in DIR (default $CHORUS_K8S_DIR): TERM, then
                       KILL after 10 s; then remove DIR
   env [DIR]           print the exports of a started DIR again (default $CHORUS_K8S_DIR)
@@ -433,11 +435,13 @@ curl_ok() { # url expected-body [curl args]
 }
 
 do_start() {
-  DIR=
+  DIR= AUDIT_POLICY=
   while (($#)); do
     case $1 in
       --dir) DIR=${2:?--dir needs a directory}; shift 2 ;;
       --dir=*) DIR=${1#--dir=}; shift ;;
+      --audit-policy) AUDIT_POLICY=${2:?--audit-policy needs a file}; shift 2 ;;
+      --audit-policy=*) AUDIT_POLICY=${1#--audit-policy=}; shift ;;
       -h | --help) usage; exit 0 ;;
       *) die "start: unknown argument $1 (see -h)" ;;
     esac
@@ -491,6 +495,13 @@ do_start() {
   wait_for etcd "healthy etcd at $ETCD_URL/health" \
     curl_ok "$ETCD_URL/health" '{"health":"true","reason":""}'
 
+  # An audit log only when asked: the end-to-end suite lists the requests the API refused.
+  local audit=()
+  if [[ -n $AUDIT_POLICY ]]; then
+    [[ -r $AUDIT_POLICY ]] || die "start: audit policy $AUDIT_POLICY cannot be read"
+    audit=(--audit-policy-file="$(cd "$(dirname "$AUDIT_POLICY")" && pwd)/$(basename "$AUDIT_POLICY")"
+      --audit-log-path="$DIR/audit.log" --audit-log-format=json --audit-log-mode=blocking)
+  fi
   launch kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers="$ETCD_URL" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
@@ -511,7 +522,7 @@ do_start() {
     --requestheader-extra-headers-prefix=X-Remote-Extra- \
     --proxy-client-cert-file="$PKI/front-proxy-client.crt" \
     --proxy-client-key-file="$PKI/front-proxy-client.key" \
-    --allow-privileged=true --profiling=false --v=1
+    --allow-privileged=true --profiling=false --v=1 "${audit[@]}"
   wait_for kube-apiserver "ok from $APISERVER/readyz" curl_ok "$APISERVER/readyz" ok \
     --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key"
 

@@ -104,6 +104,25 @@ else
   CHORUS_SERVER_BIN=$root/target/debug/chorus-server CHROMIUM_BIN=/usr/bin/chromium npm --prefix tests/browser test
 fi
 
+# A real control plane (docs/control-plane.md): built from pinned Go modules on first use (about
+# 17 CPU-minutes; cached afterwards), started on loopback for the end-to-end suite, stopped after.
+step "control plane: build or reuse, start (scripts/control-plane.sh)"
+cp_log=$(mktemp)
+if ! cp_env=$(scripts/control-plane.sh start --audit-policy "$root/tests/e2e/audit-policy.yaml" 2>"$cp_log"); then
+  cat "$cp_log" >&2
+  cannot_run "end-to-end suite on a real control plane" "$(grep 'control-plane:' "$cp_log" | tail -n 1)"
+else
+  step "end-to-end on the control plane: helm install, kubectl, the operator as the chart's ServiceAccount"
+  (
+    eval "$cp_env"
+    trap 'scripts/control-plane.sh stop "$CHORUS_K8S_DIR"' EXIT
+    cd tests/e2e
+    CHORUS_OPERATOR_BIN=$root/target/debug/chorus-operator CHORUS_SERVER_BIN=$root/target/debug/chorus-server \
+      "$PY" -m pytest -q -p no:cacheprovider .
+  )
+fi
+rm -f "$cp_log"
+
 # One release build of the three binaries, in one invocation so that they share their
 # dependencies: the images package chorus-server and chorus-operator from it, the benchmark
 # steps run chorus-server and chorus-bench.

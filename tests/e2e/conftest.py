@@ -6,7 +6,6 @@ run alone, the suite starts one itself (with the audit policy below) and stops i
 
 import os
 import pathlib
-import re
 
 import pytest
 
@@ -21,9 +20,12 @@ def control_plane():
         yield pathlib.Path(os.environ["CHORUS_K8S_DIR"])
         return
     script = ROOT / "scripts" / "control-plane.sh"
-    out = run(script, "start", "--audit-policy", AUDIT_POLICY, timeout=3600)
-    for name, value in re.findall(r"^export (\w+)=(.*)$", out, re.M):
-        os.environ[name] = value.strip("'\"")
+    # The exports as a shell reads them (PATH is extended, not replaced).
+    env = run("bash", "-c", f'eval "$("{script}" start --audit-policy "{AUDIT_POLICY}")" && env -0', timeout=3600)
+    for entry in env.split("\0"):
+        name, sep, value = entry.partition("=")
+        if sep and (name in ("KUBECONFIG", "PATH") or name.startswith("CHORUS_K8S_")):
+            os.environ[name] = value
     try:
         yield pathlib.Path(os.environ["CHORUS_K8S_DIR"])
     finally:
