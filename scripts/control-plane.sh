@@ -12,7 +12,8 @@ usage: scripts/control-plane.sh COMMAND [ARGS]
   build               build the missing binaries into the cache (see below); a no-op when cached
   start [--dir DIR] [--audit-policy FILE]
                       build if needed, start etcd, kube-apiserver, kube-controller-manager,
-                      kube-scheduler and kwok on free 127.0.0.1 ports, create the fake nodes,
+                      kube-scheduler, kwok and metrics-server on free 127.0.0.1 ports, create
+                      the fake nodes,
                       wait until all is ready, then print shell exports on stdout:
                         eval "$(scripts/control-plane.sh start)"
                       DIR (default: a new mktemp dir) holds certificates, kubeconfigs, logs, pids;
@@ -22,22 +23,27 @@ usage: scripts/control-plane.sh COMMAND [ARGS]
   env [DIR]           print the exports of a started DIR again (default $CHORUS_K8S_DIR)
   status [DIR]        one line per component: running or not
   smoke               start a cluster in a new dir, check what the tests rely on (nodes Ready,
-                      Deployment, scale, StatefulSet, HPA, garbage collection, TokenRequest
-                      and RBAC, EndpointSlices, helm), stop it; exit 1 if a check failed
+                      Deployment, scale, StatefulSet, EndpointSlices, HPA, metrics and an HPA
+                      scaling on them, garbage collection, TokenRequest and RBAC, helm), stop
+                      it; exit 1 if a check failed
   clean               remove cached builds other than the current one
   -h, --help          this text
 
 environment:
   CHORUS_K8S_CACHE          cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/chorus-k8s);
-                            binaries go to <root>/<key>/bin, build logs to <root>/<key>/logs,
-                            key = hash of tools/k8s/** and the Go version
+                            binaries in <root>/modules/<module>-<hash>/bin (build logs beside,
+                            in logs/), linked together in <root>/<key>/bin; the hashes cover
+                            tools/k8s/<module>, the build flags and the Go version
   CHORUS_K8S_NODES          number of fake nodes (default 3, 110 pods / 32 CPU / 128Gi each)
   CHORUS_K8S_START_TIMEOUT  seconds allowed to each readiness wait (default 120)
   CHORUS_K8S_POD_CIDR       range kwok takes the fake pod IPs from (default 10.244.0.0/16; no
                             packet ever goes there: never dial a pod IP or a ClusterIP; a range
                             in 127.0.0.0/8 makes pod IPs dialable on loopback, but then
                             EndpointSlices refuse them and Services have no endpoints)
-  CHORUS_K8S_GOCACHE        Go compile cache for the builds (default <root>/<key>/go-build, removed
+  CHORUS_K8S_METRICS        1 (default): run metrics-server too, behind the APIService
+                            v1beta1.metrics.k8s.io, so `kubectl top` and CPU/memory HPAs work on
+                            kwok's fake usage; 0: no metrics-server
+  CHORUS_K8S_GOCACHE        Go compile cache for the builds (default <root>/go-build, removed
                             after a complete build unless CHORUS_K8S_KEEP_GOCACHE=1; a
                             CHORUS_K8S_GOCACHE given is never removed)
 EOF
@@ -48,10 +54,18 @@ die() { say "$*"; exit 1; }
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS=$ROOT/tools/k8s
-# Bump when the way binaries are built changes (flags, list), so the cache key changes.
+# Bump when the way binaries are built changes beyond what pkg_of and ldflags_of print.
 BUILD_REV=1
 K8S_VERSION=v1.37.2
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+# One Go module dir per upstream under tools/k8s, each built and cached on its own.
+MODULES=(etcd kubernetes kwok helm metrics-server)
+
+components_of() {
+  case $1 in
+    kubernetes) echo kube-apiserver kube-controller-manager kube-scheduler kubectl ;;
+    *) echo "$1" ;;
+  esac
+}
 
 # component -> "module-dir package"
 pkg_of() {
@@ -61,6 +75,7 @@ pkg_of() {
       echo "kubernetes k8s.io/kubernetes/cmd/$1" ;;
     kwok) echo "kwok sigs.k8s.io/kwok/cmd/kwok" ;;
     helm) echo "helm helm.sh/helm/v4/cmd/helm" ;;
+    metrics-server) echo "metrics-server sigs.k8s.io/metrics-server/cmd/metrics-server" ;;
     *) return 1 ;;
   esac
 }
@@ -76,46 +91,69 @@ ldflags_of() {
         f+=" -X $p.gitTreeState=clean -X $p.buildDate=2026-10-27T12:01:04Z"
       done ;;
     helm) f+=" -X helm.sh/helm/v4/internal/version.version=v4.3.2" ;;
+    metrics-server) # as its Makefile does
+      f+=" -X k8s.io/client-go/pkg/version.gitVersion=v0.8.0 -X k8s.io/client-go/pkg/version.gitMajor=0"
+      f+=" -X k8s.io/client-go/pkg/version.gitMinor=8" ;;
   esac
   echo "$f"
 }
 
+# Cache layout under CACHE_ROOT:
+#   modules/<module>-<modkey>/{bin,logs}  one module's binaries, modkey = hash of its go.mod,
+#                                         go.sum and .go files, `go version`, and what
+#                                         pkg_of/ldflags_of say for its components
+#   <key>/bin                             hard links to all modules' binaries (the PATH dir),
+#   <key>/share/kwok-stages.yaml          key = hash of the modkeys and of kwok_stages
+# so a change to one module rebuilds that module only.
 cache_paths() {
   command -v go >/dev/null || die "go is not on PATH (Go 1.26 is needed to build the control plane)"
-  local key
-  key=$(
-    cd "$TOOLS" &&
-      { echo "rev=$BUILD_REV"; go version; declare -f pkg_of ldflags_of kwok_stages;
-        find . -type f \( -name go.mod -o -name go.sum -o -name '*.go' \) -print0 | sort -z |
-          xargs -0 sha256sum; } | sha256sum | cut -c1-16
-  )
+  local gov m c k all=""
+  gov=$(go version)
   CACHE_ROOT=${CHORUS_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chorus-k8s}
-  CACHE=$CACHE_ROOT/$key
+  declare -gA MODDIR=()
+  for m in "${MODULES[@]}"; do
+    k=$(
+      cd "$TOOLS/$m" &&
+        { echo "rev=$BUILD_REV $gov"
+          for c in $(components_of "$m"); do echo "$c|$(pkg_of "$c")|$(ldflags_of "$c")"; done
+          find . -type f \( -name go.mod -o -name go.sum -o -name '*.go' \) -print0 | sort -z |
+            xargs -0 sha256sum; } | sha256sum | cut -c1-16
+    )
+    MODDIR[$m]=$CACHE_ROOT/modules/$m-$k
+    all+="$m=$k "
+  done
+  k=$({ echo "$all"; declare -f kwok_stages; } | sha256sum | cut -c1-16)
+  CACHE=$CACHE_ROOT/$k
   BIN=$CACHE/bin
   SHARE=$CACHE/share
-  BUILD_LOGS=$CACHE/logs
 }
 
 built() {
-  local c
-  for c in "${COMPONENTS[@]}"; do [[ -x $BIN/$c ]] || return 1; done
+  local m c
+  for m in "${MODULES[@]}"; do
+    for c in $(components_of "$m"); do [[ -x $BIN/$c ]] || return 1; done
+  done
   [[ -s $SHARE/kwok-stages.yaml ]]
 }
 
-# The kwok controller needs its Stage definitions in a config file: take kwok's own defaults
-# (what kwokctl uses: fast node init, heartbeat with lease, fast pod ready/complete/delete)
+# The kwok controller takes its Stage, Metric and ResourceUsage definitions from a config
+# file: kwok's own defaults (what kwokctl uses: fast node init, heartbeat with lease, fast pod
+# ready/complete/delete), the kubelet-like /metrics/resource that metrics-server scrapes, and
+# per-pod usage from the annotations kwok.x-k8s.io/usage-cpu and usage-memory, all taken
 # from the pinned module.
 kwok_stages() {
-  local log=$BUILD_LOGS/kwok-stages.log dir f
+  local log=$CACHE/kwok-stages.log dir f
   if ! dir=$(cd "$TOOLS/kwok" && go list -mod=readonly -m -f '{{.Dir}}' sigs.k8s.io/kwok 2>"$log") ||
     [[ -z $dir ]]; then
     die "build of kwok-stages failed; log: $log"
   fi
   {
-    for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
-      pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    for f in stage/node/fast/node-initialize.yaml \
+      stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+      stage/pod/fast/pod-ready.yaml stage/pod/fast/pod-complete.yaml stage/pod/fast/pod-delete.yaml \
+      metrics/resource/metrics-resource.yaml metrics/usage/usage-from-annotation.yaml; do
       echo "---"
-      cat "$dir/kustomize/stage/$f"
+      cat "$dir/kustomize/$f"
     done
   } >"$SHARE/.kwok-stages.yaml.tmp" 2>>"$log" || die "build of kwok-stages failed; log: $log"
   mv "$SHARE/.kwok-stages.yaml.tmp" "$SHARE/kwok-stages.yaml"
@@ -124,34 +162,41 @@ kwok_stages() {
 do_build() {
   cache_paths
   built && return 0
-  mkdir -p "$BIN" "$SHARE" "$BUILD_LOGS"
-  # A compile cache of its own (not the user's), so it can be dropped after the build.
-  export GOCACHE=${CHORUS_K8S_GOCACHE:-$CACHE/go-build}
-  export GOFLAGS="${GOFLAGS:-} -buildvcs=false"
-  exec 8>"$CACHE/.lock"
-  flock 8 # another build of the same key finishes first
+  mkdir -p "$CACHE_ROOT"
+  exec 8>"$CACHE_ROOT/.lock"
+  flock 8 # one build at a time per cache root
   built && { exec 8>&-; return 0; }
-  local c mod pkg log rc t0
-  for c in "${COMPONENTS[@]}"; do
-    [[ -x $BIN/$c ]] && continue
-    read -r mod pkg < <(pkg_of "$c")
-    log=$BUILD_LOGS/$c.log
-    say "building $c (log: $log)"
-    rc=0
-    {
-      echo "GOCACHE=$GOCACHE: go build $pkg in $TOOLS/$mod"
-      TIMEFORMAT="go build of $c: %R s wall, %U s user, %S s sys"
-      time (
-        cd "$TOOLS/$mod" &&
-          nice -n 10 go build -mod=readonly -trimpath -ldflags="$(ldflags_of "$c")" \
-            -o "$BIN/.$c.tmp" "$pkg"
-      )
-    } >"$log" 2>&1 || rc=$?
-    if ((rc != 0)); then
-      rm -f "$BIN/.$c.tmp"
-      die "build of $c failed (go build exit $rc); log: $log"
-    fi
-    mv "$BIN/.$c.tmp" "$BIN/$c"
+  # A compile cache of its own (not the user's), so it can be dropped after the build.
+  export GOCACHE=${CHORUS_K8S_GOCACHE:-$CACHE_ROOT/go-build}
+  export GOFLAGS="${GOFLAGS:-} -buildvcs=false"
+  local m c mod pkg log rc d
+  mkdir -p "$BIN" "$SHARE"
+  for m in "${MODULES[@]}"; do
+    d=${MODDIR[$m]}
+    mkdir -p "$d/bin" "$d/logs"
+    for c in $(components_of "$m"); do
+      if [[ ! -x $d/bin/$c ]]; then
+        read -r mod pkg < <(pkg_of "$c")
+        log=$d/logs/$c.log
+        say "building $c (log: $log)"
+        rc=0
+        {
+          echo "GOCACHE=$GOCACHE: go build $pkg in $TOOLS/$mod"
+          TIMEFORMAT="go build of $c: %R s wall, %U s user, %S s sys"
+          time (
+            cd "$TOOLS/$mod" &&
+              nice -n 10 go build -mod=readonly -trimpath -ldflags="$(ldflags_of "$c")" \
+                -o "$d/bin/.$c.tmp" "$pkg"
+          )
+        } >"$log" 2>&1 || rc=$?
+        if ((rc != 0)); then
+          rm -f "$d/bin/.$c.tmp"
+          die "build of $c failed (go build exit $rc); log: $log"
+        fi
+        mv "$d/bin/.$c.tmp" "$d/bin/$c"
+      fi
+      ln -f "$d/bin/$c" "$BIN/$c" 2>/dev/null || cp -f "$d/bin/$c" "$BIN/$c"
+    done
   done
   [[ -s $SHARE/kwok-stages.yaml ]] || kwok_stages
   # The compile cache of these builds is 5-6 GB and only serves a rebuild of the same
@@ -163,12 +208,15 @@ do_build() {
   exec 8>&-
 }
 
-do_clean() {
+do_clean() { # everything but the current key and its modules
   cache_paths
-  local d
-  for d in "$CACHE_ROOT"/*/; do
-    d=${d%/}
-    [[ -d $d && $d != "$CACHE" ]] || continue
+  local d keep m
+  for d in "$CACHE_ROOT"/* "$CACHE_ROOT"/modules/*; do
+    [[ -e $d || -L $d ]] || continue
+    [[ $d == "$CACHE" || $d == "$CACHE_ROOT/modules" ]] && continue
+    keep=0
+    for m in "${MODULES[@]}"; do [[ $d == "${MODDIR[$m]}" ]] && keep=1; done
+    ((keep)) && continue
     say "removing $d"
     rm -rf -- "$d"
   done
@@ -178,7 +226,7 @@ do_clean() {
 # State dir layout: .chorus-k8s (marker), pki/, *.kubeconfig, logs/<component>.log,
 # pids/<n>-<component> ("pid starttime"), env (the exports), etcd-data/, kwok.yaml, nodes.yaml.
 
-STOP_ORDER=(kwok kube-scheduler kube-controller-manager kube-apiserver etcd)
+STOP_ORDER=(metrics-server kwok kube-scheduler kube-controller-manager kube-apiserver etcd)
 
 start_time_of() { # field 22 of /proc/PID/stat; tells a reused pid from ours
   local stat
@@ -363,6 +411,8 @@ make_pki() {
     cert scheduler ca "/CN=system:kube-scheduler" clientAuth
     cert kwok ca "/O=system:masters/CN=kwok-controller" clientAuth,serverAuth "IP:127.0.0.1,DNS:localhost"
     cert front-proxy-client front-proxy-ca "/CN=front-proxy-client" clientAuth
+    cert metrics-server ca "/O=system:masters/CN=metrics-server" clientAuth,serverAuth \
+      "DNS:metrics-server.kube-system.svc,DNS:localhost,IP:127.0.0.1"
     openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
     openssl pkey -in sa.key -pubout -out sa.pub
     chmod 600 ./*.key
@@ -385,6 +435,7 @@ print_env() {
   echo "export CHORUS_K8S_SA_ISSUER=$(q "$SA_ISSUER")"
   echo "export CHORUS_K8S_POD_CIDR=$(q "$POD_CIDR")"
   echo "export CHORUS_K8S_SERVICE_CIDR=10.96.0.0/16"
+  echo "export CHORUS_K8S_METRICS=$(q "$METRICS")"
 }
 
 nodes_yaml() {
@@ -401,6 +452,7 @@ metadata:
   annotations:
     kwok.x-k8s.io/node: fake
     node.alpha.kubernetes.io/ttl: "0"
+    metrics.k8s.io/resource-metrics-path: /metrics/nodes/$n/metrics/resource
   labels:
     type: kwok
     kubernetes.io/arch: amd64
@@ -448,6 +500,8 @@ do_start() {
   done
   NODES=${CHORUS_K8S_NODES:-3}
   POD_CIDR=${CHORUS_K8S_POD_CIDR:-10.244.0.0/16}
+  METRICS=${CHORUS_K8S_METRICS:-1}
+  [[ $METRICS == [01] ]] || die "CHORUS_K8S_METRICS must be 0 or 1"
   TIMEOUT=${CHORUS_K8S_START_TIMEOUT:-120}
   [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "CHORUS_K8S_NODES must be a positive number"
   [[ $POD_CIDR =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+/[0-9]+$ ]] ||
@@ -474,9 +528,9 @@ do_start() {
   trap 'say "interrupted"; exit 130' INT TERM
 
   make_pki
-  local etcd_port etcd_peer api_port kcm_port sched_port kwok_port
+  local etcd_port etcd_peer api_port kcm_port sched_port kwok_port ms_port
   etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port)
-  kcm_port=$(free_port); sched_port=$(free_port); kwok_port=$(free_port)
+  kcm_port=$(free_port); sched_port=$(free_port); kwok_port=$(free_port); ms_port=$(free_port)
   ETCD_URL=http://127.0.0.1:$etcd_port
   APISERVER=https://127.0.0.1:$api_port
   SA_ISSUER=https://kubernetes.default.svc.cluster.local
@@ -485,6 +539,8 @@ do_start() {
     "$PKI/controller-manager.crt" "$PKI/controller-manager.key"
   kubeconfig "$DIR/scheduler.kubeconfig" system:kube-scheduler "$PKI/scheduler.crt" "$PKI/scheduler.key"
   kubeconfig "$DIR/kwok.kubeconfig" kwok-controller "$PKI/kwok.crt" "$PKI/kwok.key"
+  kubeconfig "$DIR/metrics-server.kubeconfig" metrics-server "$PKI/metrics-server.crt" \
+    "$PKI/metrics-server.key"
 
   launch etcd "$BIN/etcd" --name=chorus --data-dir="$DIR/etcd-data" \
     --listen-client-urls="$ETCD_URL" --advertise-client-urls="$ETCD_URL" \
@@ -563,11 +619,55 @@ do_start() {
     wait_for kwok "Ready node $n" node_ready "$n"
   done
   wait_for kube-controller-manager "ServiceAccount default/default" kc get serviceaccount default -n default
+  if ((METRICS)); then
+    # metrics-server runs here on loopback, not in a pod: the APIService points at an
+    # ExternalName Service "localhost", so the aggregator dials 127.0.0.1, never a ClusterIP.
+    launch metrics-server "$BIN/metrics-server" \
+      --kubeconfig="$DIR/metrics-server.kubeconfig" \
+      --authentication-kubeconfig="$DIR/metrics-server.kubeconfig" \
+      --authorization-kubeconfig="$DIR/metrics-server.kubeconfig" \
+      --bind-address=127.0.0.1 --secure-port="$ms_port" \
+      --tls-cert-file="$PKI/metrics-server.crt" --tls-private-key-file="$PKI/metrics-server.key" \
+      --kubelet-preferred-address-types=InternalIP --kubelet-use-node-status-port \
+      --kubelet-certificate-authority="$PKI/ca.crt" --metric-resolution=10s \
+      --kubelet-request-timeout=5s --profiling=false
+    metrics_apiservice "$ms_port" >"$DIR/metrics-apiservice.yaml"
+    kc apply -f "$DIR/metrics-apiservice.yaml" >>"$DIR/logs/nodes.log" 2>&1 ||
+      fail_start kube-apiserver "creating the metrics APIService failed: $(tail -n 3 "$DIR/logs/nodes.log")"
+    wait_for metrics-server "Available APIService v1beta1.metrics.k8s.io" apiservice_available
+  fi
   print_env >"$DIR/env"
   START_OK=1
   cat "$DIR/env"
   say "started in $((SECONDS - t0)) s: apiserver $APISERVER, etcd $ETCD_URL, nodes: $NODE_NAMES"
   say "state, logs and pids in $DIR; stop with: scripts/control-plane.sh stop $DIR"
+}
+
+metrics_apiservice() { # port
+  cat <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: metrics-server, namespace: kube-system}
+spec:
+  type: ExternalName
+  externalName: localhost
+  ports: [{name: https, port: $1, protocol: TCP}]
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {name: v1beta1.metrics.k8s.io}
+spec:
+  group: metrics.k8s.io
+  version: v1beta1
+  groupPriorityMinimum: 100
+  versionPriority: 100
+  caBundle: $(b64 "$PKI/ca.crt")
+  service: {name: metrics-server, namespace: kube-system, port: $1}
+EOF
+}
+
+apiservice_available() {
+  [[ $(kc get apiservice v1beta1.metrics.k8s.io -o 'jsonpath={.status.conditions[?(@.type=="Available")].status}') == True ]]
 }
 
 node_ready() {
@@ -604,7 +704,8 @@ do_env() {
 do_status() {
   state_dir "${1:-}"
   local name pid st
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok metrics-server; do
+    [[ $name != metrics-server || -f $DIR/pids/$name ]] || continue
     if [[ -f $DIR/pids/$name ]] && read -r pid st <"$DIR/pids/$name" && alive "$pid" "$st"; then
       echo "$name running (pid $pid)"
     else
@@ -666,6 +767,32 @@ sa_forbidden() {
 }
 sa_allowed() { kubectl --kubeconfig "$SMOKE_DIR/sa.kubeconfig" -n smoke get pods; }
 
+# kwok reports each pod's usage from its annotations; 400m on a request of 200m is 200 %.
+SMOKE_HOT='apiVersion: apps/v1
+kind: Deployment
+metadata: {name: hot}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: hot}}
+  template:
+    metadata:
+      labels: {app: hot}
+      annotations: {kwok.x-k8s.io/usage-cpu: 400m, kwok.x-k8s.io/usage-memory: 64Mi}
+    spec:
+      containers: [{name: c, image: nginx, resources: {requests: {cpu: 200m}}}]
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: hot}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: hot}
+  minReplicas: 2
+  maxReplicas: 4
+  metrics:
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}'
+top_shows_usage() { [[ $(kubectl -n smoke top pods -l app=hot --no-headers) == *400m*64Mi* ]]; }
+
 SMOKE_MANIFEST='apiVersion: apps/v1
 kind: StatefulSet
 metadata: {name: web}
@@ -713,6 +840,9 @@ do_smoke() {
   kubectl -n smoke scale deployment x --replicas=5 >>"$SMOKE_LOG" 2>&1
   check "kubectl scale to 5: 5 Ready" eventually 60 ready_replicas deploy/x 5
   echo "$SMOKE_MANIFEST" | kubectl -n smoke apply -f - >>"$SMOKE_LOG" 2>&1
+  if ((CHORUS_K8S_METRICS)); then
+    echo "$SMOKE_HOT" | kubectl -n smoke apply -f - >>"$SMOKE_LOG" 2>&1
+  fi
   check "StatefulSet web: 2 pods Ready" eventually 60 ready_replicas statefulset/web 2
   if [[ $CHORUS_K8S_POD_CIDR == 127.* ]]; then
     say "skip  EndpointSlice (loopback pod IPs are refused in EndpointSlices)"
@@ -720,6 +850,11 @@ do_smoke() {
     check "EndpointSlice of Service web lists its 2 pods" eventually 30 slice_has_two
   fi
   check "HPA x (autoscaling/v2) picked up: AbleToScale=True" eventually 30 hpa_able_to_scale
+  if ((CHORUS_K8S_METRICS)); then
+    check "kubectl top pods: kwok's fake usage through metrics-server" eventually 90 top_shows_usage
+    check "HPA hot scales 2 -> 4 on that CPU usage (200 % of the request)" \
+      eventually 120 ready_replicas deploy/hot 4
+  fi
   kubectl -n smoke delete hpa x >>"$SMOKE_LOG" 2>&1
   kubectl -n smoke delete deployment x >>"$SMOKE_LOG" 2>&1
   check "Deployment deleted: the garbage collector removed its ReplicaSet and pods" eventually 60 gc_done
