@@ -416,11 +416,12 @@ make_pki() {
     openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
     openssl pkey -in sa.key -pubout -out sa.pub
     chmod 600 ./*.key
-  ) >"$DIR/logs/pki.log" 2>&1 || { say "making certificates with openssl failed"; tail_log pki; exit 1; }
+  ) >"$DIR/logs/pki.log" 2>&1 &
+  # waited for, not tested with ||, so that set -e holds inside the subshell
+  wait $! || { say "making certificates with openssl failed"; tail_log pki; exit 1; }
 }
 
 print_env() {
-  local q
   q() { printf '%q' "$1"; }
   echo "export KUBECONFIG=$(q "$DIR/admin.kubeconfig")"
   echo "export PATH=$(q "$BIN"):\"\$PATH\""
