@@ -57,7 +57,9 @@ want_loadgen() { [[ " $LOADGENS " == *" $1 "* ]]; }
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 log "building chorus-server and chorus-bench (release)"
-cargo build -q --release --locked -p chorus-server -p chorus-bench
+# The same packages as scripts/test.sh's release build: cargo unifies the dependencies'
+# features over the packages of one build, so another set would rebuild them all.
+cargo build -q --release --locked -p chorus-server -p chorus-operator -p chorus-bench
 
 # The peers and the Node generator need their npm packages: a writable copy of the shared bench.
 if [ -n "$(for s in $SERVERS; do [[ $s == chorus* ]] || echo "$s"; done)" ] || want_loadgen node; then
