@@ -390,4 +390,5 @@ def test_helm_upgrade_with_the_same_values_rewrites_nothing():
 
 
 def test_no_request_of_the_operator_was_refused(control_plane):
-    assert not refused(control_plane, RELEASE_NS), "\n".join(refused(control_plane, RELEASE_NS))
+    found = refused(control_plane, RELEASE_NS)
+    assert not found, "\n".join(found)
