@@ -72,9 +72,10 @@ if [ "$image_build" = host ]; then
   bin=$work/binary
   mkdir "$bin"
   cp target/release/chorus-server target/release/chorus-operator "$bin/"
+  # CARGO_NET_OFFLINE is for the compiling stages, skipped here; buildah warns when it is unset.
   build() { # dockerfile tag
     podman build --quiet -f "$1" -t "$2" --build-arg BUILDER_IMAGE="$toolbox" \
-      --build-context binary="$bin" "$bin" >/dev/null
+      --build-arg CARGO_NET_OFFLINE=true --build-context binary="$bin" "$bin" >/dev/null
   }
 else
   rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
