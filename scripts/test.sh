@@ -135,7 +135,7 @@ else
   step "end-to-end on the control plane: helm install, kubectl, the operator as the chart's ServiceAccount"
   (
     eval "$cp_env"
-    trap 'scripts/control-plane.sh stop "$CHORUS_K8S_DIR"' EXIT
+    trap '"$root/scripts/control-plane.sh" stop "$CHORUS_K8S_DIR"' EXIT
     cd tests/e2e
     CHORUS_OPERATOR_BIN=$root/target/debug/chorus-operator CHORUS_SERVER_BIN=$root/target/debug/chorus-server \
       "$PY" -m pytest -q -p no:cacheprovider .
